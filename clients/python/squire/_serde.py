@@ -1,0 +1,104 @@
+"""Payload encoding: JSON (the default) and MessagePack, nothing else.
+
+Every payload that crosses the network (task inputs, outputs, parameters,
+fold operands) is bytes in one of these two formats. Pickle is never accepted.
+Decoding is bounded: a payload larger than ``MAX_PAYLOAD_BYTES`` or nested
+deeper than ``MAX_DEPTH`` is refused with :class:`PayloadError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any
+
+import msgpack
+
+from squire._errors import PayloadError
+
+MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+MAX_DEPTH = 256
+
+
+class Serializer(enum.IntEnum):
+    """Wire values equal ``squire.api.v1.Serializer``."""
+
+    JSON = 1
+    MSGPACK = 2
+
+    @classmethod
+    def from_wire(cls, value: int) -> Serializer:
+        """Map a wire enum value (0 = unspecified = JSON) to a serializer."""
+        if value == 0:
+            return cls.JSON
+        try:
+            return cls(value)
+        except ValueError:
+            raise PayloadError(
+                f"unknown serializer {value}: expected 1 (JSON) or 2 (MessagePack)"
+            ) from None
+
+    @classmethod
+    def parse(cls, name: str | Serializer) -> Serializer:
+        """Accept ``"json"`` / ``"msgpack"`` (any case) or a Serializer."""
+        if isinstance(name, Serializer):
+            return name
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ValueError(f"unknown serializer {name!r}: use 'json' or 'msgpack'") from None
+
+
+def encode(value: Any, serializer: Serializer = Serializer.JSON) -> bytes:
+    """Encode ``value``; raise PayloadError when it is not representable."""
+    try:
+        if serializer is Serializer.MSGPACK:
+            return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise PayloadError(
+            f"cannot encode {type(value).__name__} as {serializer.name}: {exc}"
+        ) from exc
+
+
+def _check_depth(value: Any, what: str) -> None:
+    # Iterative so a hostile payload cannot exhaust the interpreter stack.
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise PayloadError(f"{what} is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def decode(data: bytes, serializer: Serializer = Serializer.JSON, *, what: str = "payload") -> Any:
+    """Decode ``data``; ``what`` names the field in the error message."""
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"{what} is {len(data)} bytes, over the {MAX_PAYLOAD_BYTES} limit")
+    try:
+        if serializer is Serializer.MSGPACK:
+            value = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        else:
+            value = json.loads(data)
+    except RecursionError:
+        raise PayloadError(f"{what} is nested too deeply to decode") from None
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise PayloadError(
+            f"{what} is not valid {serializer.name}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if isinstance(value, dict | list):
+        _check_depth(value, what)
+    return value
+
+
+def decode_params(data: bytes, serializer: Serializer, *, what: str = "params") -> dict[str, Any]:
+    """Decode keyword parameters: empty bytes mean none; otherwise a mapping."""
+    if not data:
+        return {}
+    value = decode(data, serializer, what=what)
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise PayloadError(f"{what} must encode a mapping of names to values")
+    return value

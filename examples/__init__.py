@@ -1,0 +1,1 @@
+"""Example operations for Squire, installed as the package ``squire_examples``."""
