@@ -1,0 +1,167 @@
+"""Plain values of the routing core. Proto messages are converted to and
+from these at the servicer edge and never reach the core."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+APPLY = 0  # squire.api.v1.TaskKind
+COMBINE = 1
+
+TERMINATE = 0  # squire.api.v1.FatalStrategy
+IGNORE = 1
+
+
+class ErrorKind(enum.IntEnum):
+    """Wire values equal ``squire.api.v1.ErrorKind``."""
+
+    OPERATION = 0
+    BAD_PAYLOAD = 1
+    UNKNOWN_OPERATION = 2
+    ABORTED = 3
+    RETURNED = 4
+    CRASHED = 5
+    TIMEOUT = 6
+
+
+class Code(enum.Enum):
+    """gRPC status names the core reports; the servicer maps them to grpc.StatusCode."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    ABORTED = "ABORTED"
+    CANCELLED = "CANCELLED"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+class RouterError(Exception):
+    """A request the core refuses: ``code`` says which gRPC status to answer."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+QueueKey = tuple[int, str]  # (task kind, operation or monoid name)
+
+
+@dataclass(slots=True, eq=False)
+class TaskRecord:
+    """One task as the orchestrator tracks it from publish to result."""
+
+    routing_key: str
+    task_id: int
+    operation: str
+    kind: int = APPLY
+    params: bytes = b""
+    input: bytes = b""
+    operands: list[bytes] = field(default_factory=list)
+    serializer: int = 1
+    metadata: bytes = b""
+    timeout_seconds: float = 0.0
+    attempt: int = 0
+    lease_id: int = 0
+    crashes: int = 0
+    published_at: float = 0.0
+    # Directive bookkeeping (not on the wire): map stage and element index,
+    # or, for a fold combine (stage -1), the range [index, end).
+    stage: int = 0
+    index: int = 0
+    end: int = 0
+
+    @property
+    def queue_key(self) -> QueueKey:
+        return (self.kind, self.operation)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    error_type: str
+    message: str
+    strategy: int = TERMINATE
+    retries_exhausted: bool = False
+    retries: int = 0
+    kind: ErrorKind = ErrorKind.OPERATION
+
+
+@dataclass(frozen=True, slots=True)
+class ResultEvent:
+    """A worker's report for one task: ``error`` is None for ExecutionOk."""
+
+    routing_key: str
+    task_id: int
+    lease_id: int
+    output: bytes = b""
+    error: ErrorInfo | None = None
+    execution_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelResult:
+    """A result as delivered to a channel's subscriber."""
+
+    task: TaskRecord
+    output: bytes
+    error: ErrorInfo | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHello:
+    worker_id: str
+    operations: frozenset[str]
+    monoids: frozenset[str]
+    capacity: int
+    prefetch: int
+    peer: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    """A map stage (``fold`` False) or the final fold stage."""
+
+    operation: str
+    params: bytes = b""
+    fold: bool = False
+
+    def describe(self) -> str:
+        return f"{'fold' if self.fold else 'map'}({self.operation})"
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSpec:
+    stages: tuple[StageSpec, ...]
+    serializer: int = 1
+    expected_items: int = 0
+    task_timeout_seconds: float = 0.0
+
+    @property
+    def maps(self) -> tuple[StageSpec, ...]:
+        return self.stages[:-1] if self.fold is not None else self.stages
+
+    @property
+    def fold(self) -> StageSpec | None:
+        return self.stages[-1] if self.stages and self.stages[-1].fold else None
+
+    def describe(self) -> str:
+        return " -> ".join(stage.describe() for stage in self.stages)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """Tunables of the routing core (all seconds unless named otherwise)."""
+
+    lease_timeout: float = 10.0  # a worker silent this long loses its tasks
+    heartbeat_interval: float = 1.0  # what workers are told to send
+    no_worker_timeout: float = 30.0  # tasks nobody offers fail after this
+    poison_threshold: int = 3  # a task that crashed its worker this often fails
+    max_queued_per_channel: int = 10_000  # publishing waits past this
+    directive_window: int = 8_192  # elements a directive keeps in its pipeline
+    fairness_quantum: int = 16  # tasks one channel gets before the next is served
+    max_fold_operands: int = 64
+    max_workers: int = 1_000
