@@ -354,6 +354,7 @@ class Router:
             self.cancel_directive(channel.directive)
             return
         self._terminate(channel, IpcMessage("abort", channel.id))
+        self._release(channel.id)
         channel.sender_closed = True
         channel.results.clear()
         channel.wake()

@@ -1,0 +1,117 @@
+"""``squire-orchestrator``: run the orchestrator service.
+
+Every flag can also be set by an environment variable ``SQUIRE_<FLAG>``
+(e.g. ``SQUIRE_PORT=50051``); a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from orchestrator_service._logging import configure_logging
+from orchestrator_service._model import RouterConfig
+from orchestrator_service._server import Orchestrator, OrchestratorConfig
+
+DEFAULT_PORT = 50051
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"SQUIRE_{name.upper()}", default)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = RouterConfig()
+    p = argparse.ArgumentParser(
+        prog="squire-orchestrator",
+        description="The Squire orchestrator: routes tasks to workers and results to directives.",
+    )
+    p.add_argument("--host", default=_env("host", "127.0.0.1"),
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 in containers)")
+    p.add_argument("--port", type=int, default=int(_env("port", str(DEFAULT_PORT))),
+                   help=f"gRPC port, 0 for any free port (default {DEFAULT_PORT})")
+    p.add_argument("--port-file", default=_env("port_file", ""),
+                   help="write the bound port to this file once serving")
+    p.add_argument("--grace", type=float, default=float(_env("grace", "30")),
+                   help="seconds running directives get on SIGTERM (default 30)")
+    p.add_argument("--lease-timeout", type=float,
+                   default=float(_env("lease_timeout", str(d.lease_timeout))),
+                   help="a worker silent this long loses its tasks (default %(default)s s)")
+    p.add_argument("--heartbeat-interval", type=float,
+                   default=float(_env("heartbeat_interval", str(d.heartbeat_interval))),
+                   help="how often workers must send a heartbeat (default %(default)s s)")
+    p.add_argument("--no-worker-timeout", type=float,
+                   default=float(_env("no_worker_timeout", str(d.no_worker_timeout))),
+                   help="fail tasks no connected worker offers after this (default %(default)s s)")
+    p.add_argument("--poison-threshold", type=int,
+                   default=int(_env("poison_threshold", str(d.poison_threshold))),
+                   help="a task that crashed its worker this often fails (default %(default)s)")
+    p.add_argument("--max-queued-per-channel", type=int,
+                   default=int(_env("max_queued_per_channel", str(d.max_queued_per_channel))))
+    p.add_argument("--directive-window", type=int,
+                   default=int(_env("directive_window", str(d.directive_window))),
+                   help="elements a directive keeps in flight (default %(default)s)")
+    p.add_argument("--max-workers", type=int,
+                   default=int(_env("max_workers", str(d.max_workers))))
+    p.add_argument("--log-level", default=_env("log_level", "INFO"))
+    p.add_argument("--log-format", choices=("text", "json"), default=_env("log_format", "text"))
+    return p.parse_args(argv)
+
+
+def _write_port_file(path: Path, port: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(path)  # atomic: a reader never sees a partial file
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = OrchestratorConfig(
+        host=args.host,
+        port=args.port,
+        grace=args.grace,
+        router=RouterConfig(
+            lease_timeout=args.lease_timeout,
+            heartbeat_interval=args.heartbeat_interval,
+            no_worker_timeout=args.no_worker_timeout,
+            poison_threshold=args.poison_threshold,
+            max_queued_per_channel=args.max_queued_per_channel,
+            directive_window=args.directive_window,
+            max_workers=args.max_workers,
+        ),
+    )
+    orchestrator = Orchestrator(config)
+    port = await orchestrator.start()
+    if args.port_file:
+        await asyncio.to_thread(_write_port_file, Path(args.port_file), port)
+    loop = asyncio.get_running_loop()
+    stopping: set[asyncio.Task[None]] = set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(
+            sig, lambda: stopping.add(asyncio.ensure_future(orchestrator.shutdown()))
+        )
+    try:
+        await orchestrator.wait_closed()
+    finally:
+        for task in stopping:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        asyncio.run(serve(args))
+    except OSError as exc:
+        logging.getLogger("squire.orchestrator").error("cannot start: %s", exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Translation between wire messages and the core's plain values: the only
+module of the orchestrator that knows both."""
+
+from __future__ import annotations
+
+from squire._errors import PayloadError
+from squire._serde import Serializer, decode_params
+from squire.api.v1 import squire_pb2 as pb
+
+from orchestrator_service._core import IpcMessage
+from orchestrator_service._directive import ItemOutcome, ProgressSnapshot
+from orchestrator_service._model import (
+    APPLY,
+    COMBINE,
+    Code,
+    ErrorInfo,
+    ErrorKind,
+    PlanSpec,
+    ResultEvent,
+    RouterError,
+    StageSpec,
+    TaskRecord,
+    WorkerHello,
+)
+
+
+def check_serializer(value: int, where: str) -> int:
+    try:
+        return int(Serializer.from_wire(value))
+    except PayloadError as exc:
+        raise RouterError(Code.INVALID_ARGUMENT, f"{where}: {exc}") from exc
+
+
+def hello_from_pb(msg: pb.WorkerHello, peer: str) -> WorkerHello:
+    return WorkerHello(
+        worker_id=msg.worker_id,
+        operations=frozenset(msg.operations),
+        monoids=frozenset(msg.monoids),
+        capacity=msg.capacity,
+        prefetch=msg.prefetch,
+        peer=peer,
+        version=msg.version,
+    )
+
+
+def task_to_pb(task: TaskRecord) -> pb.Task:
+    return pb.Task(
+        routing_key=task.routing_key,
+        task_id=task.task_id,
+        operation=task.operation,
+        kind=pb.TaskKind.ValueType(task.kind),
+        params=task.params,
+        input=task.input,
+        operands=task.operands,
+        serializer=pb.Serializer.ValueType(task.serializer),
+        metadata=task.metadata,
+        attempt=task.attempt,
+        lease_id=task.lease_id,
+        timeout_seconds=task.timeout_seconds,
+    )
+
+
+def ipc_to_pb(ipc: IpcMessage) -> pb.OrchestratorMessage:
+    if ipc.kind == "execution_failed":
+        msg = pb.WorkerIpc(
+            execution_failed=pb.ExecutionFailed(routing_key=ipc.routing_key, message=ipc.message)
+        )
+    elif ipc.kind == "abort":
+        msg = pb.WorkerIpc(abort=pb.Abort(routing_key=ipc.routing_key))
+    elif ipc.kind == "abort_all":
+        msg = pb.WorkerIpc(abort_all=pb.AbortAll())
+    elif ipc.kind == "drain":
+        msg = pb.WorkerIpc(drain=pb.Drain(grace_seconds=float(ipc.message or 0)))
+    else:
+        raise ValueError(f"unknown worker IPC {ipc.kind!r}")
+    return pb.OrchestratorMessage(ipc=msg)
+
+
+def results_from_pb(batch: pb.ResultBatch) -> list[ResultEvent]:
+    events = []
+    for r in batch.results:
+        if r.HasField("err"):
+            e = r.err
+            error: ErrorInfo | None = ErrorInfo(
+                e.error_type, e.message, e.strategy, e.retries_exhausted, e.retries,
+                _error_kind(e.kind),
+            )
+            output = b""
+        else:
+            error = None
+            output = r.ok.output
+        events.append(
+            ResultEvent(r.routing_key, r.task_id, r.lease_id, output, error, r.execution_seconds)
+        )
+    return events
+
+
+def _error_kind(value: int) -> ErrorKind:
+    try:
+        return ErrorKind(value)
+    except ValueError:  # a newer worker's kind: treat as an operation failure
+        return ErrorKind.OPERATION
+
+
+def result_to_pb(task: TaskRecord, output: bytes, error: ErrorInfo | None) -> pb.TaskResult:
+    msg = pb.TaskResult(
+        routing_key=task.routing_key,
+        task_id=task.task_id,
+        metadata=task.metadata,
+        attempt=task.attempt,
+        lease_id=task.lease_id,
+    )
+    if error is None:
+        msg.ok.output = output
+    else:
+        msg.err.CopyFrom(
+            pb.ExecutionErr(
+                error_type=error.error_type,
+                message=error.message,
+                strategy=pb.FatalStrategy.ValueType(error.strategy),
+                retries_exhausted=error.retries_exhausted,
+                retries=error.retries,
+                kind=pb.ErrorKind.ValueType(error.kind),
+            )
+        )
+    return msg
+
+
+def spec_to_record(spec: pb.TaskSpec, position: int) -> TaskRecord:
+    where = f"task {position} (task_id {spec.task_id})"
+    serializer = check_serializer(spec.serializer, where)
+    if spec.kind not in (APPLY, COMBINE):
+        raise RouterError(Code.INVALID_ARGUMENT, f"{where}: unknown task kind {spec.kind}")
+    if spec.params:
+        _check_params(spec.params, serializer, f"{where} params")
+    return TaskRecord(
+        routing_key="",
+        task_id=spec.task_id,
+        operation=spec.operation,
+        kind=spec.kind,
+        params=spec.params,
+        input=spec.input,
+        operands=list(spec.operands),
+        serializer=serializer,
+        metadata=spec.metadata,
+    )
+
+
+def plan_from_pb(plan: pb.Plan) -> PlanSpec:
+    serializer = check_serializer(plan.serializer, "plan")
+    stages = []
+    for position, stage in enumerate(plan.stages):
+        kind = stage.WhichOneof("kind")
+        if kind == "map":
+            spec = StageSpec(stage.map.operation, stage.map.params)
+        elif kind == "fold":
+            spec = StageSpec(stage.fold.monoid, stage.fold.params, fold=True)
+        else:
+            raise RouterError(
+                Code.INVALID_ARGUMENT, f"plan stage {position} is neither map nor fold"
+            )
+        if spec.params:
+            where = f"plan stage {position} ({spec.describe()}) params"
+            _check_params(spec.params, serializer, where)
+        stages.append(spec)
+    if plan.task_timeout_seconds < 0:
+        raise RouterError(Code.INVALID_ARGUMENT, "plan task_timeout_seconds is negative")
+    return PlanSpec(
+        stages=tuple(stages),
+        serializer=serializer,
+        expected_items=plan.expected_items,
+        task_timeout_seconds=plan.task_timeout_seconds,
+    )
+
+
+def _check_params(data: bytes, serializer: int, where: str) -> None:
+    # Parameters are tiny and decoded once per stage, so the orchestrator
+    # validates them up front instead of failing on every element later.
+    try:
+        decode_params(data, Serializer(serializer), what=where)
+    except PayloadError as exc:
+        raise RouterError(Code.INVALID_ARGUMENT, str(exc)) from exc
+
+
+def items_to_pb(items: list[ItemOutcome]) -> pb.DirectiveEvent:
+    return pb.DirectiveEvent(
+        items=pb.ItemBatch(
+            items=[
+                pb.IndexedResult(index=i.index, value=i.value, skipped=i.skipped, error=i.error)
+                for i in items
+            ]
+        )
+    )
+
+
+def progress_to_pb(p: ProgressSnapshot) -> pb.Progress:
+    return pb.Progress(
+        received=p.received,
+        completed=p.completed,
+        skipped=p.skipped,
+        total=p.total,
+        queued=p.queued,
+        running=p.running,
+        retries=p.retries,
+        tasks_done=p.tasks_done,
+    )

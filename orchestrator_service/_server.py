@@ -1,0 +1,165 @@
+"""The orchestrator process: a grpc.aio server around the Router, with
+health, reflection, a ticker for lease and no-worker timeouts, and one
+shutdown contract: stop taking work, drain, wait up to a grace period,
+cancel the rest, close."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from squire import __version__
+from squire.api.v1 import squire_pb2 as pb
+from squire.api.v1 import squire_pb2_grpc as pb_grpc
+
+from orchestrator_service._core import Router
+from orchestrator_service._model import RouterConfig
+from orchestrator_service._servicer import (
+    ChannelServicer,
+    DirectiveServicer,
+    StatusServicer,
+    WorkerServicer,
+)
+
+log = logging.getLogger("squire.orchestrator")
+
+SERVICE_NAMES = tuple(
+    pb.DESCRIPTOR.services_by_name[name].full_name
+    for name in ("WorkerService", "ChannelService", "DirectiveService", "StatusService")
+)
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    grace: float = 30.0  # seconds running directives get on shutdown
+    max_message_bytes: int = 64 * 1024 * 1024
+    tick_interval: float = 0.2
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+
+class Orchestrator:
+    """``async with Orchestrator(config) as orch:`` serves until shutdown()."""
+
+    def __init__(self, config: OrchestratorConfig | None = None) -> None:
+        self.config = config or OrchestratorConfig()
+        self.router = Router(self.config.router)
+        self.state = State.STARTING
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._ticker: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> int:
+        """Bind and serve; returns the bound port (useful with port 0)."""
+        if self.state is not State.STARTING:
+            raise RuntimeError(f"cannot start an orchestrator that is {self.state.value}")
+        limit = self.config.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(self.router), server)
+        pb_grpc.add_ChannelServiceServicer_to_server(ChannelServicer(self.router), server)
+        pb_grpc.add_DirectiveServiceServicer_to_server(DirectiveServicer(self.router), server)
+        pb_grpc.add_StatusServiceServicer_to_server(
+            StatusServicer(self.router, lambda: self.state.value, __version__), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        self._server = server
+        self._ticker = asyncio.create_task(self._tick())
+        await self._set_serving(True)
+        self.state = State.RUNNING
+        log.info("orchestrator listening", extra={"address": f"{self.config.host}:{self.port}"})
+        return self.port
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Idempotent: refuse new directives (UNAVAILABLE), let running ones
+        finish within ``grace`` seconds, drain workers, stop."""
+        if self.state in (State.DRAINING, State.CLOSED):
+            await self._stopped.wait()
+            return
+        grace = self.config.grace if grace is None else grace
+        self.state = State.DRAINING
+        self.router.accepting = False
+        await self._set_serving(False)
+        log.info("orchestrator draining", extra={"grace": grace})
+        deadline = time.monotonic() + grace
+        # Polling: the core has no "all channels gone" event, and this runs once.
+        while self.router.channels and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        self.router.drain_workers(max(0.0, deadline - time.monotonic()))
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        if self._server is not None:
+            await self._server.stop(max(0.1, min(1.0, deadline - time.monotonic())))
+        self.state = State.CLOSED
+        self._stopped.set()
+        log.info("orchestrator stopped")
+
+    async def __aenter__(self) -> Orchestrator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown(grace=0 if exc is not None else None)
+
+    # ------------------------------------------------------------- private
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, status)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_interval)
+            for worker in self.router.tick():
+                log.warning(
+                    "worker silent past its lease timeout; its tasks were re-queued",
+                    extra={"worker_id": worker.id},
+                )
