@@ -6,6 +6,9 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from squire import FatalError, Registry
+from squire._serde import Serializer, decode, decode_params, encode
+
 from orchestrator_service._core import Router, Worker
 from orchestrator_service._model import (
     APPLY,
@@ -15,8 +18,6 @@ from orchestrator_service._model import (
     TaskRecord,
     WorkerHello,
 )
-from squire import FatalError, Registry
-from squire._serde import Serializer, decode, decode_params, encode
 
 REGISTRY = Registry.from_modules(["squire_examples.ops"])
 

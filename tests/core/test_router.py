@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from squire import FatalError, FatalStrategy
+from squire._serde import Serializer, decode, encode
 
 from orchestrator_service._core import Router
 from orchestrator_service._directive import DirectiveState
@@ -21,8 +23,6 @@ from orchestrator_service._model import (
     StageSpec,
     TaskRecord,
 )
-from squire import FatalError, FatalStrategy
-from squire._serde import Serializer, decode, encode
 
 from .sim import Clock, Sim, execute, hello
 

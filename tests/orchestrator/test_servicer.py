@@ -8,11 +8,11 @@ import json
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from orchestrator_service._server import Orchestrator
 from squire._serde import encode
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
+
+from orchestrator_service._server import Orchestrator
 
 from .conftest import WireWorker, wait_for
 
@@ -66,8 +66,8 @@ async def test_map_fold_and_chain(channel, workers) -> None:  # type: ignore[no-
 
 
 async def test_msgpack_round_trip(channel, workers) -> None:  # type: ignore[no-untyped-def]
-    from squire._serde import Serializer
     import msgpack
+    from squire._serde import Serializer
     items = [msgpack.packb(i) for i in range(1, 11)]
     events = await run(channel, plan(("map", "fib_at", {}), ("fold", "sum", {}),
                                      serializer=int(Serializer.MSGPACK)), items)
