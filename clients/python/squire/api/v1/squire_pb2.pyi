@@ -300,12 +300,15 @@ class TaskResult(_message.Message):
     OK_FIELD_NUMBER: _builtins.int
     ERR_FIELD_NUMBER: _builtins.int
     EXECUTION_SECONDS_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
     routing_key: _builtins.str
     task_id: _builtins.int
     metadata: _builtins.bytes
     attempt: _builtins.int
     lease_id: _builtins.int
     execution_seconds: _builtins.float
+    retries: _builtins.int
+    """transient-error retries the worker made for this task"""
     @_builtins.property
     def ok(self) -> Global___ExecutionOk: ...
     @_builtins.property
@@ -321,10 +324,11 @@ class TaskResult(_message.Message):
         ok: Global___ExecutionOk | None = ...,
         err: Global___ExecutionErr | None = ...,
         execution_seconds: _builtins.float = ...,
+        retries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["err", b"err", "ok", b"ok", "outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "err", b"err", "execution_seconds", b"execution_seconds", "lease_id", b"lease_id", "metadata", b"metadata", "ok", b"ok", "outcome", b"outcome", "routing_key", b"routing_key", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "err", b"err", "execution_seconds", b"execution_seconds", "lease_id", b"lease_id", "metadata", b"metadata", "ok", b"ok", "outcome", b"outcome", "retries", b"retries", "routing_key", b"routing_key", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["ok", "err"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
