@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from orchestrator_service._logging import configure_logging
+from orchestrator_service._metrics import DEFAULT_METRICS_PORT
 from orchestrator_service._model import RouterConfig
 from orchestrator_service._server import Orchestrator, OrchestratorConfig
 
@@ -59,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="elements a directive keeps in flight (default %(default)s)")
     p.add_argument("--max-workers", type=int,
                    default=int(_env("max_workers", str(d.max_workers))))
+    p.add_argument("--metrics-port", type=int,
+                   default=int(_env("metrics_port", str(DEFAULT_METRICS_PORT))),
+                   help="serve Prometheus /metrics on this port, 0 to disable "
+                   f"(default {DEFAULT_METRICS_PORT})")
+    p.add_argument("--metrics-host", default=_env("metrics_host", "0.0.0.0"),
+                   help="address of the /metrics endpoint (default 0.0.0.0)")
     p.add_argument("--log-level", default=_env("log_level", "INFO"))
     p.add_argument("--log-format", choices=("text", "json"), default=_env("log_format", "text"))
     return p.parse_args(argv)
@@ -75,6 +82,8 @@ async def serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         grace=args.grace,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         router=RouterConfig(
             lease_timeout=args.lease_timeout,
             heartbeat_interval=args.heartbeat_interval,

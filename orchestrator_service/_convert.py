@@ -89,8 +89,11 @@ def results_from_pb(batch: pb.ResultBatch) -> list[ResultEvent]:
         else:
             error = None
             output = r.ok.output
+        retries = max(r.retries, r.err.retries) if error is not None else r.retries
         events.append(
-            ResultEvent(r.routing_key, r.task_id, r.lease_id, output, error, r.execution_seconds)
+            ResultEvent(
+                r.routing_key, r.task_id, r.lease_id, output, error, r.execution_seconds, retries
+            )
         )
     return events
 

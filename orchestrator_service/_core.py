@@ -68,6 +68,8 @@ class Stats:
     dropped: int = 0  # queued tasks dropped by terminate, cancel or release
     ipc_sent: int = 0
     poison: int = 0
+    retries: int = 0  # transient-error retries workers made
+    cancelled: int = 0  # directives cancelled by their client
 
 
 class Worker:
@@ -186,6 +188,8 @@ class Router:
         self._ready: dict[str, Channel] = {}
         self.stats = Stats()
         self.accepting = True
+        # Optional observer of every task that reached its outcome (metrics).
+        self.on_task_done: Callable[[TaskRecord], None] | None = None
         self._lease_ids = itertools.count(1)
         self._dispatch_needed = False
         self._worker_rotation = 0
@@ -268,6 +272,8 @@ class Router:
                 continue
             worker.completed += 1
             self._dispatch_needed = True
+            if event.retries:
+                self.stats.retries += event.retries
             channel = self.channels.get(task.routing_key)
             if channel is None:
                 self.stats.late += 1
@@ -276,9 +282,13 @@ class Router:
             error = event.error
             if error is not None and self._redeliver(channel, task, error):
                 continue
+            if self.on_task_done is not None:
+                self.on_task_done(task)
+            directive = channel.directive
+            if directive is not None:
+                directive.retries += event.retries
+                touched[channel.id] = directive
             self._deliver(channel, task, event.output, error)
-            if channel.directive is not None:
-                touched[channel.id] = channel.directive
         for directive in touched.values():
             directive.advance()
         self._pump()
@@ -384,6 +394,7 @@ class Router:
             self._release(directive.id)
             return
         directive.cancel()
+        self.stats.cancelled += 1
         channel = self.channels.get(directive.id)
         if channel is not None:
             self._terminate(channel, IpcMessage("abort", directive.id))

@@ -153,7 +153,6 @@ class Directive:
             return
         self.tasks_done += 1
         if error is not None:
-            self.retries += error.retries
             self._on_error(task, error)
         elif task.stage == FOLD_STAGE:
             assert self._fold is not None

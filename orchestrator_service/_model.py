@@ -99,6 +99,7 @@ class ResultEvent:
     output: bytes = b""
     error: ErrorInfo | None = None
     execution_seconds: float = 0.0
+    retries: int = 0
 
 
 @dataclass(frozen=True, slots=True)

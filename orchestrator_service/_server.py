@@ -21,6 +21,7 @@ from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from orchestrator_service._core import Router
+from orchestrator_service._metrics import OrchestratorMetrics
 from orchestrator_service._model import RouterConfig
 from orchestrator_service._servicer import (
     ChannelServicer,
@@ -51,6 +52,8 @@ class OrchestratorConfig:
     grace: float = 30.0  # seconds running directives get on shutdown
     max_message_bytes: int = 64 * 1024 * 1024
     tick_interval: float = 0.2
+    metrics_port: int = 0  # 0: no /metrics endpoint
+    metrics_host: str = "0.0.0.0"
     router: RouterConfig = field(default_factory=RouterConfig)
 
 
@@ -66,6 +69,7 @@ class Orchestrator:
         self._health = health.aio.HealthServicer()
         self._ticker: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self.metrics: OrchestratorMetrics | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -83,7 +87,12 @@ class Orchestrator:
         )
         pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(self.router), server)
         pb_grpc.add_ChannelServiceServicer_to_server(ChannelServicer(self.router), server)
-        pb_grpc.add_DirectiveServiceServicer_to_server(DirectiveServicer(self.router), server)
+        self.metrics = OrchestratorMetrics(self.router, asyncio.get_running_loop())
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
+        pb_grpc.add_DirectiveServiceServicer_to_server(
+            DirectiveServicer(self.router, self.metrics.directive_ended), server
+        )
         pb_grpc.add_StatusServiceServicer_to_server(
             StatusServicer(self.router, lambda: self.state.value, __version__), server
         )
@@ -128,6 +137,8 @@ class Orchestrator:
                 await self._ticker
         if self._server is not None:
             await self._server.stop(max(0.1, min(1.0, deadline - time.monotonic())))
+        if self.metrics is not None:
+            self.metrics.close()
         self.state = State.CLOSED
         self._stopped.set()
         log.info("orchestrator stopped")

@@ -261,8 +261,11 @@ class ChannelServicer(pb_grpc.ChannelServiceServicer):
 
 
 class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(
+        self, router: Router, on_end: Callable[[str, float], None] | None = None
+    ) -> None:
         self._router = router
+        self._on_end = on_end
 
     async def RunDirective(  # type: ignore[override]
         self,
@@ -299,6 +302,8 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
                 # The client cancelled, disconnected, or its deadline passed.
                 router.cancel_directive(directive)
                 log.info("directive cancelled", extra={"routing_key": directive.id})
+            if self._on_end is not None:
+                self._on_end(directive.state.value, router.clock() - directive.started_at)
 
     async def _read_inputs(
         self,

@@ -1,0 +1,181 @@
+"""Prometheus metrics of the orchestrator.
+
+Gauges and counters are read from the Router when Prometheus scrapes (a
+collector, not counters scattered through the core). The HTTP server runs in
+a thread, so the collector asks the event loop for a consistent snapshot
+instead of reading the core's dicts while the loop mutates them. Histograms
+are observed on the loop as tasks and directives end. Label values are
+bounded: operation names and outcomes, never channel or task ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from orchestrator_service._core import Router, Stats
+from orchestrator_service._model import COMBINE, TaskRecord
+
+DEFAULT_METRICS_PORT = 9464
+
+# name -> (Stats field, help); exported as squire_task_outcomes_total{outcome=name}
+OUTCOMES = {
+    "ok": ("ok", "the operation returned a value"),
+    "fatal": ("fatal", "a directive failed on a fatal (Terminate) error"),
+    "ignored": ("ignored", "a fatal error with the Ignore strategy skipped the element"),
+    "retried": ("retries", "a transient error was retried by the worker"),
+    "requeued": ("requeued", "re-queued after its worker was lost or its executor crashed"),
+    "returned": ("returned", "handed back unstarted by a draining worker"),
+    "duplicate": ("duplicates", "a late or repeated result dropped by task id and lease"),
+    "late": ("late", "a result for a directive that had already ended"),
+    "cancelled": ("dropped", "queued tasks dropped by cancel, terminate or release"),
+    "poison": ("poison", "a task failed for killing its worker too often"),
+}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    stats: Stats
+    queue_depth: dict[str, int]
+    in_flight: int
+    workers: int
+    capacity: int
+    channels: int
+    directives: int
+
+
+def snapshot(router: Router) -> Snapshot:
+    depth: dict[str, int] = {}
+    for (kind, name), queue in router.queues.items():
+        label = f"{name} (combine)" if kind == COMBINE else name
+        depth[label] = depth.get(label, 0) + queue.depth
+    s = router.stats
+    return Snapshot(
+        stats=Stats(**{f: getattr(s, f) for f in s.__slots__}),
+        queue_depth=depth,
+        in_flight=sum(len(w.leases) for w in router.workers.values()),
+        workers=len(router.workers),
+        capacity=sum(w.hello.capacity for w in router.workers.values()),
+        channels=sum(1 for c in router.channels.values() if c.directive is None),
+        directives=sum(1 for c in router.channels.values() if c.directive is not None),
+    )
+
+
+class RouterCollector(Collector):
+    def __init__(self, router: Router, loop: asyncio.AbstractEventLoop) -> None:
+        self._router = router
+        self._loop = loop
+
+    def _snapshot(self) -> Snapshot:
+        async def take() -> Snapshot:
+            return snapshot(self._router)
+
+        return asyncio.run_coroutine_threadsafe(take(), self._loop).result(timeout=5)
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        s = snap.stats
+        yield CounterMetricFamily(
+            "squire_tasks_published", "Tasks queued (client tasks and directive tasks).",
+            value=s.published,
+        )
+        yield CounterMetricFamily(
+            "squire_tasks_dispatched", "Task leases sent to workers (re-dispatches included).",
+            value=s.dispatched,
+        )
+        outcomes = CounterMetricFamily(
+            "squire_task_outcomes",
+            "Task reports by outcome: " + "; ".join(f"{k}: {v[1]}" for k, v in OUTCOMES.items()),
+            labels=["outcome"],
+        )
+        for name, (attr, _) in OUTCOMES.items():
+            outcomes.add_metric([name], getattr(s, attr))
+        yield outcomes
+        yield CounterMetricFamily(
+            "squire_worker_ipc_sent", "Worker IPC messages sent (abort, execution failed, drain).",
+            value=s.ipc_sent,
+        )
+        yield CounterMetricFamily(
+            "squire_directives_cancelled", "Directives cancelled by their client.",
+            value=s.cancelled,
+        )
+        yield GaugeMetricFamily(
+            "squire_queue_depth_total", "Tasks waiting for a worker.",
+            value=sum(snap.queue_depth.values()),
+        )
+        per_op = GaugeMetricFamily(
+            "squire_queue_depth", "Tasks waiting for a worker, by operation.",
+            labels=["operation"],
+        )
+        for op, depth in sorted(snap.queue_depth.items()):
+            per_op.add_metric([op], depth)
+        yield per_op
+        yield GaugeMetricFamily(
+            "squire_tasks_in_flight", "Tasks leased to workers and not yet reported.",
+            value=snap.in_flight,
+        )
+        yield GaugeMetricFamily(
+            "squire_workers_connected", "Connected workers.", value=snap.workers
+        )
+        yield GaugeMetricFamily(
+            "squire_worker_capacity", "Tasks the connected workers execute at once, summed.",
+            value=snap.capacity,
+        )
+        yield GaugeMetricFamily(
+            "squire_channels_active", "Channels leased through the channel API.",
+            value=snap.channels,
+        )
+        yield GaugeMetricFamily(
+            "squire_directives_active", "Directives being evaluated.", value=snap.directives
+        )
+
+
+class OrchestratorMetrics:
+    """Registers the collector and histograms; ``serve(port)`` exposes /metrics."""
+
+    def __init__(self, router: Router, loop: asyncio.AbstractEventLoop) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(RouterCollector(router, loop))
+        self.task_latency = Histogram(
+            "squire_task_latency_seconds",
+            "Task end-to-end latency, published to result, by operation.",
+            ["operation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                     5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.directive_duration = Histogram(
+            "squire_directive_duration_seconds",
+            "Directive duration from start to end, by outcome (done, failed, cancelled).",
+            ["outcome"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
+            registry=self.registry,
+        )
+        self._router = router
+        router.on_task_done = self._task_done
+        self._server: object | None = None
+
+    def _task_done(self, task: TaskRecord) -> None:
+        label = f"{task.operation} (combine)" if task.kind == COMBINE else task.operation
+        self.task_latency.labels(label).observe(self._router.clock() - task.published_at)
+
+    def directive_ended(self, outcome: str, seconds: float) -> None:
+        self.directive_duration.labels(outcome).observe(seconds)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+
+    def close(self) -> None:
+        server = self._server
+        if server is not None:
+            server.shutdown()  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]
+            self._server = None
+
+
