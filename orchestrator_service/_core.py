@@ -69,6 +69,7 @@ class Stats:
     ipc_sent: int = 0
     poison: int = 0
     retries: int = 0  # transient-error retries workers made
+    timeouts: int = 0  # tasks re-queued after running past their timeout
     cancelled: int = 0  # directives cancelled by their client
 
 
@@ -521,6 +522,15 @@ class Router:
             else:
                 self._requeue(channel, task)
             return True
+        if error.kind is ErrorKind.TIMEOUT:
+            # A stuck task is a transient error: run it again, elsewhere if
+            # possible, until it has timed out max_timeouts times.
+            task.timeouts += 1
+            if task.timeouts < self.config.max_timeouts:
+                self.stats.timeouts += 1
+                self._requeue(channel, task)
+                return True
+            return False  # delivered as the task's (fatal) outcome
         if error.kind is ErrorKind.ABORTED:
             # The worker dropped it on our IPC; the channel may still be
             # alive only for an abort_all during shutdown: run it elsewhere.

@@ -30,6 +30,7 @@ OUTCOMES = {
     "ignored": ("ignored", "a fatal error with the Ignore strategy skipped the element"),
     "retried": ("retries", "a transient error was retried by the worker"),
     "requeued": ("requeued", "re-queued after its worker was lost or its executor crashed"),
+    "timeout": ("timeouts", "ran past its task timeout and was re-queued"),
     "returned": ("returned", "handed back unstarted by a draining worker"),
     "duplicate": ("duplicates", "a late or repeated result dropped by task id and lease"),
     "late": ("late", "a result for a directive that had already ended"),

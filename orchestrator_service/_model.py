@@ -67,6 +67,7 @@ class TaskRecord:
     attempt: int = 0
     lease_id: int = 0
     crashes: int = 0
+    timeouts: int = 0
     published_at: float = 0.0
     # Directive bookkeeping (not on the wire): map stage and element index,
     # or, for a fold combine (stage -1), the range [index, end).
@@ -161,6 +162,7 @@ class RouterConfig:
     heartbeat_interval: float = 1.0  # what workers are told to send
     no_worker_timeout: float = 30.0  # tasks nobody offers fail after this
     poison_threshold: int = 3  # a task that crashed its worker this often fails
+    max_timeouts: int = 3  # a task that timed out this often fails
     max_queued_per_channel: int = 10_000  # publishing waits past this
     directive_window: int = 8_192  # elements a directive keeps in its pipeline
     fairness_quantum: int = 16  # tasks one channel gets before the next is served

@@ -442,3 +442,22 @@ def test_worker_hello_validation() -> None:
     with pytest.raises(RouterError) as full:
         router.connect_worker(hello("w2"))
     assert full.value.code is Code.RESOURCE_EXHAUSTED
+
+
+def test_timeouts_are_retried_then_fatal() -> None:
+    router = Router(RouterConfig(max_timeouts=2), clock=Clock())
+    w = router.connect_worker(hello("w1", capacity=1, prefetch=0))
+    d = router.start_directive(PlanSpec((m("length"),), task_timeout_seconds=0.5))
+    router.directive_inputs(d, [b'"slow"'])
+    timeout = ErrorInfo("TaskTimeout", "ran longer than 0.5 s", kind=ErrorKind.TIMEOUT)
+    (t,) = w.outbox
+    assert t.timeout_seconds == 0.5
+    w.outbox.clear()
+    router.on_results(w, [ResultEvent(t.routing_key, t.task_id, t.lease_id, error=timeout)])
+    assert d.state is DirectiveState.RUNNING and router.stats.timeouts == 1
+    (t,) = w.outbox
+    assert t.attempt == 2
+    w.outbox.clear()
+    router.on_results(w, [ResultEvent(t.routing_key, t.task_id, t.lease_id, error=timeout)])
+    assert d.state is DirectiveState.FAILED and d.failure is not None
+    assert "ran longer than 0.5 s" in d.failure[1]

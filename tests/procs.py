@@ -1,0 +1,134 @@
+"""Real processes for end-to-end tests: the orchestrator and workers started
+through their console entry points on 127.0.0.1, plus polling helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from squire.api.v1 import squire_pb2 as pb
+from squire.api.v1 import squire_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+BIN = Path(sys.executable).parent
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 20.0, interval: float = 0.02,
+               message: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def entry_point(name: str) -> str:
+    path = BIN / name
+    assert path.exists(), f"{name} is not installed next to {sys.executable}; pip install -e ."
+    return str(path)
+
+
+class Cluster:
+    """An orchestrator process plus worker processes, cleaned up on close()."""
+
+    def __init__(self, *, orchestrator_args: tuple[str, ...] = (), log_dir: Path | None = None,
+                 metrics_port: int = 0) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="squire-test-")
+        self.dir = Path(self._tmp.name)
+        self.log_dir = log_dir or self.dir
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        port_file = self.dir / "port"
+        self.metrics_port = metrics_port
+        self.orchestrator = self._spawn(
+            "orchestrator",
+            [entry_point("squire-orchestrator"), "--host", "127.0.0.1", "--port", "0",
+             "--port-file", str(port_file), "--metrics-port", str(metrics_port),
+             *orchestrator_args],
+        )
+        self.port = int(wait_until(lambda: port_file.exists() and port_file.read_text(),
+                                   message="the orchestrator's port file"))
+        self.target = f"127.0.0.1:{self.port}"
+        self._channel = grpc.insecure_channel(self.target)
+        self._status = pb_grpc.StatusServiceStub(self._channel)
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def start_worker(self, worker_id: str, *, ops: str = "squire_examples.ops",
+                     concurrency: int = 1, executor: str = "process",
+                     extra: tuple[str, ...] = (), wait: bool = True) -> subprocess.Popen[bytes]:
+        proc = self._spawn(
+            f"worker-{worker_id}",
+            [entry_point("squire-worker"), "--orchestrator", self.target, "--ops", ops,
+             "--concurrency", str(concurrency), "--executor", executor,
+             "--worker-id", worker_id, *extra],
+        )
+        self.workers[worker_id] = proc
+        if wait:
+            self.wait_for_workers({worker_id})
+        return proc
+
+    def status(self) -> pb.GetStatusResponse:
+        return self._status.GetStatus(pb.GetStatusRequest(), timeout=5)
+
+    def wait_for_workers(self, ids: set[str], timeout: float = 30.0) -> None:
+        def connected() -> bool:
+            for proc_id in ids:
+                proc = self.workers.get(proc_id)
+                if proc is not None and proc.poll() is not None:
+                    raise AssertionError(f"worker {proc_id} exited with {proc.returncode}: "
+                                         + self.log(f"worker-{proc_id}"))
+            return ids <= {w.worker_id for w in self.status().workers}
+        wait_until(connected, timeout, message=f"workers {sorted(ids)} to connect")
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def close(self) -> None:
+        self._channel.close()
+        procs = [*self.workers.values(), self.orchestrator]
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGCONT)
+                    proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._tmp.cleanup()
+
+
+@contextlib.contextmanager
+def cluster(**kwargs: object) -> Iterator[Cluster]:
+    c = Cluster(**kwargs)  # type: ignore[arg-type]
+    try:
+        yield c
+    finally:
+        c.close()
