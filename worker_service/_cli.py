@@ -1,0 +1,172 @@
+"""``squire-worker``: flags, each also settable as an environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from worker_service._config import (
+    ExecutorKind,
+    LogFormat,
+    WorkerConfig,
+    default_concurrency,
+    default_worker_id,
+)
+from worker_service._errors import HelloRejected, OpsLoadError
+from worker_service._runtime import run_worker
+
+log = logging.getLogger("worker_service")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2    # also argparse's code for bad flags
+EXIT_REJECTED = 3
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    def env(name: str, default: str | None = None) -> str | None:
+        return environ.get(f"SQUIRE_{name}", default)
+
+    parser = argparse.ArgumentParser(
+        prog="squire-worker",
+        description="Execute Squire tasks for an orchestrator. Every flag can also be "
+        "set as an environment variable SQUIRE_<FLAG>, upper case with underscores "
+        "(e.g. SQUIRE_OPS, SQUIRE_WORKER_ID); flags win.",
+    )
+    parser.add_argument(
+        "--orchestrator", default=env("ORCHESTRATOR", "127.0.0.1:50051"),
+        help="orchestrator address host:port (default %(default)s)",
+    )
+    parser.add_argument(
+        "--ops", action="append", default=None, metavar="MODULE",
+        help="module whose operations and monoids this worker offers; repeat or "
+        "comma-separate for several (required)",
+    )
+    parser.add_argument(
+        "--concurrency", type=_positive_int,
+        default=env("CONCURRENCY", str(default_concurrency())),
+        help="tasks executed at once (default: CPU count, %(default)s)",
+    )
+    parser.add_argument(
+        "--executor", type=ExecutorKind, choices=list(ExecutorKind),
+        default=env("EXECUTOR", ExecutorKind.PROCESS.value),
+        help="process (CPU-bound), thread (I/O or GIL-releasing) or inline "
+        "(trivial operations) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--prefetch", type=_non_negative_int, default=env("PREFETCH"),
+        help="tasks buffered beyond concurrency (default: same as concurrency)",
+    )
+    parser.add_argument(
+        "--worker-id", default=env("WORKER_ID"),
+        help="unique worker id (default: hostname-pid)",
+    )
+    parser.add_argument(
+        "--drain-grace", type=_non_negative_float, default=env("DRAIN_GRACE", "30"),
+        help="seconds running tasks may take to finish when draining (default %(default)s)",
+    )
+    parser.add_argument(
+        "--abort-memory", type=_non_negative_float, default=env("ABORT_MEMORY", "300"),
+        help="seconds an aborted routing key is remembered (default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level", type=str.upper, choices=_LOG_LEVELS, default=env("LOG_LEVEL", "INFO"),
+        help="(default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-format", type=LogFormat, choices=list(LogFormat),
+        default=env("LOG_FORMAT", LogFormat.TEXT.value), help="(default %(default)s)",
+    )
+    return parser
+
+
+def parse_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> WorkerConfig:
+    """Flags and environment to a WorkerConfig; exits with usage on bad input."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    given = args.ops if args.ops is not None else [environ.get("SQUIRE_OPS", "")]
+    ops = tuple(name.strip() for item in given for name in item.split(",") if name.strip())
+    if not ops:
+        parser.error("name the ops module(s) with --ops or SQUIRE_OPS")
+    return WorkerConfig(
+        ops=ops,
+        orchestrator=args.orchestrator,
+        concurrency=args.concurrency,
+        executor=args.executor,
+        prefetch=args.prefetch,
+        worker_id=args.worker_id or default_worker_id(),
+        drain_grace=args.drain_grace,
+        abort_memory=args.abort_memory,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, log_format: LogFormat) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format is LogFormat.JSON:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    configure_logging(config.log_level, config.log_format)
+    try:
+        asyncio.run(run_worker(config))
+    except OpsLoadError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    except HelloRejected as exc:
+        log.error("%s", exc)
+        return EXIT_REJECTED
+    return EXIT_OK

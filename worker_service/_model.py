@@ -1,0 +1,86 @@
+"""Plain values the worker passes around internally.
+
+Proto messages are converted to these in ``_wire`` and never reach the
+scheduling code. They are deliberately lean (slots, no validation): a worker
+handles tens of thousands of tasks per second, so per-task objects stay small.
+``Failure`` and ``Transient`` also cross the process-pool boundary, which is
+why they hold only strings, numbers and enums.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from squire._retry import FatalStrategy
+
+APPLY = 0  # squire.api.v1.TaskKind
+COMBINE = 1
+
+
+class ErrorKind(enum.IntEnum):
+    """Wire values equal ``squire.api.v1.ErrorKind``."""
+
+    OPERATION = 0
+    BAD_PAYLOAD = 1
+    UNKNOWN_OPERATION = 2
+    ABORTED = 3
+    RETURNED = 4
+    CRASHED = 5
+    TIMEOUT = 6
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """One task as received from the orchestrator."""
+
+    routing_key: str
+    task_id: int
+    operation: str
+    kind: int
+    params: bytes
+    input: bytes
+    operands: tuple[bytes, ...]
+    serializer: int
+    metadata: bytes
+    attempt: int
+    lease_id: int
+    timeout_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A final failure, reported as ``ExecutionErr``."""
+
+    kind: ErrorKind
+    error_type: str
+    message: str
+    strategy: FatalStrategy = FatalStrategy.TERMINATE
+    retries_exhausted: bool = False
+    retries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Transient:
+    """The operation raised ``TransientError``: the worker may run it again.
+
+    ``delay`` is what the error's retry strategy says for the next retry:
+    seconds to wait, or None when retries are exhausted.
+    """
+
+    error_type: str
+    message: str
+    delay: float | None
+
+
+# What one execution of a task produces: the encoded output on success.
+Outcome = bytes | Failure | Transient
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """A task's single report on its stream session."""
+
+    task: TaskSpec
+    outcome: bytes | Failure
+    execution_seconds: float
