@@ -84,3 +84,4 @@ class TaskResult:
     task: TaskSpec
     outcome: bytes | Failure
     execution_seconds: float
+    retries: int = 0  # transient-error retries made before this outcome

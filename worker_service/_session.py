@@ -373,7 +373,7 @@ class Session:
     # -------------------------------------------------------------- writing
 
     def _report(self, job: _Job, outcome: bytes | Failure) -> None:
-        self._outbox.append(TaskResult(job.task, outcome, job.elapsed))
+        self._outbox.append(TaskResult(job.task, outcome, job.elapsed, job.retries))
         self._wake_writer.set()
 
     async def _write_loop(self) -> None:

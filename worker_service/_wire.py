@@ -58,7 +58,7 @@ def _result(r: TaskResult) -> pb.TaskResult:
         return pb.TaskResult(
             routing_key=t.routing_key, task_id=t.task_id, metadata=t.metadata,
             attempt=t.attempt, lease_id=t.lease_id, ok=pb.ExecutionOk(output=outcome),
-            execution_seconds=r.execution_seconds,
+            execution_seconds=r.execution_seconds, retries=r.retries,
         )
     return pb.TaskResult(
         routing_key=t.routing_key, task_id=t.task_id, metadata=t.metadata,
@@ -72,6 +72,7 @@ def _result(r: TaskResult) -> pb.TaskResult:
             kind=pb.ErrorKind.ValueType(outcome.kind),
         ),
         execution_seconds=r.execution_seconds,
+        retries=r.retries,
     )
 
 
