@@ -124,7 +124,7 @@ class RouterCollector(Collector):
             "squire_workers_connected", "Connected workers.", value=snap.workers
         )
         yield GaugeMetricFamily(
-            "squire_worker_capacity", "Tasks the connected workers execute at once, summed.",
+            "squire_connected_capacity", "Tasks the connected workers execute at once, summed.",
             value=snap.capacity,
         )
         yield GaugeMetricFamily(

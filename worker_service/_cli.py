@@ -18,6 +18,7 @@ from worker_service._config import (
     default_worker_id,
 )
 from worker_service._errors import HelloRejected, OpsLoadError
+from worker_service._probe import DEFAULT_METRICS_PORT
 from worker_service._runtime import run_worker
 
 log = logging.getLogger("worker_service")
@@ -97,6 +98,15 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="seconds an aborted routing key is remembered (default %(default)s)",
     )
     parser.add_argument(
+        "--metrics-port", type=_non_negative_int,
+        default=env("METRICS_PORT", str(DEFAULT_METRICS_PORT)),
+        help="HTTP port for /metrics, /healthz and /readyz; 0 disables (default %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-host", default=env("METRICS_HOST", "0.0.0.0"),
+        help="address of the HTTP endpoint (default %(default)s)",
+    )
+    parser.add_argument(
         "--log-level", type=str.upper, choices=_LOG_LEVELS, default=env("LOG_LEVEL", "INFO"),
         help="(default %(default)s)",
     )
@@ -129,6 +139,8 @@ def parse_config(
         abort_memory=args.abort_memory,
         log_level=args.log_level,
         log_format=args.log_format,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
 
 

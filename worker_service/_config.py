@@ -50,6 +50,9 @@ class WorkerConfig:
     reconnect_max: float = 5.0
     # How long to wait for the orchestrator's Welcome after the hello.
     handshake_timeout: float = 10.0
+    # /metrics, /healthz and /readyz; 0 = no HTTP endpoint (the CLI defaults to 9465).
+    metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
         if isinstance(self.ops, str):

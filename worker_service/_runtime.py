@@ -30,6 +30,7 @@ from worker_service._abort import AbortMemory
 from worker_service._config import ExecutorKind, WorkerConfig
 from worker_service._errors import HelloRejected, LifecycleError, OpsLoadError
 from worker_service._executor import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
+from worker_service._probe import ProbeServer, WorkerMetrics
 from worker_service._session import Session
 from worker_service._state import Lifecycle, WorkerState
 
@@ -106,6 +107,9 @@ class WorkerRuntime:
         self._drain_grace = config.drain_grace
         self._welcomed_once = False
         self._closed = asyncio.Event()
+        self.metrics: WorkerMetrics | None = None
+        self._probe: ProbeServer | None = None
+        self.probe_port = 0
 
     # ------------------------------------------------------------ probes
 
@@ -143,8 +147,25 @@ class WorkerRuntime:
             raise LifecycleError(f"run() needs a new worker; this one is {self.state}")
         self._run_claimed = True
 
+    def _start_probe(self) -> None:
+        config = self.config
+        self.metrics = WorkerMetrics(
+            capacity=config.concurrency,
+            busy=lambda: self.session_stats[0],
+            ready=lambda: self.ready,
+            known=lambda op: op in self.registry.operations or op in self.registry.monoids,
+        )
+        if config.metrics_port:
+            self._probe = ProbeServer(
+                self.metrics, lambda: self.live, lambda: self.ready,
+                config.metrics_host, config.metrics_port,
+            )
+            self._probe.start()
+            self.probe_port = self._probe.port
+
     async def _run(self) -> None:
         executor = self._executor = self._make_executor()
+        self._start_probe()
         try:
             if self._lifecycle.state is WorkerState.STARTING:
                 await executor.start()
@@ -165,6 +186,8 @@ class WorkerRuntime:
         finally:
             await executor.close(EXECUTOR_CLOSE_GRACE)
             self._lifecycle.to(WorkerState.CLOSED)
+            if self._probe is not None:
+                self._probe.close()
             self._closed.set()
             log.info("worker %s closed", self.config.worker_id)
 
@@ -277,7 +300,10 @@ class WorkerRuntime:
                     heartbeat_interval=welcome.heartbeat_interval_seconds
                     or DEFAULT_HEARTBEAT_INTERVAL,
                     on_drain_request=self.request_drain,
+                    on_result=self.metrics.record if self.metrics is not None else None,
                 )
+                if self._welcomed_once and self.metrics is not None:
+                    self.metrics.reconnects.inc()
                 self._session = session
                 self._welcomed_once = True
                 self._lifecycle.to(WorkerState.RUNNING)

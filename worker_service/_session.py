@@ -76,7 +76,9 @@ class Session:
         window: int,
         heartbeat_interval: float,
         on_drain_request: Callable[[float | None], None],
+        on_result: Callable[[TaskResult], None] | None = None,
     ) -> None:
+        self._on_result = on_result
         self._call = call
         self._executor = executor
         self._aborted = aborted
@@ -373,7 +375,10 @@ class Session:
     # -------------------------------------------------------------- writing
 
     def _report(self, job: _Job, outcome: bytes | Failure) -> None:
-        self._outbox.append(TaskResult(job.task, outcome, job.elapsed, job.retries))
+        result = TaskResult(job.task, outcome, job.elapsed, job.retries)
+        self._outbox.append(result)
+        if self._on_result is not None:
+            self._on_result(result)
         self._wake_writer.set()
 
     async def _write_loop(self) -> None:

@@ -1,0 +1,54 @@
+"""The worker's HTTP endpoint: /metrics, /healthz, /readyz."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.error
+import urllib.request
+
+from worker_service import WorkerRuntime
+
+from .fakes import FakeOrchestrator, config, task, until, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def fetch(port: int, path: str) -> tuple[int, str]:
+    return await asyncio.to_thread(get, port, path)
+
+
+async def test_probes_and_metrics(orchestrator: FakeOrchestrator) -> None:
+    port = free_port()
+    worker = WorkerRuntime(config(orchestrator, metrics_port=port, metrics_host="127.0.0.1"))
+    async with asyncio.TaskGroup() as tg:
+        run = tg.create_task(worker.run())
+        session = await orchestrator.session()
+        await wait_for(lambda: worker.ready, what="ready")
+        assert (await fetch(port, "/readyz"))[0] == 200
+        assert (await fetch(port, "/healthz"))[0] == 200
+        session.send_tasks(task("echo", 5, task_id=1), task("value_error", 1, task_id=2))
+        await session.wait_results(2)
+        code, text = await fetch(port, "/metrics")
+        assert code == 200
+        assert 'squire_worker_tasks_total{operation="echo",outcome="ok"} 1.0' in text
+        assert 'squire_worker_tasks_total{operation="value_error",outcome="error"} 1.0' in text
+        assert "squire_worker_capacity 2.0" in text
+        assert "squire_worker_ready 1.0" in text
+        assert (await fetch(port, "/nope"))[0] == 404
+        worker.request_drain()
+        await until(run)
+    # closed: the endpoint is gone with the worker
+    assert not worker.live

@@ -1,0 +1,148 @@
+"""The worker's HTTP endpoint for Kubernetes and Prometheus, on one port:
+
+- ``/metrics``  Prometheus metrics (below)
+- ``/healthz``  liveness: 200 unless the worker has closed
+- ``/readyz``   readiness: 200 only while connected and not draining
+
+Metrics (label values are operation names and outcomes, never ids):
+
+- ``squire_worker_tasks_total{operation,outcome}`` tasks reported, by outcome
+  (ok, error, bad_payload, unknown_operation, aborted, returned, crashed, timeout)
+- ``squire_worker_execution_seconds{operation}`` execution time histogram
+- ``squire_worker_retries_total{operation}`` transient-error retries
+- ``squire_worker_busy_slots`` / ``squire_worker_capacity`` running tasks vs slots
+- ``squire_worker_reconnects_total`` streams re-opened after a break
+- ``squire_worker_ready`` 1 while ready
+
+The HTTP server runs in a daemon thread; it reads plain attributes of the
+runtime (ints and an enum), which is safe without the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from worker_service._model import ErrorKind, TaskResult
+
+DEFAULT_METRICS_PORT = 9465
+COMBINE = 1
+
+_OUTCOME = {kind: kind.name.lower() for kind in ErrorKind}
+_OUTCOME[ErrorKind.OPERATION] = "error"
+
+
+class WorkerMetrics:
+    def __init__(
+        self,
+        *,
+        capacity: int,
+        busy: Callable[[], int],
+        ready: Callable[[], bool],
+        known: Callable[[str], bool],
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._known = known
+        self.tasks = Counter(
+            "squire_worker_tasks", "Tasks reported by this worker, by operation and outcome.",
+            ["operation", "outcome"], registry=r,
+        )
+        self.execution = Histogram(
+            "squire_worker_execution_seconds", "Task execution time, by operation.",
+            ["operation"], registry=r,
+            buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300),
+        )
+        self.retries = Counter(
+            "squire_worker_retries", "Transient-error retries, by operation.",
+            ["operation"], registry=r,
+        )
+        self.reconnects = Counter(
+            "squire_worker_reconnects", "Streams to the orchestrator re-opened after a break.",
+            registry=r,
+        )
+        Gauge("squire_worker_busy_slots", "Tasks executing now.", registry=r).set_function(
+            lambda: float(busy())
+        )
+        Gauge("squire_worker_capacity", "Tasks this worker executes at once.",
+              registry=r).set(capacity)
+        Gauge("squire_worker_ready", "1 while connected and taking tasks.",
+              registry=r).set_function(lambda: 1.0 if ready() else 0.0)
+
+    def record(self, result: TaskResult) -> None:
+        task = result.task
+        op = task.operation if self._known(task.operation) else "unknown"
+        if task.kind == COMBINE:
+            op += " (combine)"
+        outcome = result.outcome
+        if isinstance(outcome, bytes):
+            self.tasks.labels(op, "ok").inc()
+            self.execution.labels(op).observe(result.execution_seconds)
+        else:
+            self.tasks.labels(op, _OUTCOME[outcome.kind]).inc()
+            if outcome.kind is ErrorKind.OPERATION:
+                self.execution.labels(op).observe(result.execution_seconds)
+        if result.retries:
+            self.retries.labels(op).inc(result.retries)
+
+
+class ProbeServer:
+    """Serves /metrics, /healthz and /readyz from a daemon thread."""
+
+    def __init__(
+        self,
+        metrics: WorkerMetrics,
+        live: Callable[[], bool],
+        ready: Callable[[], bool],
+        host: str,
+        port: int,
+    ) -> None:
+        registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path in ("/healthz", "/livez"):
+                    ok = live()
+                    self._send(200 if ok else 503, b"ok\n" if ok else b"closed\n")
+                elif path == "/readyz":
+                    ok = ready()
+                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                else:
+                    self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+            def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return  # probes every few seconds would flood the log
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="squire-worker-probe", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
