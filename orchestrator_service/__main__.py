@@ -15,7 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
-from orchestrator_service._logging import configure_logging
+from squire._logging import configure_logging
+
 from orchestrator_service._metrics import DEFAULT_METRICS_PORT
 from orchestrator_service._model import RouterConfig
 from orchestrator_service._server import Orchestrator, OrchestratorConfig

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
+
+from squire._logging import configure_logging as shared_configure_logging
 
 from worker_service._config import (
     ExecutorKind,
@@ -144,30 +144,8 @@ def parse_config(
     )
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log collectors."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 def configure_logging(level: str, log_format: LogFormat) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format is LogFormat.JSON:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    shared_configure_logging(level, log_format.value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

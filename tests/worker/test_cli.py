@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from squire._logging import JsonFormatter
 from squire._serde import decode
 from squire.api.v1 import squire_pb2 as pb
 
 from worker_service import ExecutorKind, LogFormat
-from worker_service._cli import JsonFormatter, parse_config
+from worker_service._cli import parse_config
 
 from .fakes import FakeOrchestrator, task, until, wait_for
 
@@ -168,5 +169,7 @@ async def test_module_entry_point_with_process_executor(
 
 def test_json_log_format() -> None:
     record = logging.LogRecord("worker_service", logging.INFO, __file__, 1, "hi %s", ("x",), None)
+    record.routing_key = "rk1"  # context passed with extra= travels as fields
     entry = json.loads(JsonFormatter().format(record))
-    assert (entry["level"], entry["logger"], entry["message"]) == ("INFO", "worker_service", "hi x")
+    assert (entry["level"], entry["logger"], entry["message"]) == ("info", "worker_service", "hi x")
+    assert entry["routing_key"] == "rk1"
