@@ -7,10 +7,24 @@ The public API (everything else is private and may change):
   :class:`Immediate`, :class:`After`, :class:`Exponential`, :class:`FatalStrategy`
 - payloads: :class:`Serializer`
 - the exception tree rooted at :class:`SquireError` (see ``squire._errors``)
+- talk to an orchestrator: :class:`Client`, :class:`AsyncClient`
+- run directives: :class:`IndexedStream` (``.map(op).fold(monoid)`` then
+  ``.run(client)``), whose map results hold :class:`Skipped` for ignored
+  failures; for power users :class:`DirectiveRun` / :class:`AsyncDirectiveRun`
+  and the :data:`DirectiveEvent` values (:class:`DirectiveStarted`,
+  :class:`ItemBatch`, :class:`Progress`, :class:`FoldValue`) they yield
+- the low-level channel API: :class:`ChannelHandle`,
+  :class:`AsyncChannelHandle`, :class:`TaskOutcome`, :class:`TaskFailure`
+- embedded mode: :func:`embedded`, :func:`async_embedded`, :class:`Embedded`
 """
 
 from __future__ import annotations
 
+from squire._async_channel import AsyncChannelHandle
+from squire._channel import ChannelHandle
+from squire._client import AsyncClient, Client
+from squire._directive import AsyncDirectiveRun, DirectiveRun
+from squire._embedded import Embedded, async_embedded, embedded
 from squire._errors import (
     AccessDenied,
     AlreadyExists,
@@ -28,9 +42,21 @@ from squire._errors import (
     TransientError,
     Unavailable,
 )
+from squire._model import (
+    DirectiveEvent,
+    DirectiveStarted,
+    FoldValue,
+    ItemBatch,
+    Plan,
+    Progress,
+    Skipped,
+    TaskFailure,
+    TaskOutcome,
+)
 from squire._ops import AbortSignal, Monoid, Operation, Registry, monoid, operation
 from squire._retry import After, Exponential, FatalStrategy, Immediate, RetryStrategy
 from squire._serde import Serializer
+from squire._stream import IndexedStream
 
 __version__ = "0.1.0"
 
@@ -39,28 +65,47 @@ __all__ = [
     "AccessDenied",
     "After",
     "AlreadyExists",
+    "AsyncChannelHandle",
+    "AsyncClient",
+    "AsyncDirectiveRun",
     "Cancelled",
+    "ChannelHandle",
+    "Client",
+    "DirectiveEvent",
     "DirectiveFailed",
+    "DirectiveRun",
+    "DirectiveStarted",
+    "Embedded",
     "Exponential",
     "FailedPrecondition",
     "FatalError",
     "FatalStrategy",
+    "FoldValue",
     "Immediate",
+    "IndexedStream",
     "InvalidArgument",
+    "ItemBatch",
     "Monoid",
     "NotFound",
     "Operation",
     "OperationError",
     "PayloadError",
+    "Plan",
+    "Progress",
     "Registry",
     "ResourceExhausted",
     "RetryStrategy",
     "RpcError",
     "Serializer",
+    "Skipped",
     "SquireError",
+    "TaskFailure",
+    "TaskOutcome",
     "TransientError",
     "Unavailable",
     "__version__",
+    "async_embedded",
+    "embedded",
     "monoid",
     "operation",
 ]

@@ -1,0 +1,296 @@
+"""Clients of the orchestrator: :class:`Client` (blocking) and :class:`AsyncClient`.
+
+Every call the SDK makes starts from one of these two classes (directive runs
+and channel handles get their stubs from them), and every gRPC error becomes
+a :class:`squire.RpcError` subclass in one place, :func:`translate_rpc_error`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterable, Iterable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+import grpc.aio
+
+from squire._errors import (
+    AccessDenied,
+    AlreadyExists,
+    Cancelled,
+    DirectiveFailed,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    RpcError,
+    SquireError,
+    Unavailable,
+)
+from squire._model import Plan
+from squire._serde import Serializer
+from squire._wire import status_dict
+from squire.api.v1 import squire_pb2 as pb
+from squire.api.v1 import squire_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from squire._async_channel import AsyncChannelHandle, AsyncLease
+    from squire._channel import ChannelHandle
+    from squire._directive import AsyncDirectiveRun, DirectiveRun
+
+# The directive and channel modules build on translate_rpc_error, so the
+# clients import them where they construct them rather than at the top.
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+_ERROR_BY_CODE: dict[str, type[RpcError]] = {
+    "INVALID_ARGUMENT": InvalidArgument,
+    "NOT_FOUND": NotFound,
+    "ALREADY_EXISTS": AlreadyExists,
+    "FAILED_PRECONDITION": FailedPrecondition,
+    "RESOURCE_EXHAUSTED": ResourceExhausted,
+    "UNAVAILABLE": Unavailable,
+    "ABORTED": DirectiveFailed,
+    "CANCELLED": Cancelled,
+    "DEADLINE_EXCEEDED": Cancelled,
+    "UNAUTHENTICATED": AccessDenied,
+    "PERMISSION_DENIED": AccessDenied,
+}
+
+
+def translate_rpc_error(exc: grpc.RpcError) -> RpcError:
+    """The squire exception for a failed gRPC call; use as ``raise ... from exc``.
+
+    ``.code`` keeps the status name (e.g. ``"ABORTED"``) and the message is
+    the status details. Codes without a dedicated class (UNKNOWN, INTERNAL,
+    UNIMPLEMENTED, ...) give a plain :class:`RpcError`.
+    """
+    # grpc.RpcError itself has no accessors; the raised objects are also grpc.Call.
+    code_of = getattr(exc, "code", None)
+    status = code_of() if callable(code_of) else None
+    name = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+    details_of = getattr(exc, "details", None)
+    details = details_of() if callable(details_of) else None
+    message = details or f"the orchestrator answered {name} without details"
+    return _ERROR_BY_CODE.get(name, RpcError)(message, name)
+
+
+def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """64 MiB message limits both ways (payloads may be large), then ``extra``."""
+    options: dict[str, Any] = {
+        "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
+        "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
+    }
+    options.update(extra)
+    return list(options.items())
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def _client_target(target: str | None, channel: object | None) -> str:
+    if (target is None) == (channel is None):
+        raise ValueError("pass either a target such as '127.0.0.1:50051' or a channel, not both")
+    return target if target is not None else "<injected channel>"
+
+
+class Client:
+    """A blocking client of the orchestrator at ``target`` (``host:port``).
+
+    Pass ``channel`` instead of ``target`` to use a channel you own (for
+    example ``grpc_testing.channel(...)`` in tests); :meth:`close` leaves an
+    injected channel open. Safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        channel: grpc.Channel | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = _client_target(target, channel)
+        self._owns_channel = channel is None
+        self._channel = (
+            channel
+            if channel is not None
+            else grpc.insecure_channel(self.target, options=channel_options(options))
+        )
+        self._directives = pb_grpc.DirectiveServiceStub(self._channel)
+        self._channels = pb_grpc.ChannelServiceStub(self._channel)
+        self._status = pb_grpc.StatusServiceStub(self._channel)
+        self._state = _State.OPEN
+
+    def status_proto(self, *, timeout: float | None = 10.0) -> pb.GetStatusResponse:
+        """The orchestrator's GetStatusResponse as the proto message."""
+        self._check_open()
+        try:
+            response: pb.GetStatusResponse = self._status.GetStatus(
+                pb.GetStatusRequest(), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            raise translate_rpc_error(exc) from exc
+        return response
+
+    def status(self, *, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Workers, queues, channels and directives as plain data (proto field names)."""
+        return status_dict(self.status_proto(timeout=timeout))
+
+    def run_directive(self, plan: Plan, inputs: Iterable[Any]) -> DirectiveRun:
+        """Start a directive; iterate the returned run for its events.
+
+        ``inputs`` is consumed lazily, as gRPC flow control lets the elements
+        through. :class:`squire.IndexedStream` is the friendlier way to call this.
+        """
+        self._check_open()
+        if isinstance(inputs, AsyncIterable) and not isinstance(inputs, Iterable):
+            raise TypeError("Client needs a plain iterable; use AsyncClient for async iterables")
+        from squire._directive import DirectiveRun
+
+        return DirectiveRun(self._directives, plan, inputs)
+
+    def lease_channel(self, *, serializer: str | Serializer = "json") -> ChannelHandle:
+        """Lease a fresh result channel; see :class:`ChannelHandle` for its life cycle."""
+        self._check_open()
+        from squire._channel import ChannelHandle
+
+        try:
+            response = self._channels.LeaseChannel(pb.LeaseChannelRequest())
+        except grpc.RpcError as exc:
+            raise translate_rpc_error(exc) from exc
+        return ChannelHandle(self._channels, response.channel_id, Serializer.parse(serializer))
+
+    def close(self) -> None:
+        """Close the channel (unless it was injected). Idempotent."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r}, state={self._state.value})"
+
+    def _check_open(self) -> None:
+        if self._state is not _State.OPEN:
+            raise SquireError(f"{self!r} is closed; create a new client")
+
+
+class AsyncClient:
+    """The asyncio twin of :class:`Client`; create it inside a running event loop.
+
+    Unary and server-streaming calls use ``grpc.aio``. The two client-streaming
+    calls (RunDirective, Publish) run on the blocking gRPC stack in threads,
+    over a second connection, because ``grpc.aio`` can report a wrong status
+    for them (see ``squire._bridge``); their results are awaited on the loop.
+    """
+
+    def __init__(self, target: str, *, options: Sequence[tuple[str, Any]] = ()) -> None:
+        self.target = target
+        self._channel = grpc.aio.insecure_channel(target, options=channel_options(options))
+        self._blocking_channel = grpc.insecure_channel(target, options=channel_options(options))
+        # The stubs' overloads pick the async flavour only when grpc is typed.
+        self._channels = cast(
+            "pb_grpc.ChannelServiceAsyncStub", pb_grpc.ChannelServiceStub(self._channel)
+        )
+        self._status = cast(
+            "pb_grpc.StatusServiceAsyncStub", pb_grpc.StatusServiceStub(self._channel)
+        )
+        self._blocking_directives = pb_grpc.DirectiveServiceStub(self._blocking_channel)
+        self._blocking_channels = pb_grpc.ChannelServiceStub(self._blocking_channel)
+        self._state = _State.OPEN
+
+    # `timeout` is the gRPC deadline, which the orchestrator sees too, and
+    # mirrors Client; asyncio.timeout() around the call works as well.
+    async def status_proto(
+        self,
+        *,
+        timeout: float | None = 10.0,  # noqa: ASYNC109
+    ) -> pb.GetStatusResponse:
+        """The orchestrator's GetStatusResponse as the proto message."""
+        self._check_open()
+        try:
+            response: pb.GetStatusResponse = await self._status.GetStatus(
+                pb.GetStatusRequest(), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            raise translate_rpc_error(exc) from exc
+        return response
+
+    async def status(
+        self,
+        *,
+        timeout: float | None = 10.0,  # noqa: ASYNC109
+    ) -> dict[str, Any]:
+        """Workers, queues, channels and directives as plain data (proto field names)."""
+        return status_dict(await self.status_proto(timeout=timeout))
+
+    def run_directive(
+        self, plan: Plan, inputs: Iterable[Any] | AsyncIterable[Any]
+    ) -> AsyncDirectiveRun:
+        """Start a directive; ``async for`` over the returned run for its events."""
+        self._check_open()
+        from squire._directive import AsyncDirectiveRun
+
+        return AsyncDirectiveRun(self._blocking_directives, plan, inputs)
+
+    def lease_channel(self, *, serializer: str | Serializer = "json") -> AsyncLease:
+        """Lease a result channel: ``await`` it, or use ``async with`` to release on exit."""
+        self._check_open()
+        from squire._async_channel import AsyncLease
+
+        parsed = Serializer.parse(serializer)
+        return AsyncLease(lambda: self._lease(parsed))
+
+    async def _lease(self, serializer: Serializer) -> AsyncChannelHandle:
+        from squire._async_channel import AsyncChannelHandle
+
+        try:
+            response = await self._channels.LeaseChannel(pb.LeaseChannelRequest())
+        except grpc.RpcError as exc:
+            raise translate_rpc_error(exc) from exc
+        return AsyncChannelHandle(
+            self._channels, self._blocking_channels, response.channel_id, serializer
+        )
+
+    async def close(self) -> None:
+        """Close the connections, cancelling their calls. Idempotent."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        self._blocking_channel.close()
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.target!r}, state={self._state.value})"
+
+    def _check_open(self) -> None:
+        if self._state is not _State.OPEN:
+            raise SquireError(f"{self!r} is closed; create a new client")

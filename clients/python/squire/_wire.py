@@ -1,0 +1,202 @@
+"""The edge between proto messages and the SDK's plain values. No I/O.
+
+Everything that builds a request or reads a response goes through here, so
+the rest of the SDK handles :mod:`squire._model` values only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import json_format
+
+from squire._model import (
+    DirectiveEvent,
+    DirectiveStarted,
+    FoldValue,
+    ItemBatch,
+    MapStage,
+    Plan,
+    Progress,
+    Skipped,
+    TaskFailure,
+    TaskOutcome,
+)
+from squire._retry import FatalStrategy
+from squire._serde import Serializer, decode, encode
+from squire.api.v1 import squire_pb2 as pb
+
+# An input batch is cut at whichever limit comes first: small messages keep
+# latency low, bounded ones keep a single message far below the 64 MiB limit.
+MAX_BATCH_ITEMS = 256
+MAX_BATCH_BYTES = 1024 * 1024
+
+
+def encode_params(params: Mapping[str, Any], serializer: Serializer) -> bytes:
+    """Keyword parameters as an encoded mapping; no parameters are empty bytes."""
+    return encode(dict(params), serializer) if params else b""
+
+
+def plan_request(plan: Plan) -> pb.DirectiveRequest:
+    stages = []
+    for stage in plan.stages:
+        params = encode_params(stage.params, plan.serializer)
+        if isinstance(stage, MapStage):
+            stages.append(pb.Stage(map=pb.MapStage(operation=stage.operation, params=params)))
+        else:
+            stages.append(pb.Stage(fold=pb.FoldStage(monoid=stage.monoid, params=params)))
+    return pb.DirectiveRequest(
+        plan=pb.Plan(
+            stages=stages,
+            serializer=pb.Serializer.ValueType(plan.serializer),
+            expected_items=plan.expected_items or 0,
+            task_timeout_seconds=plan.task_timeout or 0.0,
+        )
+    )
+
+
+def inputs_request(items: list[bytes]) -> pb.DirectiveRequest:
+    return pb.DirectiveRequest(inputs=pb.InputBatch(items=items))
+
+
+class InputBatcher:
+    """Encodes input elements and cuts them into InputBatch-sized lists.
+
+    Shared by the blocking and the asyncio feeders; ``count`` is the number of
+    elements encoded so far, i.e. the index the next element will get.
+    """
+
+    def __init__(self, serializer: Serializer) -> None:
+        self._serializer = serializer
+        self._items: list[bytes] = []
+        self._bytes = 0
+        self.count = 0
+
+    def add(self, value: Any) -> list[bytes] | None:
+        """Encode ``value``; return a full batch when one is ready."""
+        data = encode(value, self._serializer)
+        self._items.append(data)
+        self._bytes += len(data)
+        self.count += 1
+        if len(self._items) >= MAX_BATCH_ITEMS or self._bytes >= MAX_BATCH_BYTES:
+            return self.flush()
+        return None
+
+    def flush(self) -> list[bytes] | None:
+        """The pending partial batch, if any."""
+        if not self._items:
+            return None
+        items, self._items, self._bytes = self._items, [], 0
+        return items
+
+
+def directive_event(message: pb.DirectiveEvent, serializer: Serializer) -> DirectiveEvent | None:
+    """Decode one event; None for an event kind this SDK does not know yet."""
+    kind = message.WhichOneof("kind")
+    if kind == "items":
+        return ItemBatch(
+            tuple(
+                (
+                    item.index,
+                    Skipped(item.index, item.error)
+                    if item.skipped
+                    else decode(item.value, serializer, what=f"result {item.index}"),
+                )
+                for item in message.items.items
+            )
+        )
+    if kind == "progress":
+        return progress(message.progress)
+    if kind == "started":
+        return DirectiveStarted(message.started.directive_id)
+    if kind == "fold":
+        return FoldValue(decode(message.fold.value, serializer, what="fold value"))
+    return None
+
+
+def progress(message: pb.Progress) -> Progress:
+    return Progress(
+        received=message.received,
+        completed=message.completed,
+        skipped=message.skipped,
+        total=message.total,
+        queued=message.queued,
+        running=message.running,
+        retries=message.retries,
+        tasks_done=message.tasks_done,
+    )
+
+
+def task_outcome(result: pb.TaskResult, serializer: Serializer) -> TaskOutcome:
+    error = None
+    value = None
+    if result.WhichOneof("outcome") == "err":
+        err = result.err
+        error = TaskFailure(
+            error_type=err.error_type,
+            message=err.message,
+            kind=_error_kind(err.kind),
+            strategy=(
+                FatalStrategy.IGNORE
+                if err.strategy == pb.FATAL_STRATEGY_IGNORE
+                else FatalStrategy.TERMINATE
+            ),
+            retries_exhausted=err.retries_exhausted,
+            retries=err.retries,
+        )
+    else:
+        value = decode(result.ok.output, serializer, what=f"output of task {result.task_id}")
+    return TaskOutcome(
+        task_id=result.task_id,
+        metadata=result.metadata,
+        value=value,
+        error=error,
+        attempt=result.attempt,
+        execution_seconds=result.execution_seconds,
+    )
+
+
+def _error_kind(value: int) -> str:
+    try:
+        return pb.ErrorKind.Name(pb.ErrorKind.ValueType(value)).removeprefix("ERROR_KIND_").lower()
+    except ValueError:  # a kind added to the contract after this SDK
+        return f"unknown({value})"
+
+
+def task_spec(
+    *,
+    task_id: int,
+    operation: str,
+    serializer: Serializer,
+    params: Mapping[str, Any] | None,
+    metadata: bytes,
+    input: Any = None,
+    operands: list[Any] | None = None,
+) -> pb.TaskSpec:
+    """An APPLY task, or a COMBINE task when ``operands`` is given."""
+    spec = pb.TaskSpec(
+        task_id=task_id,
+        operation=operation,
+        params=encode_params(params or {}, serializer),
+        serializer=pb.Serializer.ValueType(serializer),
+        metadata=metadata,
+    )
+    if operands is None:
+        spec.kind = pb.TASK_KIND_APPLY
+        spec.input = encode(input, serializer)
+    else:
+        spec.kind = pb.TASK_KIND_COMBINE
+        spec.operands.extend(encode(value, serializer) for value in operands)
+    return spec
+
+
+def status_dict(message: pb.GetStatusResponse) -> dict[str, Any]:
+    """GetStatusResponse as plain JSON-able data, proto field names, zeros included."""
+    return json_format.MessageToDict(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        # uint64 counters as numbers, not the strings ProtoJSON prescribes.
+        unquote_int64_if_possible=True,
+    )

@@ -1,0 +1,157 @@
+"""The ``squire`` command.
+
+    squire demo [--workers 2] [--executor process]
+        start an embedded orchestrator and workers, run fib_at over 1..10
+        folded with sum, show live progress; prints 143
+    squire status [--target HOST:PORT] [--json] [--watch [--interval 1]]
+        what the orchestrator is doing (target: $SQUIRE_TARGET, else
+        127.0.0.1:50051)
+
+Exit codes: 0 success (Ctrl-C ends ``--watch`` successfully), 1 a Squire
+error (message on stderr), 130 Ctrl-C otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from squire._client import Client
+from squire._embedded import embedded
+from squire._errors import RpcError, SquireError, Unavailable
+from squire._status_view import render_status
+from squire._stream import IndexedStream
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.command(args)
+    except KeyboardInterrupt:
+        return 130
+    except TimeoutError as exc:
+        print(f"squire: {exc}", file=sys.stderr)
+        return 1
+    except RpcError as exc:
+        print(f"squire: {exc.code}: {exc}", file=sys.stderr)
+        return 1
+    except SquireError as exc:
+        print(f"squire: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="squire", description="Route distributed tasks and their results."
+    )
+    commands = parser.add_subparsers(required=True, metavar="command")
+
+    demo = commands.add_parser(
+        "demo", help="run fib_at over 1..10, folded with sum, on an embedded cluster"
+    )
+    demo.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    demo.add_argument(
+        "--executor",
+        default="process",
+        choices=("process", "thread"),
+        help="how workers run operations (default process)",
+    )
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.add_argument("--verbose", action="store_true", help="show the services' logs as they run")
+    demo.set_defaults(command=_demo)
+
+    status = commands.add_parser("status", help="show workers, queues, channels, directives")
+    status.add_argument(
+        "--target",
+        default=os.environ.get("SQUIRE_TARGET", DEFAULT_TARGET),
+        help=f"orchestrator host:port (default $SQUIRE_TARGET or {DEFAULT_TARGET})",
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between refreshes (default 1)"
+    )
+    status.set_defaults(command=_status)
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    stream = IndexedStream.from_iterable(range(1, 11)).map("fib_at").fold("sum")
+    err = Console(stderr=True)
+    err.print(f"starting an orchestrator and {args.workers} workers ({args.executor} executor)")
+    with tempfile.TemporaryDirectory(prefix="squire-demo-") as tmp:
+        # The services' logs would garble the live progress bar: keep them in
+        # a file, shown only if something goes wrong (or with --verbose).
+        log = None if args.verbose else Path(tmp) / "services.log"
+        try:
+            with embedded(workers=args.workers, executor=args.executor, log=log) as cluster:
+                err.print(f"orchestrator at {cluster.target}; {stream.describe()} over 1..10")
+                value = stream.run(cluster.client, progress=not args.no_progress)
+        except (SquireError, TimeoutError):
+            if log is not None and log.exists():
+                err.print("[bold]service logs:[/]", log.read_text(errors="replace")[-8000:])
+            raise
+    print(value, flush=True)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        raise SquireError("--interval must be positive")
+    with Client(args.target) as client:
+        if not args.watch:
+            try:
+                status = client.status()
+            except Unavailable as exc:
+                raise SquireError(f"no orchestrator answers at {args.target}: {exc}") from exc
+            if args.json:
+                print(json.dumps(status, indent=2))
+            else:
+                Console().print(render_status(status, target=args.target))
+            return 0
+        try:
+            if args.json:
+                _watch_json(client, args.interval)
+            else:
+                _watch_tables(client, args.target, args.interval)
+        except KeyboardInterrupt:  # the way to stop watching
+            return 0
+    return 0
+
+
+def _watch_json(client: Client, interval: float) -> None:
+    # One JSON document per line and refresh (JSON Lines).
+    while True:
+        print(json.dumps(client.status()), flush=True)
+        _pause(interval)
+
+
+def _watch_tables(client: Client, target: str, interval: float) -> None:
+    with Live(Text("connecting..."), refresh_per_second=4) as live:
+        while True:
+            try:
+                live.update(render_status(client.status(), target=target))
+            except SquireError as exc:  # keep watching while the orchestrator is away
+                live.update(Text(f"{target}: {exc}", style="red"))
+            _pause(interval)
+
+
+def _pause(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The live progress bar: driven by directive events, safe without a terminal."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+from squire import Client, IndexedStream
+from squire._model import DirectiveEvent, DirectiveStarted, FoldValue, ItemBatch, Plan, Progress
+from squire._progress import ProgressBar
+
+EVENTS: list[DirectiveEvent] = [
+    DirectiveStarted("5e1f00d2c9a84c55"),
+    Progress(received=10, completed=3, queued=5, running=2),
+    ItemBatch(((0, 1), (1, 1), (2, 2), (3, 3))),
+    Progress(received=10, completed=8, skipped=2, retries=1, total=10, queued=0, running=2),
+    Progress(received=10, completed=10, skipped=2, retries=1, total=10, tasks_done=19),
+]
+
+
+def _plan(total: int | None) -> Plan:
+    return IndexedStream.from_iterable(range(total or 0), total=total).map("fib_at").plan()
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+def test_the_bar_renders_done_total_and_details(terminal: bool) -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=terminal, width=160)
+    assert console.is_terminal is terminal
+    with ProgressBar(_plan(10), console=console) as bar:
+        for event in EVENTS:
+            bar.update(event)
+    text = out.getvalue()
+    assert "map(fib_at)" in text
+    assert "5e1f00d2" in text
+    assert "10/10" in text
+    assert "skipped 2" in text and "retries 1" in text
+
+
+def test_an_unknown_total_and_a_fold() -> None:
+    out = io.StringIO()
+    with ProgressBar(_plan(None), console=Console(file=out, width=160)) as bar:
+        bar.update(Progress(received=4, completed=4))
+        bar.update(FoldValue(143))
+    assert "4/4" in out.getvalue()
+
+
+def test_run_with_progress_when_stderr_is_not_a_terminal(
+    client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stream = IndexedStream.from_iterable(range(1, 11)).map("fib_at").fold("sum")
+    assert stream.run(client, progress=True) == 143
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the bar goes to stderr only
+    assert "map(fib_at) -> fold(sum)" in captured.err
+    assert "10/10" in captured.err
