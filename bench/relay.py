@@ -35,7 +35,7 @@ class Relay(pb_grpc.WorkerServiceServicer, pb_grpc.DirectiveServiceServicer):
         self.routes: dict[str, asyncio.Queue[pb.DirectiveEvent | None]] = {}
         self._ids = itertools.count()
 
-    async def Connect(self, request_iterator, context):  # type: ignore[no-untyped-def] # noqa: N802
+    async def Connect(self, request_iterator, context):  # type: ignore[no-untyped-def]
         outbox: asyncio.Queue[pb.OrchestratorMessage] = asyncio.Queue()
         self.workers.append(outbox)
 
@@ -55,7 +55,7 @@ class Relay(pb_grpc.WorkerServiceServicer, pb_grpc.DirectiveServiceServicer):
         finally:
             reader.cancel()
 
-    async def RunDirective(self, request_iterator, context):  # type: ignore[no-untyped-def] # noqa: N802
+    async def RunDirective(self, request_iterator, context):  # type: ignore[no-untyped-def]
         key = f"d{next(self._ids)}"
         route: asyncio.Queue[pb.DirectiveEvent | None] = asyncio.Queue()
         self.routes[key] = route
@@ -101,8 +101,8 @@ async def relay(port_file: Path) -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     tmp = port_file.with_name(port_file.name + ".tmp")
-    tmp.write_text(str(port))  # noqa: ASYNC240 - once, before serving traffic
-    tmp.replace(port_file)  # noqa: ASYNC240
+    tmp.write_text(str(port))
+    tmp.replace(port_file)
     await server.wait_for_termination()
 
 

@@ -60,6 +60,7 @@ class _Processes:
         concurrency: int,
         executor: str,
         log: LogTarget,
+        prefetch: int | None = None,
     ) -> None:
         if workers < 0 or concurrency < 1:
             raise ValueError("need workers >= 0 and concurrency >= 1")
@@ -69,6 +70,7 @@ class _Processes:
         self._ops = ",".join(ops)
         self._concurrency = concurrency
         self._executor = executor
+        self._prefetch = () if prefetch is None else ("--prefetch", str(prefetch))
         self._log_file: IO[Any] | None = None
         self._stdout, self._stderr = self._log_targets(log)
         self._tmp = tempfile.TemporaryDirectory(prefix="squire-embedded-")
@@ -126,6 +128,7 @@ class _Processes:
                     *("--executor", self._executor),
                     *("--worker-id", f"embedded-{i}"),
                     *("--metrics-port", "0"),
+                    *self._prefetch,
                 )
             )
 
@@ -196,6 +199,7 @@ def embedded(
     ops: Sequence[str] = ("squire_examples.ops",),
     concurrency: int = 1,
     executor: str = "process",
+    prefetch: int | None = None,
     timeout: float = 30.0,
     grace: float = 10.0,
     log: LogTarget = None,
@@ -203,12 +207,15 @@ def embedded(
     """Start an orchestrator and ``workers`` workers offering ``ops``; yield an :class:`Embedded`.
 
     Returns once every worker is connected (or raises TimeoutError after
-    ``timeout`` seconds). ``log`` receives the children's stdout and stderr:
-    a path (appended to), a file or a descriptor; by default both go to this
+    ``timeout`` seconds). ``prefetch`` is each worker's ``--prefetch`` (tasks
+    buffered beyond ``concurrency``; raise it for trivial operations). ``log``
+    receives the children's stdout and stderr: a path (appended to), a file or
+    a descriptor; by default both go to this
     process's stderr. On exit the children are stopped as the module says.
     """
     procs = _Processes(
-        workers=workers, ops=ops, concurrency=concurrency, executor=executor, log=log
+        workers=workers, ops=ops, concurrency=concurrency, executor=executor, log=log,
+        prefetch=prefetch,
     )
     try:
         deadline = time.monotonic() + timeout
@@ -246,13 +253,15 @@ async def async_embedded(
     ops: Sequence[str] = ("squire_examples.ops",),
     concurrency: int = 1,
     executor: str = "process",
+    prefetch: int | None = None,
     timeout: float = 30.0,  # noqa: ASYNC109 - a start-up budget, same as embedded()
     grace: float = 10.0,
     log: LogTarget = None,
 ) -> AsyncIterator[Embedded[AsyncClient]]:
     """:func:`embedded` for asyncio: yields an :class:`Embedded` with an :class:`AsyncClient`."""
     procs = _Processes(
-        workers=workers, ops=ops, concurrency=concurrency, executor=executor, log=log
+        workers=workers, ops=ops, concurrency=concurrency, executor=executor, log=log,
+        prefetch=prefetch,
     )
     try:
         deadline = time.monotonic() + timeout
