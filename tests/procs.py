@@ -84,7 +84,7 @@ class Cluster:
             f"worker-{worker_id}",
             [entry_point("squire-worker"), "--orchestrator", self.target, "--ops", ops,
              "--concurrency", str(concurrency), "--executor", executor,
-             "--worker-id", worker_id, *extra],
+             "--worker-id", worker_id, "--metrics-port", "0", *extra],
         )
         self.workers[worker_id] = proc
         if wait:
