@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from squire import _loop as event_loop
 from squire._logging import configure_logging
 
 from orchestrator_service._metrics import DEFAULT_METRICS_PORT
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     try:
-        asyncio.run(serve(args))
+        event_loop.run(serve(args), os.environ.get("SQUIRE_EVENT_LOOP", "auto"))
     except OSError as exc:
         logging.getLogger("squire.orchestrator").error("cannot start: %s", exc)
         sys.exit(2)

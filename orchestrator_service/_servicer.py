@@ -285,7 +285,7 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
             await abort(context, exc)
         signal = Signal()
         directive.notify = signal
-        log.info(
+        log.debug(
             "directive started",
             extra={"routing_key": directive.id, "plan": directive.plan.describe()},
         )
@@ -371,7 +371,7 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
             if directive.fold_value is not None:
                 fold = pb.FoldValue(value=directive.fold_value)
                 await context.write(pb.DirectiveEvent(fold=fold))
-            log.info("directive done", extra={"routing_key": directive.id})
+            log.debug("directive done", extra={"routing_key": directive.id})
             return
         if directive.failure is not None:
             code, message = directive.failure

@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
+from squire import _loop as event_loop
 from squire._logging import configure_logging as shared_configure_logging
 
 from worker_service._config import (
@@ -152,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     configure_logging(config.log_level, config.log_format)
     try:
-        asyncio.run(run_worker(config))
+        event_loop.run(run_worker(config), os.environ.get("SQUIRE_EVENT_LOOP", "auto"))
     except OpsLoadError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG

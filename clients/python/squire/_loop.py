@@ -1,0 +1,33 @@
+"""Choose the event loop the services run on.
+
+``auto`` (the default) uses uvloop when it is installed (``pip install
+squire[fast]``) and asyncio's own loop otherwise; ``asyncio`` and ``uvloop``
+force one. The benchmark records which loop ran (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def resolve(choice: str) -> str:
+    if choice not in EVENT_LOOPS:
+        raise ValueError(f"unknown event loop {choice!r}: use one of {', '.join(EVENT_LOOPS)}")
+    if choice == "auto":
+        return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    return choice
+
+
+def run(main: Coroutine[Any, Any, T], choice: str = "auto") -> T:
+    if resolve(choice) == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)  # type: ignore[no-any-return]
+    return asyncio.run(main)
