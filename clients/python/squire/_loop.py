@@ -29,5 +29,5 @@ def run(main: Coroutine[Any, Any, T], choice: str = "auto") -> T:
     if resolve(choice) == "uvloop":
         import uvloop
 
-        return uvloop.run(main)  # type: ignore[no-any-return]
+        return uvloop.run(main)
     return asyncio.run(main)
