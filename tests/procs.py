@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
-
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
@@ -43,6 +42,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def rss_kib(pid: int) -> int:
+    """A process's resident set size in KiB (VmRSS in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid} (a zombie?)")
+
+
 def entry_point(name: str) -> str:
     path = BIN / name
     assert path.exists(), f"{name} is not installed next to {sys.executable}; pip install -e ."
@@ -53,7 +60,10 @@ class Cluster:
     """An orchestrator process plus worker processes, cleaned up on close()."""
 
     def __init__(self, *, orchestrator_args: tuple[str, ...] = (), log_dir: Path | None = None,
-                 metrics_port: int = 0) -> None:
+                 metrics_port: int = 0, env: dict[str, str] | None = None) -> None:
+        # Extra environment for every process of the cluster (e.g. PYTHONPATH
+        # for an ops module that lives in the tests).
+        self.env = dict(env or {})
         self._tmp = tempfile.TemporaryDirectory(prefix="squire-test-")
         self.dir = Path(self._tmp.name)
         self.log_dir = log_dir or self.dir
@@ -73,9 +83,9 @@ class Cluster:
         self._status = pb_grpc.StatusServiceStub(self._channel)
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        with open(self.log_dir / f"{name}.log", "ab") as log:  # the child keeps its own fd
+            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def start_worker(self, worker_id: str, *, ops: str = "squire_examples.ops",
                      concurrency: int = 1, executor: str = "process",
@@ -103,6 +113,10 @@ class Cluster:
                                          + self.log(f"worker-{proc_id}"))
             return ids <= {w.worker_id for w in self.status().workers}
         wait_until(connected, timeout, message=f"workers {sorted(ids)} to connect")
+
+    def rss_kib(self, proc: subprocess.Popen[bytes] | None = None) -> int:
+        """VmRSS of ``proc`` (default: the orchestrator) in KiB, from /proc."""
+        return rss_kib((proc or self.orchestrator).pid)
 
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"

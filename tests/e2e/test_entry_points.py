@@ -1,0 +1,72 @@
+"""Tier 3: the real entry points as processes on 127.0.0.1 — the demo job
+submitted to ``squire-orchestrator`` with two ``squire-worker`` s, the way the
+README runs them by hand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import procs
+import pytest
+import squire
+from squire import IndexedStream
+
+
+@pytest.fixture(scope="module")
+def cluster():  # type: ignore[no-untyped-def]
+    with procs.cluster() as c:
+        c.start_worker("w1", wait=False)
+        c.start_worker("w2", wait=False)
+        c.wait_for_workers({"w1", "w2"})
+        yield c
+
+
+def test_demo_job_against_entry_points(cluster) -> None:  # type: ignore[no-untyped-def]
+    with squire.Client(cluster.target) as client:
+        assert IndexedStream.from_iterable(range(1, 11)).map("fib_at").fold("sum").run(client) == 143
+        lengths = IndexedStream.from_iterable(["hel", "lo", " world", "!"]).map("length")
+        assert lengths.run(client) == [3, 2, 6, 1]
+        chain = IndexedStream.from_iterable(range(1, 6)).map("multiply_by", factor=2)
+        assert chain.fold("multiply").run(client) == 3840
+
+
+def test_both_workers_took_tasks(cluster) -> None:  # type: ignore[no-untyped-def]
+    with squire.Client(cluster.target) as client:
+        IndexedStream.from_iterable(range(200)).map("fib_at").run(client)
+        workers = {w["worker_id"]: w for w in client.status()["workers"]}
+    assert set(workers) == {"w1", "w2"}
+    assert all(int(w["completed"]) > 0 for w in workers.values())
+
+
+def test_squire_status_json_matches_the_status_rpc(cluster) -> None:  # type: ignore[no-untyped-def]
+    with squire.Client(cluster.target) as client:
+        IndexedStream.from_iterable(range(1, 11)).map("fib_at").fold("sum").run(client)
+        rpc = client.status()
+    out = subprocess.run(
+        [procs.entry_point("squire"), "status", "--target", cluster.target, "--json"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    printed = json.loads(out.stdout)
+    # connected_seconds moves between the two calls; everything else must agree
+    for w in printed["workers"] + rpc["workers"]:
+        w.pop("connected_seconds", None)
+    assert printed == rpc
+
+
+def test_squire_status_table(cluster) -> None:  # type: ignore[no-untyped-def]
+    out = subprocess.run(
+        [procs.entry_point("squire"), "status", "--target", cluster.target],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    assert "w1" in out.stdout and "w2" in out.stdout and "fib_at" in out.stdout
+
+
+def test_squire_demo_prints_143() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "squire.cli", "demo", "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "143"
