@@ -322,6 +322,16 @@ class Router:
             raise RouterError(
                 Code.FAILED_PRECONDITION, f"channel {channel_id!r} is closed for publishing"
             )
+        # A hard cap next to the publish backpressure: results nobody takes
+        # would otherwise pile up without bound.
+        pending = len(channel.pending_ids) + len(channel.results)
+        if pending + len(tasks) > self.config.max_pending_per_channel:
+            raise RouterError(
+                Code.RESOURCE_EXHAUSTED,
+                f"max_pending_per_channel limit reached: channel {channel_id!r} holds {pending} "
+                f"tasks without a taken result and {len(tasks)} more would pass "
+                f"{self.config.max_pending_per_channel}; take results before publishing more",
+            )
         seen: set[int] = set()
         for task in tasks:
             if not task.operation:

@@ -164,6 +164,8 @@ class RouterConfig:
     poison_threshold: int = 3  # a task that crashed its worker this often fails
     max_timeouts: int = 3  # a task that timed out this often fails
     max_queued_per_channel: int = 10_000  # publishing waits past this
+    # queued + in flight + results not yet taken; publishing past this fails
+    max_pending_per_channel: int = 100_000
     directive_window: int = 8_192  # elements a directive keeps in its pipeline
     fairness_quantum: int = 16  # tasks one channel gets before the next is served
     max_fold_operands: int = 64
