@@ -20,6 +20,12 @@ from squire._logging import configure_logging
 
 from orchestrator_service._metrics import DEFAULT_METRICS_PORT
 from orchestrator_service._model import RouterConfig
+from orchestrator_service._security import (
+    SecurityConfigError,
+    add_arguments,
+    limits_from_args,
+    security_from_args,
+)
 from orchestrator_service._server import Orchestrator, OrchestratorConfig
 
 DEFAULT_PORT = 50051
@@ -61,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=int(_env("directive_window", str(d.directive_window))),
                    help="elements a directive keeps in flight (default %(default)s)")
     p.add_argument("--max-workers", type=int,
-                   default=int(_env("max_workers", str(d.max_workers))))
+                   default=int(_env("max_workers", str(d.max_workers))),
+                   help="workers connected at once (default %(default)s)")
     p.add_argument("--metrics-port", type=int,
                    default=int(_env("metrics_port", str(DEFAULT_METRICS_PORT))),
                    help="serve Prometheus /metrics on this port, 0 to disable "
@@ -70,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="address of the /metrics endpoint (default 0.0.0.0)")
     p.add_argument("--log-level", default=_env("log_level", "INFO"))
     p.add_argument("--log-format", choices=("text", "json"), default=_env("log_format", "text"))
+    add_arguments(p, _env)
     return p.parse_args(argv)
 
 
@@ -86,6 +94,10 @@ async def serve(args: argparse.Namespace) -> None:
         grace=args.grace,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        max_message_bytes=args.max_message_bytes,
+        security=security_from_args(args),
+        limits=limits_from_args(args),
+        health_port=args.health_port,
         router=RouterConfig(
             lease_timeout=args.lease_timeout,
             heartbeat_interval=args.heartbeat_interval,
@@ -94,6 +106,7 @@ async def serve(args: argparse.Namespace) -> None:
             max_queued_per_channel=args.max_queued_per_channel,
             directive_window=args.directive_window,
             max_workers=args.max_workers,
+            max_pending_per_channel=args.max_pending_per_channel,
         ),
     )
     orchestrator = Orchestrator(config)
@@ -119,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_level, args.log_format)
     try:
         event_loop.run(serve(args), os.environ.get("SQUIRE_EVENT_LOOP", "auto"))
-    except OSError as exc:
+    except (OSError, SecurityConfigError) as exc:
         logging.getLogger("squire.orchestrator").error("cannot start: %s", exc)
         sys.exit(2)
 

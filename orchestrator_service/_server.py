@@ -21,8 +21,15 @@ from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from orchestrator_service._core import Router
+from orchestrator_service._interceptor import SecurityInterceptor
 from orchestrator_service._metrics import OrchestratorMetrics
 from orchestrator_service._model import RouterConfig
+from orchestrator_service._security import (
+    Limits,
+    SecurityConfig,
+    check_listen,
+    server_credentials,
+)
 from orchestrator_service._servicer import (
     ChannelServicer,
     DirectiveServicer,
@@ -55,6 +62,10 @@ class OrchestratorConfig:
     metrics_port: int = 0  # 0: no /metrics endpoint
     metrics_host: str = "0.0.0.0"
     router: RouterConfig = field(default_factory=RouterConfig)
+    # TLS, tokens and per-client limits: see _security and docs/SECURITY.md.
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    limits: Limits = field(default_factory=Limits)
+    health_port: int = 0  # plaintext grpc.health.v1 alone, for probes; 0 = off
 
 
 class Orchestrator:
@@ -66,6 +77,7 @@ class Orchestrator:
         self.state = State.STARTING
         self.port = 0
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._ticker: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -78,7 +90,10 @@ class Orchestrator:
         if self.state is not State.STARTING:
             raise RuntimeError(f"cannot start an orchestrator that is {self.state.value}")
         limit = self.config.max_message_bytes
+        security = self.config.security
+        check_listen(self.config.host, security)
         server = grpc.aio.server(
+            interceptors=[SecurityInterceptor(security, self.config.limits, self.router)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -101,11 +116,16 @@ class Orchestrator:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         address = f"{self.config.host}:{self.config.port}"
-        self.port = server.add_insecure_port(address)
+        if security.tls:
+            self.port = server.add_secure_port(address, server_credentials(security))
+        else:
+            self.port = server.add_insecure_port(address)
         if not self.port:
             raise OSError(f"cannot listen on {address}")
         await server.start()
         self._server = server
+        if self.config.health_port:
+            await self._serve_health()
         self._ticker = asyncio.create_task(self._tick())
         await self._set_serving(True)
         self.state = State.RUNNING
@@ -137,6 +157,8 @@ class Orchestrator:
                 await self._ticker
         if self._server is not None:
             await self._server.stop(max(0.1, min(1.0, deadline - time.monotonic())))
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self.metrics is not None:
             self.metrics.close()
         self.state = State.CLOSED
@@ -156,6 +178,16 @@ class Orchestrator:
         await self.shutdown(grace=0 if exc is not None else None)
 
     # ------------------------------------------------------------- private
+
+    async def _serve_health(self) -> None:
+        """Health alone on a plaintext port: Kubernetes gRPC probes cannot speak TLS."""
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        address = f"{self.config.host}:{self.config.health_port}"
+        if not server.add_insecure_port(address):
+            raise OSError(f"cannot listen on {address} (--health-port)")
+        await server.start()
+        self._health_server = server
 
     async def _set_serving(self, serving: bool) -> None:
         status = (

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from squire import _loop as event_loop
 from squire._logging import configure_logging as shared_configure_logging
 
+from worker_service import _credentials
 from worker_service._config import (
     ExecutorKind,
     LogFormat,
@@ -114,6 +115,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--log-format", type=LogFormat, choices=list(LogFormat),
         default=env("LOG_FORMAT", LogFormat.TEXT.value), help="(default %(default)s)",
     )
+    _credentials.add_arguments(parser, env)
     return parser
 
 
@@ -128,7 +130,7 @@ def parse_config(
     ops = tuple(name.strip() for item in given for name in item.split(",") if name.strip())
     if not ops:
         parser.error("name the ops module(s) with --ops or SQUIRE_OPS")
-    return WorkerConfig(
+    config = WorkerConfig(
         ops=ops,
         orchestrator=args.orchestrator,
         concurrency=args.concurrency,
@@ -141,7 +143,13 @@ def parse_config(
         log_format=args.log_format,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        **_credentials.config_fields(args, environ),
     )
+    try:
+        _credentials.check(config)
+    except _credentials.CredentialsError as exc:
+        parser.error(str(exc))
+    return config
 
 
 def configure_logging(level: str, log_format: LogFormat) -> None:

@@ -53,6 +53,15 @@ class WorkerConfig:
     # /metrics, /healthz and /readyz; 0 = no HTTP endpoint (the CLI defaults to 9465).
     metrics_port: int = 0
     metrics_host: str = "0.0.0.0"
+    # TLS to the orchestrator (see _credentials): PEM file paths. A client
+    # certificate is for an orchestrator run with --require-worker-client-cert.
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # The worker token: read from token_file on every connect, or given here.
+    token_file: str | None = None
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.ops, str):
@@ -70,6 +79,14 @@ class WorkerConfig:
                 raise ValueError(f"{name} must not be negative")
         if self.reconnect_max < self.reconnect_min:
             raise ValueError("reconnect_max must be at least reconnect_min")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give the worker token or a token file, not both")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.tls_ca is not None or self.tls_cert is not None
 
     @property
     def effective_prefetch(self) -> int:

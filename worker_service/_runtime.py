@@ -25,7 +25,7 @@ from squire._ops import Registry
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
-from worker_service import _wire
+from worker_service import _credentials, _wire
 from worker_service._abort import AbortMemory
 from worker_service._config import ExecutorKind, WorkerConfig
 from worker_service._errors import HelloRejected, LifecycleError, OpsLoadError
@@ -288,8 +288,10 @@ class WorkerRuntime:
         """One stream: hello, welcome, session. True if the session was welcomed."""
         assert self._executor is not None
         config = self.config
-        async with grpc.aio.insecure_channel(config.orchestrator, options=_CHANNEL_OPTIONS) as ch:
-            call = pb_grpc.WorkerServiceStub(ch).Connect()
+        async with _credentials.open_channel(config, _CHANNEL_OPTIONS) as ch:
+            call = pb_grpc.WorkerServiceStub(ch).Connect(
+                metadata=_credentials.call_metadata(config)
+            )
             try:
                 welcome = await self._handshake(call)
                 session = Session(
