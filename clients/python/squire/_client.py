@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 import grpc.aio
 
+from squire._credentials import Credentials, PemSource
 from squire._errors import (
     AccessDenied,
     AlreadyExists,
@@ -105,6 +106,11 @@ class Client:
     Pass ``channel`` instead of ``target`` to use a channel you own (for
     example ``grpc_testing.channel(...)`` in tests); :meth:`close` leaves an
     injected channel open. Safe to share between threads.
+
+    Security (see docs/SECURITY.md): ``tls_ca`` (the CA of the orchestrator's
+    certificate; ``tls=True`` alone trusts the system roots), ``tls_cert`` and
+    ``tls_key`` (a client certificate, when the orchestrator requires one),
+    each PEM bytes or a file path; ``token``, a client token sent with every call.
     """
 
     def __init__(
@@ -113,13 +119,24 @@ class Client:
         *,
         channel: grpc.Channel | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        tls: bool | None = None,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = _client_target(target, channel)
+        credentials = Credentials.resolve(
+            tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token
+        )
+        if channel is not None and not credentials.plain:
+            raise ValueError("an injected channel carries its own credentials; "
+                             "pass tls_* and token only with a target")
         self._owns_channel = channel is None
         self._channel = (
             channel
             if channel is not None
-            else grpc.insecure_channel(self.target, options=channel_options(options))
+            else credentials.channel(self.target, channel_options(options))
         )
         self._directives = pb_grpc.DirectiveServiceStub(self._channel)
         self._channels = pb_grpc.ChannelServiceStub(self._channel)
@@ -199,12 +216,26 @@ class AsyncClient:
     calls (RunDirective, Publish) run on the blocking gRPC stack in threads,
     over a second connection, because ``grpc.aio`` can report a wrong status
     for them (see ``squire._bridge``); their results are awaited on the loop.
+    Security parameters as for :class:`Client`.
     """
 
-    def __init__(self, target: str, *, options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        options: Sequence[tuple[str, Any]] = (),
+        tls: bool | None = None,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        token: str | None = None,
+    ) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options(options))
-        self._blocking_channel = grpc.insecure_channel(target, options=channel_options(options))
+        credentials = Credentials.resolve(
+            tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token
+        )
+        self._channel = credentials.aio_channel(target, channel_options(options))
+        self._blocking_channel = credentials.channel(target, channel_options(options))
         # The stubs' overloads pick the async flavour only when grpc is typed.
         self._channels = cast(
             "pb_grpc.ChannelServiceAsyncStub", pb_grpc.ChannelServiceStub(self._channel)

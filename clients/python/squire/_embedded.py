@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
 
 from squire._client import AsyncClient, Client
+from squire._credentials import without_security_env
 from squire._errors import RpcError, SquireError
 
 ClientT = TypeVar("ClientT", Client, AsyncClient)
@@ -93,7 +94,7 @@ class _Processes:
             stdin=subprocess.DEVNULL,
             stdout=self._stdout,
             stderr=self._stderr,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**without_security_env(os.environ), "PYTHONUNBUFFERED": "1"},
             process_group=0,
         )
 

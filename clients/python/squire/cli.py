@@ -84,6 +84,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--interval", type=float, default=1.0, help="seconds between refreshes (default 1)"
     )
+    env = os.environ.get
+    status.add_argument("--tls-ca", default=env("SQUIRE_TLS_CA"),
+                        help="PEM CA of the orchestrator's certificate; enables TLS "
+                        "(default $SQUIRE_TLS_CA)")
+    status.add_argument("--tls-cert", default=env("SQUIRE_TLS_CERT"),
+                        help="PEM client certificate (default $SQUIRE_TLS_CERT)")
+    status.add_argument("--tls-key", default=env("SQUIRE_TLS_KEY"),
+                        help="PEM key of --tls-cert (default $SQUIRE_TLS_KEY)")
+    status.add_argument("--token-file", default=env("SQUIRE_TOKEN_FILE"),
+                        help="file holding a client token (default $SQUIRE_TOKEN_FILE, "
+                        "else the token in $SQUIRE_CLIENT_TOKEN)")
     status.set_defaults(command=_status)
     return parser
 
@@ -111,7 +122,17 @@ def _demo(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         raise SquireError("--interval must be positive")
-    with Client(args.target) as client:
+    try:
+        token = (
+            Path(args.token_file).read_text().strip()
+            if args.token_file
+            else os.environ.get("SQUIRE_CLIENT_TOKEN") or None
+        )
+        client = Client(args.target, tls_ca=args.tls_ca or None, tls_cert=args.tls_cert or None,
+                        tls_key=args.tls_key or None, token=token)
+    except (OSError, ValueError) as exc:  # an unreadable or malformed file
+        raise SquireError(f"cannot set up the connection: {exc}") from exc
+    with client:
         if not args.watch:
             try:
                 status = client.status()
