@@ -130,24 +130,24 @@ def parse_config(
     ops = tuple(name.strip() for item in given for name in item.split(",") if name.strip())
     if not ops:
         parser.error("name the ops module(s) with --ops or SQUIRE_OPS")
-    config = WorkerConfig(
-        ops=ops,
-        orchestrator=args.orchestrator,
-        concurrency=args.concurrency,
-        executor=args.executor,
-        prefetch=args.prefetch,
-        worker_id=args.worker_id or default_worker_id(),
-        drain_grace=args.drain_grace,
-        abort_memory=args.abort_memory,
-        log_level=args.log_level,
-        log_format=args.log_format,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        **_credentials.config_fields(args, environ),
-    )
     try:
+        config = WorkerConfig(
+            ops=ops,
+            orchestrator=args.orchestrator,
+            concurrency=args.concurrency,
+            executor=args.executor,
+            prefetch=args.prefetch,
+            worker_id=args.worker_id or default_worker_id(),
+            drain_grace=args.drain_grace,
+            abort_memory=args.abort_memory,
+            log_level=args.log_level,
+            log_format=args.log_format,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            **_credentials.config_fields(args, environ),
+        )
         _credentials.check(config)
-    except _credentials.CredentialsError as exc:
+    except ValueError as exc:  # inconsistent or unreadable security settings
         parser.error(str(exc))
     return config
 
