@@ -56,6 +56,8 @@ class Relay(pb_grpc.WorkerServiceServicer, pb_grpc.DirectiveServiceServicer):
             reader.cancel()
 
     async def RunDirective(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        if len(self.workers) < 2:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "waiting for 2 echo workers")
         key = f"d{next(self._ids)}"
         route: asyncio.Queue[pb.DirectiveEvent | None] = asyncio.Queue()
         self.routes[key] = route

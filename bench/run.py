@@ -1,0 +1,315 @@
+"""Squire's benchmark suite: ``python bench/run.py`` (``--smoke`` for CI).
+
+Starts its own orchestrator and workers on 127.0.0.1 (the embedded mode:
+real processes, the same code paths as a deployment), runs W1-W6, prints a
+table of medians and spreads over repeats, and writes JSON to
+``bench/results/latest.json``. Timing figures are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(BENCH), os.environ.get("PYTHONPATH", "")) if p
+)
+
+import grpc  # noqa: E402
+import squire  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from squire import IndexedStream, _loop  # noqa: E402
+from squire.api.v1 import squire_pb2 as pb  # noqa: E402
+from squire.api.v1 import squire_pb2_grpc as pb_grpc  # noqa: E402
+
+PREFETCH = 256  # trivial operations: keep each worker's window full
+
+
+@dataclass
+class Sizes:
+    w1: int = 20_000
+    w2: int = 10_000
+    w3: int = 1_000
+    w4: int = 20_000
+    w5: int = 1_000_000
+    w6_directives: int = 10
+    w6_tasks: int = 2_000
+    repeats: int = 3
+
+
+SMOKE = Sizes(w1=2_000, w2=1_000, w3=50, w4=2_000, w5=20_000, w6_directives=4, w6_tasks=200,
+              repeats=1)
+
+
+@dataclass
+class Result:
+    name: str
+    what: str
+    unit: str
+    samples: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def spread(self) -> str:
+        if len(self.samples) < 2:
+            return "-"
+        return f"{min(self.samples):,.3g} .. {max(self.samples):,.3g}"
+
+
+def vm(pid: int, key: str) -> int:
+    """VmRSS / VmHWM of a process in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def cluster(**kwargs: Any) -> Any:
+    return squire.embedded(2, ops=("bench_ops",), executor="inline", concurrency=1,
+                           prefetch=PREFETCH, log=os.devnull, **kwargs)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - t, value
+
+
+def w1(client: squire.Client, n: int, repeats: int) -> Result:
+    r = Result("W1", f"no-op map, {n:,} tasks, 2 workers, gathered by the client", "tasks/s")
+    for _ in range(repeats):
+        dt, out = timed(lambda: IndexedStream.from_iterable(range(n)).map("noop").run(client))
+        assert out == list(range(n))
+        r.samples.append(n / dt)
+    return r
+
+
+def w2(client: squire.Client, n: int, repeats: int) -> Result:
+    r = Result("W2", f"inc over {n:,} inputs, then a sum fold", "s")
+    for _ in range(repeats):
+        dt, out = timed(
+            lambda: IndexedStream.from_iterable(range(n)).map("inc").fold("add").run(client)
+        )
+        assert out == n * (n + 1) // 2
+        r.samples.append(dt)
+    return r
+
+
+def w3(client: squire.Client, n: int) -> Result:
+    r = Result("W3", f"{n:,} sequential one-element directives", "ms")
+    lat = []
+    for i in range(n):
+        dt, out = timed(lambda i=i: IndexedStream.from_iterable([i]).map("noop").run(client))
+        assert out == [i]
+        lat.append(dt * 1e3)
+    lat.sort()
+    r.samples = [lat[len(lat) // 2]]
+    r.extra = {"p50_ms": lat[len(lat) // 2], "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
+    return r
+
+
+def w4(n: int, repeats: int, batch: int) -> Result:
+    """The bare relay: same topology and message shapes, none of the logic."""
+    r = Result("W4", f"bare gRPC relay ceiling, {n:,} items, 2 echo workers", "items/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file = Path(tmp) / "port"
+        relay = subprocess.Popen([sys.executable, str(BENCH / "relay.py"), "relay",
+                                  "--port-file", str(port_file)])
+        echoes: list[subprocess.Popen[bytes]] = []
+        try:
+            deadline = time.monotonic() + 20
+            while not port_file.exists():
+                if time.monotonic() > deadline or relay.poll() is not None:
+                    raise RuntimeError("the relay did not start")
+                time.sleep(0.02)
+            target = f"127.0.0.1:{port_file.read_text()}"
+            echoes = [subprocess.Popen([sys.executable, str(BENCH / "relay.py"), "echo",
+                                        "--target", target]) for _ in range(2)]
+            with grpc.insecure_channel(target) as channel:
+                stub = pb_grpc.DirectiveServiceStub(channel)
+
+                def requests() -> Any:
+                    yield pb.DirectiveRequest(plan=pb.Plan())
+                    for lo in range(0, n, batch):
+                        items = [b"%d" % i for i in range(lo, min(n, lo + batch))]
+                        yield pb.DirectiveRequest(inputs=pb.InputBatch(items=items))
+
+                deadline = time.monotonic() + 20
+                for _ in range(repeats + 1):  # the first run also waits for the echoes
+                    while True:
+                        try:
+                            dt, got = timed(lambda: sum(
+                                len(e.items.items) for e in stub.RunDirective(requests())))
+                        except grpc.RpcError:
+                            got = -1
+                        if got == n:
+                            break
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the echo workers did not connect")
+                        time.sleep(0.1)
+                    r.samples.append(n / dt)
+                r.samples = r.samples[1:]
+        finally:
+            for p in (*echoes, relay):
+                p.kill()
+                p.wait()
+    return r
+
+
+def w5(n: int) -> Result:
+    r = Result("W5", f"{n:,}-element map streamed from the client", "tasks/s")
+    with cluster() as e:
+        pid = e.orchestrator_pid
+        before = vm(pid, "VmRSS")
+        peak = [before]
+        stop = threading.Event()
+
+        def sample() -> None:  # VmHWM is the kernel's own peak; sampling adds a timeline
+            while not stop.wait(0.2):
+                peak.append(vm(pid, "VmRSS"))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        count = 0
+
+        def consume() -> None:
+            nonlocal count
+            for _index, _value in IndexedStream.from_iterable(range(n), total=n).map("noop").iter(
+                e.client
+            ):
+                count += 1
+
+        dt, _ = timed(consume)
+        stop.set()
+        sampler.join()
+        assert count == n
+        r.samples.append(n / dt)
+        r.extra = {
+            "rss_before_mb": before / 1024,
+            "peak_rss_mb": vm(pid, "VmHWM") / 1024,
+            "seconds": dt,
+        }
+    return r
+
+
+def _w6_round(client: squire.Client, directives: int, tasks: int) -> list[float]:
+    """Start ``directives`` map directives at once; their completion times."""
+    done = [0.0] * directives
+    barrier = threading.Barrier(directives + 1)
+    t0 = [0.0]
+
+    def one(k: int) -> None:
+        barrier.wait()
+        out = IndexedStream.from_iterable(range(tasks)).map("noop").run(client)
+        assert out == list(range(tasks))
+        done[k] = time.perf_counter() - t0[0]
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(directives)]
+    for t in threads:
+        t.start()
+    t0[0] = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    return done
+
+
+def w6(client: squire.Client, directives: int, tasks: int, repeats: int) -> Result:
+    r = Result("W6", f"{directives} concurrent directives x {tasks:,} tasks", "tasks/s")
+    ratios = []
+    for _ in range(repeats):
+        done = _w6_round(client, directives, tasks)
+        r.samples.append(directives * tasks / max(done))
+        ratios.append(max(done) / statistics.median(done))
+    r.extra = {"slowest_vs_median": max(ratios), "ratios": ratios}
+    return r
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "event_loop": _loop.resolve(os.environ.get("SQUIRE_EVENT_LOOP", "auto")),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for CI")
+    p.add_argument("--only", default="", help="comma-separated subset, e.g. W1,W4")
+    p.add_argument("--out", type=Path, default=BENCH / "results" / "latest.json")
+    args = p.parse_args()
+    sizes = SMOKE if args.smoke else Sizes()
+    only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
+
+    def want(workload: str) -> bool:
+        return not only or workload in only
+
+    console = Console()
+    results: list[Result] = []
+    with cluster() as e:
+        client = e.client
+        IndexedStream.from_iterable(range(100)).map("noop").run(client)  # warm up
+        if want("W1"):
+            results.append(w1(client, sizes.w1, sizes.repeats))
+        if want("W2"):
+            results.append(w2(client, sizes.w2, sizes.repeats))
+        if want("W3"):
+            results.append(w3(client, sizes.w3))
+        if want("W6"):
+            results.append(w6(client, sizes.w6_directives, sizes.w6_tasks, sizes.repeats))
+    if want("W4"):
+        results.append(w4(sizes.w4, sizes.repeats, batch=256))
+    if want("W5"):
+        results.append(w5(sizes.w5))
+
+    by = {r.name: r for r in results}
+    if "W1" in by and "W4" in by:
+        by["W1"].extra["fraction_of_relay_ceiling"] = by["W1"].median / by["W4"].median
+    table = Table(title=f"Squire benchmark ({'smoke' if args.smoke else 'full'})")
+    for col in ("", "workload", "median", "unit", "spread (min .. max)", "more"):
+        table.add_column(col)
+    for r in sorted(results, key=lambda r: r.name):
+        more = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in r.extra.items() if k != "ratios")
+        table.add_row(r.name, r.what, f"{r.median:,.3g}", r.unit, r.spread, more)
+    console.print(table)
+    info = machine()
+    console.print(f"machine: {info}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": info, "smoke": args.smoke,
+                                    "results": [asdict(r) | {"median": r.median}
+                                                for r in results]}, indent=2))
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
