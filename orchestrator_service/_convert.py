@@ -44,20 +44,27 @@ def hello_from_pb(msg: pb.WorkerHello, peer: str) -> WorkerHello:
 
 
 def task_to_pb(task: TaskRecord) -> pb.Task:
-    return pb.Task(
+    # On the hot path: set only what the common task carries; empty bytes,
+    # zero and empty lists are the proto defaults anyway.
+    msg = pb.Task(
         routing_key=task.routing_key,
         task_id=task.task_id,
         operation=task.operation,
-        kind=pb.TaskKind.ValueType(task.kind),
-        params=task.params,
         input=task.input,
-        operands=task.operands,
         serializer=pb.Serializer.ValueType(task.serializer),
-        metadata=task.metadata,
         attempt=task.attempt,
         lease_id=task.lease_id,
-        timeout_seconds=task.timeout_seconds,
     )
+    if task.kind:
+        msg.kind = pb.TaskKind.ValueType(task.kind)
+        msg.operands.extend(task.operands)
+    if task.params:
+        msg.params = task.params
+    if task.metadata:
+        msg.metadata = task.metadata
+    if task.timeout_seconds:
+        msg.timeout_seconds = task.timeout_seconds
+    return msg
 
 
 def ipc_to_pb(ipc: IpcMessage) -> pb.OrchestratorMessage:

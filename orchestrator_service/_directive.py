@@ -44,7 +44,7 @@ class DirectiveState(enum.Enum):
     CANCELLED = "cancelled"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per element on the hot path
 class ItemOutcome:
     """One element's result as the client sees it."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -158,12 +159,18 @@ class OrchestratorMetrics:
             registry=self.registry,
         )
         self._router = router
+        self._latency_children: dict[tuple[int, str], Any] = {}
         router.on_task_done = self._task_done
         self._server: object | None = None
 
     def _task_done(self, task: TaskRecord) -> None:
-        label = f"{task.operation} (combine)" if task.kind == COMBINE else task.operation
-        self.task_latency.labels(label).observe(self._router.clock() - task.published_at)
+        # labels() hashes and locks on every call; a per-queue cache keeps this
+        # per-task hook to one histogram observe.
+        child = self._latency_children.get(task.queue_key)
+        if child is None:
+            label = f"{task.operation} (combine)" if task.kind == COMBINE else task.operation
+            child = self._latency_children[task.queue_key] = self.task_latency.labels(label)
+        child.observe(self._router.clock() - task.published_at)
 
     def directive_ended(self, outcome: str, seconds: float) -> None:
         self.directive_duration.labels(outcome).observe(seconds)
