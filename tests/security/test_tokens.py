@@ -25,6 +25,8 @@ from orchestrator_service._security import (
     load_tokens,
     security_from_args,
 )
+from worker_service._errors import HelloRejected
+from worker_service._runtime import WorkerRuntime
 
 from .conftest import (
     ALL_TOKENS,
@@ -34,6 +36,8 @@ from .conftest import (
     bearer,
     orchestrator,
     target,
+    wait_for,
+    worker_config,
     write_lines,
 )
 
@@ -257,3 +261,19 @@ def test_processes_with_token_files(tmp_path: Path) -> None:
     assert "token authentication on" in logs and "worker connected" in logs
     for token in ALL_TOKENS:
         assert token not in logs
+
+
+@pytest.mark.parametrize(("token", "code"), [
+    (None, "UNAUTHENTICATED"),
+    ("not-a-token-" + "x" * 20, "UNAUTHENTICATED"),
+    (CLIENT_TOKEN, "PERMISSION_DENIED"),
+])
+async def test_a_refused_worker_stops_instead_of_retrying(token: str | None, code: str) -> None:
+    async with orchestrator(security=secured()) as orch:
+        worker = WorkerRuntime(worker_config(orch, token=token))
+        with pytest.raises(HelloRejected) as info:
+            await asyncio.wait_for(worker.run(), 15)
+        assert info.value.code == code
+        assert not any(t in str(info.value) for t in ALL_TOKENS)
+        async with WorkerRuntime(worker_config(orch, worker_id="ok", token=WORKER_TOKEN)) as ok:
+            await wait_for(lambda: ok.ready, message="a worker with a worker token")
