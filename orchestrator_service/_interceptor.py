@@ -3,22 +3,28 @@ tokens and roles, then per-client and overall limits, before a call reaches
 the servicers.
 
     WorkerService                    worker token    (the worker stream)
-    ChannelService, DirectiveService,
-    StatusService                    client token
     grpc.health.v1, reflection       open (probes, tooling)
+    every other service              client token    (channels, directives,
+                                                      status, and any service
+                                                      added later: fail closed)
 
 No or an unknown token: UNAUTHENTICATED; a valid token of the other role:
 PERMISSION_DENIED; a limit: RESOURCE_EXHAUSTED naming the limit. Tokens are
 compared as SHA-256 digests with ``hmac.compare_digest`` against every
 configured token (no early exit), and never logged or echoed.
+
+Directive slots: RunDirective holds one for the whole call. A servicer that
+runs several directives in one call (a session) takes one per directive with
+:func:`acquire_directive_slot`, which finds the limits and the caller's
+identity in a context variable this interceptor sets for DirectiveService.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hmac
 import inspect
-import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -27,22 +33,81 @@ import grpc
 from squire.api.v1 import squire_pb2 as pb
 
 from orchestrator_service._core import Router
+from orchestrator_service._model import Code, RouterError
 from orchestrator_service._security import Limits, Role, SecurityConfig, TokenEntry, digest
 
-log = logging.getLogger("squire.orchestrator")
-
 _PACKAGE = pb.DESCRIPTOR.package
-ROLE_OF_SERVICE = {
-    f"{_PACKAGE}.WorkerService": Role.WORKER,
-    f"{_PACKAGE}.ChannelService": Role.CLIENT,
-    f"{_PACKAGE}.DirectiveService": Role.CLIENT,
-    f"{_PACKAGE}.StatusService": Role.CLIENT,
-}
-RUN_DIRECTIVE = f"/{_PACKAGE}.DirectiveService/RunDirective"
+WORKER_SERVICE = f"{_PACKAGE}.WorkerService"
+DIRECTIVE_SERVICE = f"{_PACKAGE}.DirectiveService"
+OPEN_SERVICES = frozenset({
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+})
+RUN_DIRECTIVE = f"/{DIRECTIVE_SERVICE}/RunDirective"
 LEASE_CHANNEL = f"/{_PACKAGE}.ChannelService/LeaseChannel"
 _BEARER = "bearer "
 
 Guard = Callable[[grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[None]]
+
+
+class DirectiveSlot:
+    """One running directive counted against the limits; release() is idempotent."""
+
+    def __init__(self, slots: DirectiveSlots | None, client: str) -> None:
+        self._slots = slots
+        self._client = client
+
+    def release(self) -> None:
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            slots.running[self._client] -= 1
+            if not slots.running[self._client]:
+                del slots.running[self._client]
+
+
+class DirectiveSlots:
+    """Directives running per client, against max_directives(_per_client)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.running: Counter[str] = Counter()
+
+    def acquire(self, client: str) -> DirectiveSlot:
+        limits = self.limits
+        total = sum(self.running.values())
+        if total >= limits.max_directives:
+            raise RouterError(
+                Code.RESOURCE_EXHAUSTED,
+                f"max_directives limit reached: {total} directives are running on the "
+                f"orchestrator (--max-directives {limits.max_directives}); retry later",
+            )
+        mine = self.running[client]
+        if mine >= limits.max_directives_per_client:
+            raise RouterError(
+                Code.RESOURCE_EXHAUSTED,
+                f"max_directives_per_client limit reached: this client runs {mine} "
+                f"directives (--max-directives-per-client {limits.max_directives_per_client}); "
+                "wait for one to finish",
+            )
+        self.running[client] += 1
+        return DirectiveSlot(self, client)
+
+
+_DIRECTIVE_GATE: contextvars.ContextVar[tuple[DirectiveSlots, str] | None] = (
+    contextvars.ContextVar("squire_directive_gate", default=None)
+)
+
+
+def acquire_directive_slot() -> DirectiveSlot:
+    """A slot for one more directive of the calling client; raises RouterError
+    (RESOURCE_EXHAUSTED) past a limit. Call it inside a DirectiveService
+    handler (or a task it created); without the interceptor it limits nothing."""
+    gate = _DIRECTIVE_GATE.get()
+    if gate is None:
+        return DirectiveSlot(None, "")
+    slots, client = gate
+    return slots.acquire(client)
 
 
 class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
@@ -51,7 +116,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
         self._tokens: tuple[TokenEntry, ...] = config.token_entries()
         self._limits = limits
         self._router = router
-        self._directives: Counter[str] = Counter()  # client -> running directives
+        self.directive_slots = DirectiveSlots(limits)
         self._channels: dict[str, set[str]] = {}  # client -> leased channel ids
 
     async def intercept_service(
@@ -61,9 +126,10 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        role = ROLE_OF_SERVICE.get(method[1:].rsplit("/", 1)[0])
-        if handler is None or role is None:
-            return handler  # health, reflection, or UNIMPLEMENTED
+        service = method[1:].rsplit("/", 1)[0]
+        if handler is None or service in OPEN_SERVICES:
+            return handler  # UNIMPLEMENTED, or open
+        role = Role.WORKER if service == WORKER_SERVICE else Role.CLIENT
         client: str | None = None  # None: identify by peer address
         if self._auth:
             entry, problem = self._authenticate(handler_call_details.invocation_metadata)
@@ -76,8 +142,10 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
                              f"a {entry.role.value} token may not call {method}, "
                              f"which needs a {role.value} token")
             client = entry.label
-        if method == RUN_DIRECTIVE:
-            return _guarded(handler, lambda ctx: self._directive_slot(client or _peer(ctx), ctx))
+        if service == DIRECTIVE_SERVICE:
+            hold = method == RUN_DIRECTIVE
+            return _guarded(handler, lambda ctx: self._directive_gate(client or _peer(ctx),
+                                                                      ctx, hold))
         if method == LEASE_CHANNEL:
             return self._lease_guarded(handler, client)
         return handler
@@ -103,31 +171,25 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
     # ----------------------------------------------------------- limits
 
     @contextlib.asynccontextmanager
-    async def _directive_slot(
-        self, client: str, context: grpc.aio.ServicerContext
+    async def _directive_gate(
+        self, client: str, context: grpc.aio.ServicerContext, hold: bool
     ) -> AsyncIterator[None]:
-        limits = self._limits
-        running = sum(self._directives.values())
-        if running >= limits.max_directives:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"max_directives limit reached: {running} directives are running on the "
-                f"orchestrator (--max-directives {limits.max_directives}); retry later",
-            )
-        if self._directives[client] >= limits.max_directives_per_client:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"max_directives_per_client limit reached: this client runs "
-                f"{self._directives[client]} directives (--max-directives-per-client "
-                f"{limits.max_directives_per_client}); wait for one to finish",
-            )
-        self._directives[client] += 1
+        """Publish the gate to the handler; RunDirective (``hold``) takes a slot."""
+        slot: DirectiveSlot | None = None
+        if hold:
+            try:
+                slot = self.directive_slots.acquire(client)
+            except RouterError as exc:
+                await context.abort(grpc.StatusCode[exc.code.value], exc.message)
+        token = _DIRECTIVE_GATE.set((self.directive_slots, client))
         try:
             yield
         finally:
-            self._directives[client] -= 1
-            if not self._directives[client]:
-                del self._directives[client]
+            # An async-generator handler closed from another context cannot reset.
+            with contextlib.suppress(ValueError):
+                _DIRECTIVE_GATE.reset(token)
+            if slot is not None:
+                slot.release()
 
     def _lease_guarded(
         self, handler: grpc.RpcMethodHandler, token_client: str | None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
@@ -13,7 +13,9 @@ from squire._serde import encode
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
-from orchestrator_service._model import RouterConfig
+from orchestrator_service._core import Router
+from orchestrator_service._interceptor import SecurityInterceptor, acquire_directive_slot
+from orchestrator_service._model import RouterConfig, RouterError
 from orchestrator_service._security import Limits, SecurityConfig
 from orchestrator_service._server import Orchestrator
 from worker_service._runtime import WorkerRuntime
@@ -224,3 +226,42 @@ async def test_max_workers() -> None:
             await wait_for(lambda: not orch.router.workers, message="w1 to disconnect")
             async with worker_stream(channel, "w2") as second:
                 assert (await second.read()).HasField("welcome")
+
+
+class SessionLikeDirectives(pb_grpc.DirectiveServiceServicer):
+    """Stands in for a servicer that runs several directives in one call:
+    it takes a slot per directive with acquire_directive_slot()."""
+
+    async def RunDirective(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        extra = acquire_directive_slot()  # the interceptor holds one for this call
+        try:
+            acquire_directive_slot()
+        except RouterError as exc:
+            await context.write(pb.DirectiveEvent(
+                started=pb.DirectiveStarted(directive_id=f"{exc.code.value}: {exc.message}")))
+        finally:
+            extra.release()
+            extra.release()  # idempotent
+
+
+async def test_servicers_take_directive_slots_through_the_gate() -> None:
+    assert acquire_directive_slot() is not None  # outside a handler: limits nothing
+    interceptor = SecurityInterceptor(SecurityConfig(), Limits(max_directives_per_client=2),
+                                      Router())
+    server = grpc.aio.server(interceptors=[interceptor])
+    pb_grpc.add_DirectiveServiceServicer_to_server(SessionLikeDirectives(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            async def requests() -> AsyncIterator[pb.DirectiveRequest]:
+                yield pb.DirectiveRequest(plan=PLAN)
+
+            events = [e async for e in pb_grpc.DirectiveServiceStub(channel).RunDirective(
+                requests(), timeout=10)]
+        [event] = events
+        assert event.started.directive_id.startswith(
+            "RESOURCE_EXHAUSTED: max_directives_per_client limit reached")
+        assert not interceptor.directive_slots.running  # every slot given back
+    finally:
+        await server.stop(0)

@@ -19,7 +19,10 @@ from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from orchestrator_service.__main__ import parse_args
+from orchestrator_service._core import Router
+from orchestrator_service._interceptor import SecurityInterceptor
 from orchestrator_service._security import (
+    Limits,
     SecurityConfig,
     SecurityConfigError,
     load_tokens,
@@ -277,3 +280,30 @@ async def test_a_refused_worker_stops_instead_of_retrying(token: str | None, cod
         assert not any(t in str(info.value) for t in ALL_TOKENS)
         async with WorkerRuntime(worker_config(orch, worker_id="ok", token=WORKER_TOKEN)) as ok:
             await wait_for(lambda: ok.ready, message="a worker with a worker token")
+
+
+async def test_a_service_added_later_needs_a_client_token() -> None:
+    """Fail closed: only health and reflection are open; any other service
+    than the worker stream is a client API."""
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return request
+
+    interceptor = SecurityInterceptor(secured(), Limits(), Router())
+    server = grpc.aio.server(interceptors=[interceptor])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "squire.api.v1.FutureService", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/squire.api.v1.FutureService/Echo")
+            for token, code in ((None, Code.UNAUTHENTICATED), (WORKER_TOKEN, Code.PERMISSION_DENIED),
+                                (CLIENT_TOKEN, Code.OK)):
+                try:
+                    assert await call(b"hi", metadata=bearer(token), timeout=5) == b"hi"
+                    got = Code.OK
+                except grpc.aio.AioRpcError as exc:
+                    got = exc.code()
+                assert got is code, token
+    finally:
+        await server.stop(0)
