@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from orchestrator_service._directive import Directive, DirectiveState
+from orchestrator_service._directive import MAX_TAKE_BYTES, Directive, DirectiveState
 from orchestrator_service._model import (
     APPLY,
     COMBINE,
@@ -363,9 +363,14 @@ class Router:
         channel.wake()
 
     def take_results(self, channel: Channel, limit: int) -> list[ChannelResult]:
+        """Up to ``limit`` results and ``MAX_TAKE_BYTES`` of outputs (one larger goes alone)."""
         out: list[ChannelResult] = []
         results = channel.results
+        size = 0
         while results and len(out) < limit:
+            size += len(results[0].output)
+            if size > MAX_TAKE_BYTES and out:
+                break
             out.append(results.popleft())
         return out
 

@@ -33,6 +33,11 @@ from orchestrator_service._model import (
 if TYPE_CHECKING:
     from orchestrator_service._core import Channel, Router
 
+# Results leave in takes of at most this many payload bytes (one larger
+# result goes alone), so no message built from one take nears the 64 MiB
+# gRPC limit however big the outputs are.
+MAX_TAKE_BYTES = 4 * 1024 * 1024
+
 FOLD_STAGE = -1  # TaskRecord.stage of a fold combine over [index, end)
 EMPTY_STAGE = -2  # TaskRecord.stage of the empty() task of an empty fold
 
@@ -125,7 +130,15 @@ class Directive:
         )
 
     def take_items(self) -> list[ItemOutcome]:
-        items, self.items = self.items, []
+        """Emitted items in order, at most ``MAX_TAKE_BYTES`` of them per take."""
+        items = self.items
+        size = 0
+        for n, item in enumerate(items):
+            size += len(item.value) + len(item.error)
+            if size > MAX_TAKE_BYTES and n:
+                self.items = items[n:]
+                return items[:n]
+        self.items = []
         return items
 
     # ---------------------------------------------------------------- input

@@ -1,0 +1,68 @@
+"""Results leave the core in takes bounded in bytes.
+
+Regression: 100 results of 1 MiB each, all ready before the client read,
+went out as one 100 MiB ItemBatch (or ResultBatch) and the orchestrator's
+write failed with RESOURCE_EXHAUSTED ("Sent message larger than max").
+"""
+
+from __future__ import annotations
+
+from orchestrator_service._core import Router
+from orchestrator_service._directive import MAX_TAKE_BYTES, DirectiveState
+from orchestrator_service._model import ErrorInfo, PlanSpec, StageSpec, TaskRecord
+
+from .sim import Sim, hello
+
+MIB = 1024 * 1024
+
+
+def big_output(task: TaskRecord) -> tuple[bytes, ErrorInfo | None]:
+    return b'"' + b"x" * (MIB - 2) + b'"', None
+
+
+def test_directive_items_are_taken_in_bounded_slices() -> None:
+    router = Router()
+    sim = Sim(router, execute_fn=big_output)
+    sim.connect(hello("w", capacity=8, prefetch=8))
+    directive = router.start_directive(PlanSpec(stages=(StageSpec("length"),)))
+    router.directive_inputs(directive, [b"1"] * 100)
+    router.directive_input_end(directive)
+    sim.run()
+    assert directive.state is DirectiveState.DONE
+
+    indices: list[int] = []
+    while directive.items:
+        take = directive.take_items()
+        assert take, "a take of pending items came back empty"
+        assert sum(len(i.value) for i in take) <= MAX_TAKE_BYTES
+        indices.extend(i.index for i in take)
+    assert sorted(indices) == list(range(100))
+    assert directive.take_items() == []
+
+
+def test_one_item_larger_than_the_bound_still_leaves() -> None:
+    router = Router()
+    sim = Sim(router, execute_fn=lambda t: (b'"' + b"y" * (MAX_TAKE_BYTES + 10) + b'"', None))
+    sim.connect(hello("w"))
+    directive = router.start_directive(PlanSpec(stages=(StageSpec("length"),)))
+    router.directive_inputs(directive, [b"1", b"2"])
+    router.directive_input_end(directive)
+    sim.run()
+    assert [len(directive.take_items()) for _ in range(3)] == [1, 1, 0]
+
+
+def test_channel_results_are_taken_in_bounded_slices() -> None:
+    router = Router()
+    sim = Sim(router, execute_fn=big_output)
+    sim.connect(hello("w", capacity=8, prefetch=8))
+    channel = router.lease_channel()
+    router.publish(channel.id, [TaskRecord("", i, "length", input=b"1") for i in range(100)])
+    router.close_channel(channel.id)
+    sim.run()
+    ids: list[int] = []
+    while channel.results:
+        take = router.take_results(channel, 1024)
+        assert take and sum(len(r.output) for r in take) <= MAX_TAKE_BYTES
+        ids.extend(r.task.task_id for r in take)
+    assert sorted(ids) == list(range(100))
+    assert channel.drained
