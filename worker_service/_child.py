@@ -8,7 +8,11 @@ Decoding and encoding happen here, which keeps the parent a router of bytes.
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
+import os
 import signal
+import threading
 from collections.abc import MutableSequence, Sequence
 
 from squire._ops import Registry
@@ -29,8 +33,30 @@ def init_child(modules: Sequence[str], flags: MutableSequence[int]) -> None:
     # ignore both and are killed explicitly at the drain deadline.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _exit_with_parent()
     _registry = Registry.from_modules(modules)
     _flags = flags
+
+
+def _exit_with_parent() -> None:
+    """End this child as soon as the worker process is gone, however it died.
+
+    A child waits for work on the pool's call queue, whose writer end it holds
+    itself, so it never sees end-of-file there: a worker killed with SIGKILL
+    (the OOM killer, a lost node) would leave its children waiting forever.
+    The sentinel multiprocessing gives a spawned child becomes readable when
+    the parent exits, so a daemon thread waits on it.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    sentinel = parent.sentinel
+
+    def watch() -> None:
+        multiprocessing.connection.wait([sentinel])
+        os._exit(1)  # the parent is gone: nobody wants this child's results
+
+    threading.Thread(target=watch, name="squire-parent-watch", daemon=True).start()
 
 
 def offered() -> tuple[list[str], list[str]]:

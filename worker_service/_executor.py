@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -83,6 +84,10 @@ class _PoolExecutor:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Set by the current stream session: called when a slot frees up.
         self.on_slot_freed: Callable[[], None] | None = None
+        # Broken pools -> how many tasks they were running when they broke.
+        self._break_sizes: weakref.WeakKeyDictionary[concurrent.futures.Executor, int] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def free_slots(self) -> int:
@@ -96,13 +101,23 @@ class _PoolExecutor:
         self._all_free.clear()
         return slot
 
-    def _track(self, cf: concurrent.futures.Future[Outcome], slot: int) -> asyncio.Future[Outcome]:
+    def crash_shared(self, pool: concurrent.futures.Executor) -> bool:
+        """True if ``pool`` broke while running more than one task: any of
+        them may have killed it, so none can be blamed yet."""
+        return self._break_sizes.get(pool, 1) > 1
+
+    def _track(
+        self,
+        cf: concurrent.futures.Future[Outcome],
+        slot: int,
+        pool: concurrent.futures.Executor,
+    ) -> asyncio.Future[Outcome]:
         loop = self._loop
         assert loop is not None, "start() the executor first"
 
         def done(_: concurrent.futures.Future[Outcome]) -> None:
             try:
-                loop.call_soon_threadsafe(self._release, slot)
+                loop.call_soon_threadsafe(self._release, slot, cf, pool)
             except RuntimeError:  # the loop is closed: the worker is gone
                 pass
 
@@ -113,7 +128,16 @@ class _PoolExecutor:
         future.add_done_callback(_consume)
         return future
 
-    def _release(self, slot: int) -> None:
+    def _release(
+        self,
+        slot: int,
+        cf: concurrent.futures.Future[Outcome],
+        pool: concurrent.futures.Executor,
+    ) -> None:
+        if pool not in self._break_sizes and _broke(cf):
+            # A broken pool fails all its futures at once, so at its first
+            # report every task it was running still holds a slot.
+            self._break_sizes[pool] = self.concurrency - len(self._free)
         self._free.append(slot)
         if len(self._free) == self.concurrency:
             self._all_free.set()
@@ -127,6 +151,10 @@ class _PoolExecutor:
         except TimeoutError:
             return False
         return True
+
+
+def _broke(cf: concurrent.futures.Future[Outcome]) -> bool:
+    return not cf.cancelled() and isinstance(cf.exception(), concurrent.futures.BrokenExecutor)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -157,7 +185,7 @@ class ThreadExecutor(_PoolExecutor):
             task.operands, task.serializer,
             flag if op is not None and op.accepts_abort else NEVER_ABORTED, retry,
         )
-        return Submitted(cf, self._track(cf, slot), flag.set, self._pool)
+        return Submitted(cf, self._track(cf, slot, self._pool), flag.set, self._pool)
 
     async def close(self, grace: float) -> None:
         for flag in self._flags.values():
@@ -225,7 +253,8 @@ class ProcessExecutor(_PoolExecutor):
             # reported already, so start afresh.
             self.replace_broken(self._pool)
             cf = self._pool.submit(_child.run_in_child, *args)
-        return Submitted(cf, self._track(cf, slot), lambda: self._set_flag(slot), self._pool)
+        pool = self._pool
+        return Submitted(cf, self._track(cf, slot, pool), lambda: self._set_flag(slot), pool)
 
     def _set_flag(self, slot: int) -> None:
         self._flags[slot] = 1

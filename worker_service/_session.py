@@ -51,12 +51,15 @@ class SessionEnd(enum.Enum):
 class _Job:
     """A task held by the session, with what the worker learned running it."""
 
-    __slots__ = ("elapsed", "retries", "task")
+    __slots__ = ("elapsed", "retries", "suspect", "task")
 
     def __init__(self, task: TaskSpec) -> None:
         self.task = task
         self.retries = 0
         self.elapsed = 0.0
+        # It ran in a process pool that broke under several tasks at once:
+        # it runs again alone before anyone is blamed (see _await_pooled).
+        self.suspect = False
 
 
 def _aborted(key: str) -> Failure:
@@ -88,6 +91,7 @@ class Session:
 
         self._queue: deque[_Job] = deque()
         self._running: dict[_Job, Submitted] = {}
+        self._isolated: _Job | None = None  # a suspect running alone
         self._waiting: dict[_Job, asyncio.Task[None]] = {}
         self._outbox: list[TaskResult] = []
 
@@ -266,8 +270,14 @@ class Session:
             while queue:
                 self._run_inline(executor, queue.popleft())
             return
-        while queue and executor.free_slots:
-            job = queue.popleft()
+        while queue and executor.free_slots and self._isolated is None:
+            job = queue[0]
+            if job.suspect:
+                # Alone in the pool: if it crashes now, the crash is its own.
+                if executor.free_slots < executor.concurrency:
+                    return
+                self._isolated = job
+            queue.popleft()
             sub = executor.submit(job.task, job.retries + 1)
             self._running[job] = sub
             self._spawn(self._await_pooled(job, sub))
@@ -301,11 +311,27 @@ class Session:
                     job.elapsed += time.perf_counter() - start
                     if self._running.pop(job, None) is not None:
                         self._report(job, _timed_out(task))
-                        self._running_changed()
+                        self._left_pool(job)
                     return
             outcome = await sub.future
         except concurrent.futures.BrokenExecutor as exc:
             # Every task of a broken pool lands here, not just the culprit.
+            # Blaming them all would let a poison task take innocent tasks,
+            # even of other directives, down with it: when several ran, each
+            # runs again alone and only a crash there is reported.
+            executor = self._executor
+            if isinstance(executor, ProcessExecutor):
+                executor.replace_broken(sub.pool)
+            if not job.suspect and not isinstance(executor, InlineExecutor) \
+                    and executor.crash_shared(sub.pool):
+                log.warning(
+                    "task %s/%d (%s) shared a process pool that broke; running it again alone",
+                    task.routing_key, task.task_id, task.operation,
+                )
+                if self._running.pop(job, None) is not None:
+                    self._rerun_alone(job)
+                    self._left_pool(job)
+                return
             log.error(
                 "task %s/%d (%s) lost: an executor process died",
                 task.routing_key, task.task_id, task.operation,
@@ -314,8 +340,6 @@ class Session:
                 ErrorKind.CRASHED, type(exc).__name__,
                 "the executor process died while running the task",
             )
-            if isinstance(self._executor, ProcessExecutor):
-                self._executor.replace_broken(sub.pool)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -330,6 +354,24 @@ class Session:
                 self._pump()
         else:
             self._report(job, outcome)
+        self._left_pool(job)
+
+    def _rerun_alone(self, job: _Job) -> None:
+        job.suspect = True
+        key = job.task.routing_key
+        if self._draining:
+            self._report(job, _RETURNED)
+        elif self._aborted.is_aborted(key):
+            self._report(job, _aborted(key))
+        else:
+            self._queue.appendleft(job)
+            self._pump()
+
+    def _left_pool(self, job: _Job) -> None:
+        """``job`` no longer runs: end its isolation, start what waited."""
+        if self._isolated is job:
+            self._isolated = None
+            self._pump()
         self._running_changed()
 
     def _retry_now(self, job: _Job, transient: Transient) -> bool:
@@ -453,6 +495,7 @@ class Session:
                 sub.abort()
                 self._report(job, _RETURNED)
             self._running.clear()
+            self._isolated = None
         self._closing = True
         self._wake_writer.set()
         await self._writer_done.wait()

@@ -1,0 +1,99 @@
+"""Process-pool faults: a child that kills itself, a worker killed outright."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from squire._serde import decode
+from squire.api.v1 import squire_pb2 as pb
+
+from worker_service import ExecutorKind, WorkerRuntime
+
+from .fakes import FakeOrchestrator, config, task, wait_for
+
+TESTS = Path(__file__).resolve().parent.parent
+
+
+async def test_innocent_tasks_of_a_broken_pool_are_not_reported_crashed(
+    orchestrator: FakeOrchestrator, tmp_path: Path
+) -> None:
+    # Regression: every task running when a child died was reported CRASHED,
+    # so a task that merely shared the pool with a poison task (even one of
+    # another directive) was charged and could itself be declared poison.
+    cfg = config(orchestrator, executor=ExecutorKind.PROCESS, concurrency=3, prefetch=0)
+    async with WorkerRuntime(cfg):
+        session = await orchestrator.session()
+        first, second = tmp_path / "first", tmp_path / "second"
+        session.send_tasks(
+            task("slow", {"marker": str(first), "max": 1.5}, key="a", task_id=1),
+            task("slow", {"marker": str(second), "max": 1.5}, key="b", task_id=1),
+        )
+        await wait_for(lambda: first.exists() and second.exists(), 10, "both slow tasks running")
+        session.send_tasks(task("crash", None, key="poison", task_id=1))
+        await session.wait_results(3, timeout=20)
+        assert decode(session.result(1, "a").ok.output) == "finished"
+        assert decode(session.result(1, "b").ok.output) == "finished"
+        err = session.result(1, "poison").err
+        assert err.kind == pb.ERROR_KIND_CRASHED
+        assert len(session.results) == 3  # each task reported exactly once
+
+
+async def test_a_crash_alone_in_the_pool_is_reported_at_once(
+    orchestrator: FakeOrchestrator,
+) -> None:
+    cfg = config(orchestrator, executor=ExecutorKind.PROCESS, concurrency=2, prefetch=0)
+    async with WorkerRuntime(cfg):
+        session = await orchestrator.session()
+        session.send_tasks(task("crash", None, task_id=1))
+        [result] = await session.wait_results(1, timeout=10)
+        assert result.err.kind == pb.ERROR_KIND_CRASHED
+
+
+_PARENT = textwrap.dedent("""
+    import asyncio, json, multiprocessing
+    from worker_service._executor import ProcessExecutor
+
+    async def main():
+        executor = ProcessExecutor(["worker.ops_for_tests"], 2)
+        await executor.start()
+        print(json.dumps([p.pid for p in multiprocessing.active_children()]), flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+""")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # a zombie waiting for init to reap it is gone too
+
+
+def test_pool_children_exit_when_the_worker_is_killed() -> None:
+    # Regression: after SIGKILL of the worker process its pool children
+    # waited on their call queue forever (orphans, one set per killed worker).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    with subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE,
+                          env=env) as parent:
+        try:
+            assert parent.stdout is not None
+            children = json.loads(parent.stdout.readline())
+            assert len(children) == 2 and not any(_gone(pid) for pid in children)
+            parent.send_signal(signal.SIGKILL)
+            parent.wait()
+            deadline = time.monotonic() + 10
+            while not all(_gone(pid) for pid in children):
+                assert time.monotonic() < deadline, f"pool children outlived the worker: {children}"
+                time.sleep(0.02)
+        finally:
+            if parent.poll() is None:
+                parent.kill()
