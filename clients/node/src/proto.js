@@ -1,0 +1,47 @@
+// @ts-check
+/**
+ * The contract, loaded at run time from the repository's proto/ folder (the
+ * single source of truth; this package keeps no copy that could drift).
+ */
+
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+
+import grpc from '@grpc/grpc-js';
+import protoLoader from '@grpc/proto-loader';
+
+/** proto/ at the repository root, resolved from this file (clients/node/src/). */
+export const PROTO_ROOT = fileURLToPath(new URL('../../../proto/', import.meta.url));
+export const PROTO_FILE = 'squire/api/v1/squire.proto';
+
+// camelCase fields, uint64 as Number (indices and ids stay far below 2^53),
+// enums as their names, every field present with its default, and the name of
+// the set oneof member on each message (e.g. event.kind === 'items').
+const LOAD_OPTIONS = {
+  keepCase: false,
+  longs: Number,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+  includeDirs: [PROTO_ROOT],
+};
+
+/** @type {any} */
+let api;
+
+/**
+ * The squire.api.v1 package: service client constructors by name.
+ * @returns {any}
+ */
+export function loadApi() {
+  if (api === undefined) {
+    const file = path.join(PROTO_ROOT, PROTO_FILE);
+    if (!existsSync(file)) {
+      throw new Error(`the Squire contract is not at ${file}: this package loads it from the repository's proto/ folder`);
+    }
+    const definition = protoLoader.loadSync(PROTO_FILE, LOAD_OPTIONS);
+    api = /** @type {any} */ (grpc.loadPackageDefinition(definition)).squire.api.v1;
+  }
+  return api;
+}

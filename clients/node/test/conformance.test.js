@@ -1,0 +1,102 @@
+// The conformance suite, run with the Node client: every case of
+// tests/conformance/cases.json against a live orchestrator and Python workers
+// started as the file's "harness" says. The Python SDK runs the same file
+// (tests/conformance/test_conformance.py); both must agree.
+//
+// A case goes through the fluent API (stream(...).map(...).fold(...).run)
+// when it can express it; a plan the builder refuses (a fold before the last
+// stage) is sent as data with client.run(), which leaves judging it to the
+// orchestrator, and raw input bytes use client.run(..., {raw: true}).
+
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { after, before, describe, test } from 'node:test';
+
+import { SquireError, stream } from '@squire/client';
+
+import { CASES_FILE, startCluster } from './harness.js';
+
+const suite = JSON.parse(readFileSync(CASES_FILE, 'utf8'));
+
+/**
+ * @param {any} testCase
+ * @returns {import('@squire/client').IndexedStream}
+ */
+function build(testCase) {
+  let built = stream(testCase.inputs);
+  for (const stage of testCase.plan) {
+    built = 'map' in stage ? built.map(stage.map, stage.params) : built.fold(stage.fold, stage.params);
+  }
+  return built;
+}
+
+/**
+ * @param {import('@squire/client').Client} client
+ * @param {any} testCase
+ * @returns {Promise<{ value?: unknown, code?: string, message?: string }>}
+ */
+async function run(client, testCase) {
+  const options = { serializer: testCase.serializer ?? 'json' };
+  try {
+    if ('raw_inputs' in testCase) {
+      return { value: await client.run(testCase.plan, testCase.raw_inputs, { ...options, raw: true }) };
+    }
+    let built;
+    try {
+      built = build(testCase);
+    } catch (err) {
+      // The builder refuses this plan before sending it; the orchestrator must too.
+      assert.equal(testCase.expect.error_code, 'INVALID_ARGUMENT', `the builder refused the plan: ${err}`);
+      return { value: await client.run(testCase.plan, testCase.inputs, options) };
+    }
+    return { value: await built.run(client, options) };
+  } catch (err) {
+    if (!(err instanceof SquireError)) throw err;
+    return { code: err.code, message: err.details };
+  }
+}
+
+/**
+ * @param {any} testCase
+ * @param {{ value?: unknown, code?: string, message?: string }} outcome
+ */
+function check(testCase, outcome) {
+  const expect = testCase.expect;
+  if ('error_code' in expect) {
+    assert.equal(outcome.code, expect.error_code, `expected ${expect.error_code}, got ${JSON.stringify(outcome)}`);
+    if ('message_contains' in expect) assert.ok(outcome.message?.includes(expect.message_contains), outcome.message);
+    if ('message_starts_with' in expect) assert.ok(outcome.message?.startsWith(expect.message_starts_with), outcome.message);
+    return;
+  }
+  assert.equal(outcome.code, undefined, `expected success, got ${outcome.code}: ${outcome.message}`);
+  assert.deepStrictEqual(outcome.value, 'items' in expect ? expect.items : expect.value);
+}
+
+describe('conformance: tests/conformance/cases.json', () => {
+  /** @type {import('./harness.js').Cluster} */
+  let cluster;
+  before(async () => {
+    cluster = await startCluster({
+      orchestratorArgs: suite.harness.orchestrator_args,
+      workers: suite.harness.workers,
+    });
+  });
+  after(() => cluster?.close());
+
+  test('the cases file is well formed', () => {
+    const names = suite.cases.map((/** @type {any} */ c) => c.name);
+    assert.equal(new Set(names).size, names.length, 'case names must be unique');
+    for (const testCase of suite.cases) {
+      assert.ok(('inputs' in testCase) !== ('raw_inputs' in testCase), testCase.name);
+      assert.ok(['json', 'msgpack'].includes(testCase.serializer ?? 'json'), testCase.name);
+      const keys = Object.keys(testCase.expect).sort().join(',');
+      assert.ok(['value', 'items', 'error_code,message_contains', 'error_code,message_starts_with'].includes(keys), testCase.name);
+    }
+  });
+
+  for (const testCase of suite.cases) {
+    test(testCase.name, { timeout: 60_000 }, async () => {
+      check(testCase, await run(/** @type {import('@squire/client').Client} */ (cluster.client), testCase));
+    });
+  }
+});

@@ -1,0 +1,190 @@
+"""The conformance suite, run with the Python SDK.
+
+Every case of ``cases.json`` runs against a live orchestrator and Python
+workers (real processes on 127.0.0.1, started as the file's ``harness``
+says) and must give the case's ``expect``. The Node client runs the same file
+(``clients/node/test/conformance.test.js``); both must agree.
+
+A case goes through the SDK (``IndexedStream(...).map(...).fold(...).run``)
+whenever the SDK can express it. Raw input bytes, and plans the SDK refuses
+to build (a fold before the last stage), go through the generated stubs, so
+the orchestrator's own answer is checked too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import msgpack
+import pytest
+from procs import Cluster, cluster  # tests/ is on sys.path: it has no __init__.py
+from squire import Client, IndexedStream, RpcError
+from squire.api.v1 import squire_pb2 as pb
+from squire.api.v1 import squire_pb2_grpc as pb_grpc
+
+CASES_FILE = Path(__file__).with_name("cases.json")
+SUITE: dict[str, Any] = json.loads(CASES_FILE.read_text(encoding="utf-8"))
+CASES: list[dict[str, Any]] = SUITE["cases"]
+EXPECT_KEYS = ({"value"}, {"items"}, {"error_code", "message_contains"},
+               {"error_code", "message_starts_with"})
+WIRE_SERIALIZER = {"json": pb.SERIALIZER_JSON, "msgpack": pb.SERIALIZER_MSGPACK}
+RPC_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run gave: a value (fold value or map results by index), or an error."""
+
+    value: Any = None
+    code: str | None = None
+    message: str = ""
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[Cluster]:
+    harness = SUITE["harness"]
+    workers = harness["workers"]
+    with cluster(orchestrator_args=tuple(harness["orchestrator_args"])) as c:
+        ids = {f"conformance-{i}" for i in range(workers["count"])}
+        for worker_id in sorted(ids):
+            c.start_worker(worker_id, ops=workers["ops"], executor=workers["executor"],
+                           concurrency=workers["concurrency"], wait=False)
+        c.wait_for_workers(ids)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(live: Cluster) -> Iterator[Client]:
+    with Client(live.target) as c:
+        yield c
+
+
+# ------------------------------------------------------------------ running
+
+
+def _encode(value: Any, serializer: str) -> bytes:
+    if serializer == "msgpack":
+        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _decode(data: bytes, serializer: str) -> Any:
+    if serializer == "msgpack":
+        return msgpack.unpackb(data, raw=False)
+    return json.loads(data)
+
+
+def _stream(case: dict[str, Any]) -> IndexedStream:
+    """The case's plan built with the SDK; ValueError if the SDK refuses it."""
+    stream = IndexedStream.from_iterable(case["inputs"])
+    for stage in case["plan"]:
+        params = stage.get("params", {})
+        stream = stream.map(stage["map"], **params) if "map" in stage else stream.fold(
+            stage["fold"], **params)
+    return stream
+
+
+def _run_sdk(client: Client, stream: IndexedStream, serializer: str) -> Outcome:
+    try:
+        return Outcome(value=stream.run(client, serializer=serializer))
+    except RpcError as exc:
+        return Outcome(code=exc.code, message=exc.message)
+
+
+def _run_wire(target: str, case: dict[str, Any]) -> Outcome:
+    """RunDirective through the generated stubs: the plan, one batch of items, half-close."""
+    serializer = case.get("serializer", "json")
+    if "raw_inputs" in case:
+        items = [text.encode() for text in case["raw_inputs"]]
+    else:
+        items = [_encode(value, serializer) for value in case["inputs"]]
+    stages = []
+    for stage in case["plan"]:
+        params = _encode(stage["params"], serializer) if stage.get("params") else b""
+        if "map" in stage:
+            stages.append(pb.Stage(map=pb.MapStage(operation=stage["map"], params=params)))
+        else:
+            stages.append(pb.Stage(fold=pb.FoldStage(monoid=stage["fold"], params=params)))
+    plan = pb.Plan(stages=stages, serializer=WIRE_SERIALIZER[serializer], expected_items=len(items))
+    requests = [pb.DirectiveRequest(plan=plan)]
+    if items:
+        requests.append(pb.DirectiveRequest(inputs=pb.InputBatch(items=items)))
+    values: dict[int, Any] = {}
+    fold: list[Any] = []
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.DirectiveServiceStub(channel)
+        try:
+            for event in stub.RunDirective(iter(requests), timeout=RPC_TIMEOUT):
+                kind = event.WhichOneof("kind")
+                if kind == "items":
+                    for item in event.items.items:
+                        values[item.index] = _decode(item.value, serializer)
+                elif kind == "fold":
+                    fold.append(_decode(event.fold.value, serializer))
+        except grpc.RpcError as exc:
+            return Outcome(code=exc.code().name, message=exc.details() or "")
+    if case["plan"] and "fold" in case["plan"][-1]:
+        assert len(fold) == 1, f"expected one fold value, got {fold}"
+        return Outcome(value=fold[0])
+    assert sorted(values) == list(range(len(items))), f"missing results: {sorted(values)}"
+    return Outcome(value=[values[i] for i in range(len(items))])
+
+
+def _check(case: dict[str, Any], outcome: Outcome) -> None:
+    expect = case["expect"]
+    if "error_code" in expect:
+        assert outcome.code == expect["error_code"], (
+            f"expected {expect['error_code']}, got {outcome}")
+        if "message_contains" in expect:
+            assert expect["message_contains"] in outcome.message, outcome.message
+        if "message_starts_with" in expect:
+            assert outcome.message.startswith(expect["message_starts_with"]), outcome.message
+        return
+    assert outcome.code is None, f"expected success, got {outcome.code}: {outcome.message}"
+    expected = expect["items"] if "items" in expect else expect["value"]
+    assert outcome.value == expected
+
+
+# -------------------------------------------------------------------- tests
+
+
+def test_cases_file_is_well_formed() -> None:
+    names = [case["name"] for case in CASES]
+    assert len(names) == len(set(names)), "case names must be unique"
+    assert set(SUITE["harness"]) == {"orchestrator_args", "workers"}
+    for case in CASES:
+        where = case["name"]
+        assert set(case) <= {"name", "about", "plan", "serializer", "inputs", "raw_inputs",
+                             "expect"}, where
+        assert ("inputs" in case) != ("raw_inputs" in case), where
+        assert case.get("serializer", "json") in WIRE_SERIALIZER, where
+        assert set(case["expect"]) in EXPECT_KEYS, where
+        for stage in case["plan"]:
+            assert len({"map", "fold"} & set(stage)) == 1, where
+            assert set(stage) <= {"map", "fold", "params"}, where
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case["name"] for case in CASES])
+def test_case(case: dict[str, Any], client: Client, live: Cluster) -> None:
+    serializer = case.get("serializer", "json")
+    if "raw_inputs" in case:
+        outcome = _run_wire(live.target, case)  # the SDK always encodes its inputs
+    else:
+        try:
+            stream = _stream(case)
+        except ValueError:
+            # The SDK refuses this plan before sending it; the orchestrator must too.
+            assert case["expect"].get("error_code") == "INVALID_ARGUMENT", (
+                "the SDK refused a plan the case expects to be accepted")
+            outcome = _run_wire(live.target, case)
+        else:
+            outcome = _run_sdk(client, stream, serializer)
+    _check(case, outcome)
