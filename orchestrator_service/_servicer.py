@@ -17,6 +17,8 @@ from orchestrator_service import _convert as convert
 from orchestrator_service._core import Router, Worker
 from orchestrator_service._directive import Directive, DirectiveState
 from orchestrator_service._model import Code, RouterError, TaskRecord
+from orchestrator_service._session import Session
+from orchestrator_service._signal import Signal
 
 log = logging.getLogger("squire.orchestrator")
 
@@ -24,35 +26,6 @@ MAX_TASKS_PER_MESSAGE = 512
 MAX_ITEMS_PER_MESSAGE = 1024
 MAX_BYTES_PER_MESSAGE = 4 * 1024 * 1024
 PROGRESS_INTERVAL = 0.1
-
-
-class Signal:
-    """Broadcast wake-up: ``signal()`` releases every coroutine in ``wait()``.
-
-    The core calls it through an object's ``notify`` hook; waiters re-check
-    the state they care about after waking, so spurious wake-ups are harmless.
-    """
-
-    __slots__ = ("_future",)
-
-    def __init__(self) -> None:
-        self._future: asyncio.Future[None] | None = None
-
-    def __call__(self) -> None:
-        future = self._future
-        if future is not None:
-            self._future = None
-            if not future.done():
-                future.set_result(None)
-
-    def future(self) -> asyncio.Future[None]:
-        """The future the next ``signal()`` resolves (plain futures need no cancelling)."""
-        if self._future is None:
-            self._future = asyncio.get_running_loop().create_future()
-        return self._future
-
-    async def wait(self) -> None:
-        await self.future()
 
 
 async def abort(context: grpc.aio.ServicerContext, error: RouterError) -> NoReturn:
@@ -363,6 +336,20 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
                 await asyncio.wait(
                     waits, timeout=PROGRESS_INTERVAL, return_when=asyncio.FIRST_COMPLETED
                 )
+
+    async def RunDirectives(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[pb.SessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        session = Session(self._router, self._on_end)
+        reader = asyncio.create_task(session.read(request_iterator))
+        try:
+            await session.write(context, reader)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            session.cancel_all()
 
     async def _finish(self, directive: Directive, context: grpc.aio.ServicerContext) -> None:
         if directive.state is DirectiveState.DONE:

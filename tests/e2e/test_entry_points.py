@@ -70,3 +70,41 @@ def test_squire_demo_prints_143() -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "143"
+
+
+def test_small_directives_share_one_session_stream(cluster) -> None:  # type: ignore[no-untyped-def]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with squire.Client(cluster.target) as client:
+        run = IndexedStream.from_iterable([1, 2, 3]).map("fib_at").events(client)
+        assert type(run).__name__ == "SessionRun"
+        assert [e for e in run if isinstance(e, squire.ItemBatch)]
+        assert run.directive_id
+        # many threads, one stream, every result its own
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(
+                lambda n: IndexedStream.from_iterable(list(range(n))).map("fib_at").fold("sum")
+                .run(client), range(40)))
+        fib = [0, 1]
+        while len(fib) < 45:
+            fib.append(fib[-1] + fib[-2])
+        assert got == [sum(fib[:n]) for n in range(40)]
+        # a failing call ends only itself
+        with pytest.raises(squire.DirectiveFailed, match="Fatal operation error"):
+            IndexedStream.from_iterable([5]).map("length").run(client)
+        with pytest.raises(squire.InvalidArgument, match="not a monoid"):
+            IndexedStream.from_iterable([1, 2]).fold("length").run(client)
+        assert IndexedStream.from_iterable([]).fold("sum").run(client) == 0
+        assert IndexedStream.from_iterable(["ab"]).map("length").run(client) == [2]
+
+
+def test_a_broken_session_fails_its_calls_instead_of_hanging() -> None:
+    with procs.cluster() as c:
+        c.start_worker("w1", executor="inline")
+        client = squire.Client(c.target)
+        assert IndexedStream.from_iterable([3]).map("fib_at").run(client) == [2]
+        c.orchestrator.kill()
+        c.orchestrator.wait()
+        with pytest.raises(squire.RpcError):
+            IndexedStream.from_iterable([3]).map("fib_at").run(client)
+        client.close()

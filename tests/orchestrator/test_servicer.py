@@ -213,3 +213,66 @@ async def test_health_flips_on_shutdown(orchestrator: Orchestrator, channel) -> 
         await run(channel, plan(("map", "length", {})), [b'"x"'])
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     await stopping
+
+
+# ------------------------------------------------------------ RunDirectives
+
+
+async def session_calls(channel, requests):  # type: ignore[no-untyped-def]
+    """Send ``requests`` on one RunDirectives stream; events and ends by call id."""
+    async def gen():  # type: ignore[no-untyped-def]
+        for r in requests:
+            yield r
+
+    events: dict[int, list] = {}  # type: ignore[type-arg]
+    ends: dict[int, pb.CallEnd] = {}
+    async for msg in pb_grpc.DirectiveServiceStub(channel).RunDirectives(gen()):
+        events.setdefault(msg.call_id, []).extend(msg.events)
+        if msg.HasField("end"):
+            assert msg.call_id not in ends, "a call ended twice"
+            ends[msg.call_id] = msg.end
+    return events, ends
+
+
+async def test_session_multiplexes_directives(channel, workers) -> None:  # type: ignore[no-untyped-def]
+    fib_sum = plan(("map", "fib_at", {}), ("fold", "sum", {}))
+    lengths = plan(("map", "length", {}))
+    requests = [
+        pb.SessionRequest(call_id=1, plan=fib_sum,
+                          inputs=pb.InputBatch(items=[encode(i) for i in range(1, 6)])),
+        pb.SessionRequest(call_id=2, plan=lengths, end_input=True,
+                          inputs=pb.InputBatch(items=[encode("ab"), encode("abc")])),
+        pb.SessionRequest(call_id=1, end_input=True,
+                          inputs=pb.InputBatch(items=[encode(i) for i in range(6, 11)])),
+        pb.SessionRequest(call_id=3, plan=pb.Plan(), end_input=True),          # no stages
+        pb.SessionRequest(call_id=4, inputs=pb.InputBatch(items=[b"1"])),     # no plan
+        pb.SessionRequest(call_id=5, plan=lengths, end_input=True,
+                          inputs=pb.InputBatch(items=[b"7"])),               # len(7) raises
+    ]
+    events, ends = await session_calls(channel, requests)
+    assert ends[1].code == 0 and fold_of(events[1]) == 143
+    assert events[1][0].HasField("started")
+    assert ends[2].code == 0
+    assert {k: json.loads(v) for k, v in items_of(events[2]).items()} == {0: 2, 1: 3}
+    assert ends[3].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "no stages" in ends[3].message
+    assert ends[4].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "plan" in ends[4].message
+    assert ends[5].code == grpc.StatusCode.ABORTED.value[0]
+    assert ends[5].message.startswith("Fatal operation error: ")
+
+
+async def test_session_end_cancels_open_calls(orchestrator, channel) -> None:  # type: ignore[no-untyped-def]
+    # no workers: the call stays queued until the session goes away
+    async def gen():  # type: ignore[no-untyped-def]
+        yield pb.SessionRequest(call_id=1, plan=plan(("map", "length", {})),
+                                inputs=pb.InputBatch(items=[b'"x"'] * 10))
+        await asyncio.sleep(3600)
+
+    call = pb_grpc.DirectiveServiceStub(channel).RunDirectives(gen())
+    first = await call.read()
+    assert first.events[0].HasField("started")
+    await wait_for(lambda: sum(q.depth for q in orchestrator.router.queues.values()) == 10)
+    call.cancel()
+    await wait_for(lambda: not orchestrator.router.channels)
+    assert sum(q.depth for q in orchestrator.router.queues.values()) == 0

@@ -23,7 +23,8 @@ def fake() -> Iterator[FakeServer]:
 
 @pytest.fixture
 def client(fake: FakeServer) -> Iterator[Client]:
-    with Client(fake.target) as c:
+    # the fake scripts RunDirective only; the session path is tested end to end
+    with Client(fake.target, session=False) as c:
         yield c
 
 

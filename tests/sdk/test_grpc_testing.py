@@ -30,7 +30,7 @@ def pool() -> Iterator[ThreadPoolExecutor]:
 
 
 def test_status(channel: Any, pool: ThreadPoolExecutor) -> None:
-    client = Client(channel=channel)
+    client = Client(channel=channel, session=False)  # drives RunDirective itself
     future = pool.submit(client.status)
     _, request, rpc = channel.take_unary_unary(GET_STATUS)
     assert request == pb.GetStatusRequest()
@@ -72,7 +72,7 @@ def test_status(channel: Any, pool: ThreadPoolExecutor) -> None:
 
 
 def test_status_error(channel: Any, pool: ThreadPoolExecutor) -> None:
-    client = Client(channel=channel)
+    client = Client(channel=channel, session=False)  # drives RunDirective itself
     future = pool.submit(client.status)
     _, _, rpc = channel.take_unary_unary(GET_STATUS)
     rpc.terminate(pb.GetStatusResponse(), (), grpc.StatusCode.UNAVAILABLE, "draining")
@@ -91,7 +91,7 @@ def _take_plan_and_inputs(rpc: Any) -> tuple[pb.Plan, list[bytes]]:
 
 
 def test_directive_plan_inputs_and_events(channel: Any, pool: ThreadPoolExecutor) -> None:
-    client = Client(channel=channel)
+    client = Client(channel=channel, session=False)  # drives RunDirective itself
     stream = IndexedStream.from_iterable([1, 2, 3]).map("multiply_by", factor=2)
     future = pool.submit(stream.run, client, serializer="msgpack")
 
@@ -125,7 +125,7 @@ def test_directive_plan_inputs_and_events(channel: Any, pool: ThreadPoolExecutor
 
 
 def test_directive_failure(channel: Any, pool: ThreadPoolExecutor) -> None:
-    client = Client(channel=channel)
+    client = Client(channel=channel, session=False)  # drives RunDirective itself
     stream = IndexedStream.from_iterable([0]).map("fib_at").fold("sum")
     future = pool.submit(stream.run, client)
     _, rpc = channel.take_stream_stream(RUN_DIRECTIVE)
@@ -137,7 +137,7 @@ def test_directive_failure(channel: Any, pool: ThreadPoolExecutor) -> None:
 
 
 def test_a_directive_missing_results_is_an_error(channel: Any, pool: ThreadPoolExecutor) -> None:
-    client = Client(channel=channel)
+    client = Client(channel=channel, session=False)  # drives RunDirective itself
     future = pool.submit(IndexedStream.from_iterable([1, 2]).map("fib_at").run, client)
     _, rpc = channel.take_stream_stream(RUN_DIRECTIVE)
     _take_plan_and_inputs(rpc)

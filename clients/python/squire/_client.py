@@ -8,6 +8,7 @@ a :class:`squire.RpcError` subclass in one place, :func:`translate_rpc_error`.
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import AsyncIterable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from squire._async_channel import AsyncChannelHandle, AsyncLease
     from squire._channel import ChannelHandle
     from squire._directive import AsyncDirectiveRun, DirectiveRun
+    from squire._session import DirectiveSession, SessionRun
 
 # The directive and channel modules build on translate_rpc_error, so the
 # clients import them where they construct them rather than at the top.
@@ -76,6 +78,11 @@ def translate_rpc_error(exc: grpc.RpcError) -> RpcError:
     details_of = getattr(exc, "details", None)
     details = details_of() if callable(details_of) else None
     message = details or f"the orchestrator answered {name} without details"
+    return rpc_error(name, message)
+
+
+def rpc_error(name: str, message: str) -> RpcError:
+    """The squire exception for a gRPC status ``name`` (e.g. ``"ABORTED"``)."""
     return _ERROR_BY_CODE.get(name, RpcError)(message, name)
 
 
@@ -124,8 +131,12 @@ class Client:
         tls_cert: PemSource | None = None,
         tls_key: PemSource | None = None,
         token: str | None = None,
+        session: bool = True,
     ) -> None:
         self.target = _client_target(target, channel)
+        # Small directives ride one shared RunDirectives stream (squire._session);
+        # session=False gives every directive its own RunDirective call.
+        self._use_session = session
         credentials = Credentials.resolve(
             tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token
         )
@@ -141,6 +152,8 @@ class Client:
         self._directives = pb_grpc.DirectiveServiceStub(self._channel)
         self._channels = pb_grpc.ChannelServiceStub(self._channel)
         self._status = pb_grpc.StatusServiceStub(self._channel)
+        self._session: DirectiveSession | None = None
+        self._session_lock = threading.Lock()
         self._state = _State.OPEN
 
     def status_proto(self, *, timeout: float | None = 10.0) -> pb.GetStatusResponse:
@@ -158,17 +171,30 @@ class Client:
         """Workers, queues, channels and directives as plain data (proto field names)."""
         return status_dict(self.status_proto(timeout=timeout))
 
-    def run_directive(self, plan: Plan, inputs: Iterable[Any]) -> DirectiveRun:
+    def run_directive(self, plan: Plan, inputs: Iterable[Any]) -> DirectiveRun | SessionRun:
         """Start a directive; iterate the returned run for its events.
 
         ``inputs`` is consumed lazily, as gRPC flow control lets the elements
-        through. :class:`squire.IndexedStream` is the friendlier way to call this.
+        through. A short list, tuple or range (``SESSION_MAX_ITEMS``) rides
+        the client's shared session stream instead of a call of its own
+        (``squire._session``). :class:`squire.IndexedStream` is the friendlier
+        way to call this.
         """
         self._check_open()
         if isinstance(inputs, AsyncIterable) and not isinstance(inputs, Iterable):
             raise TypeError("Client needs a plain iterable; use AsyncClient for async iterables")
         from squire._directive import DirectiveRun
+        from squire._session import SESSION_MAX_ITEMS, DirectiveSession, SessionRun
 
+        if (
+            self._use_session
+            and isinstance(inputs, list | tuple | range)
+            and len(inputs) <= SESSION_MAX_ITEMS
+        ):
+            with self._session_lock:
+                if self._session is None:
+                    self._session = DirectiveSession(self._directives)
+            return SessionRun(self._session, plan, inputs)
         return DirectiveRun(self._directives, plan, inputs)
 
     def lease_channel(self, *, serializer: str | Serializer = "json") -> ChannelHandle:
@@ -187,6 +213,8 @@ class Client:
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        if self._session is not None:
+            self._session.close()
         if self._owns_channel:
             self._channel.close()
 

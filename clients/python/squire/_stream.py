@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from squire._client import AsyncClient, Client
     from squire._directive import AsyncDirectiveRun, DirectiveRun
     from squire._progress import ProgressReporter
+    from squire._session import SessionRun
 
 
 class IndexedStream:
@@ -113,7 +114,9 @@ class IndexedStream:
 
     # ------------------------------------------------------------ terminals
 
-    def events(self, client: Client, *, serializer: str | Serializer = "json") -> DirectiveRun:
+    def events(
+        self, client: Client, *, serializer: str | Serializer = "json"
+    ) -> DirectiveRun | SessionRun:
         """Start the directive and return its event stream (see :class:`DirectiveRun`)."""
         return client.run_directive(self.plan(serializer), self._sync_source())
 

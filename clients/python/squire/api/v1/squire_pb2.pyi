@@ -1145,6 +1145,102 @@ class FoldValue(_message.Message):
 Global___FoldValue: _TypeAlias = FoldValue  # noqa: Y015
 
 @_typing.final
+class SessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    END_INPUT_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """chosen by the client, unique among its open calls"""
+    end_input: _builtins.bool
+    """no more inputs for this call"""
+    cancel: _builtins.bool
+    """cancel this call"""
+    @_builtins.property
+    def plan(self) -> Global___Plan:
+        """in the call's first request only"""
+
+    @_builtins.property
+    def inputs(self) -> Global___InputBatch:
+        """may travel with the plan"""
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        plan: Global___Plan | None = ...,
+        inputs: Global___InputBatch | None = ...,
+        end_input: _builtins.bool = ...,
+        cancel: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "plan", b"plan"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "cancel", b"cancel", "end_input", b"end_input", "inputs", b"inputs", "plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
+
+@_typing.final
+class CallEnd(_message.Message):
+    """How a call of a session ended: what RunDirective's status would have been."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """the gRPC status code number; 0 = OK"""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallEnd: _TypeAlias = CallEnd  # noqa: Y015
+
+@_typing.final
+class SessionEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___DirectiveEvent]:
+        """in order, as RunDirective streams them"""
+
+    @_builtins.property
+    def end(self) -> Global___CallEnd:
+        """set on the call's last message"""
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        events: _abc.Iterable[Global___DirectiveEvent] | None = ...,
+        end: Global___CallEnd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "end", b"end", "events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionEvent: _TypeAlias = SessionEvent  # noqa: Y015
+
+@_typing.final
 class DirectiveEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

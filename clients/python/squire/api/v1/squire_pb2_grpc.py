@@ -381,6 +381,11 @@ class DirectiveServiceStub:
                 request_serializer=squire_dot_api_dot_v1_dot_squire__pb2.DirectiveRequest.SerializeToString,
                 response_deserializer=squire_dot_api_dot_v1_dot_squire__pb2.DirectiveEvent.FromString,
                 _registered_method=True)
+        self.RunDirectives = channel.stream_stream(
+                '/squire.api.v1.DirectiveService/RunDirectives',
+                request_serializer=squire_dot_api_dot_v1_dot_squire__pb2.SessionRequest.SerializeToString,
+                response_deserializer=squire_dot_api_dot_v1_dot_squire__pb2.SessionEvent.FromString,
+                _registered_method=True)
 
 
 class DirectiveServiceServicer:
@@ -399,6 +404,18 @@ class DirectiveServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunDirectives(self, request_iterator, context):
+        """Many directives over one long-lived stream, each keyed by a call id the
+        client chooses. Made for clients that run many small directives: a
+        one-element directive then costs one message each way instead of a new
+        RPC. A call's plan, inputs and end of input may travel in one request.
+        Errors end only their call (SessionEvent.end), never the session; a
+        session that ends cancels its unfinished calls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DirectiveServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -406,6 +423,11 @@ def add_DirectiveServiceServicer_to_server(servicer, server):
                     servicer.RunDirective,
                     request_deserializer=squire_dot_api_dot_v1_dot_squire__pb2.DirectiveRequest.FromString,
                     response_serializer=squire_dot_api_dot_v1_dot_squire__pb2.DirectiveEvent.SerializeToString,
+            ),
+            'RunDirectives': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunDirectives,
+                    request_deserializer=squire_dot_api_dot_v1_dot_squire__pb2.SessionRequest.FromString,
+                    response_serializer=squire_dot_api_dot_v1_dot_squire__pb2.SessionEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -437,6 +459,33 @@ class DirectiveService:
             '/squire.api.v1.DirectiveService/RunDirective',
             squire_dot_api_dot_v1_dot_squire__pb2.DirectiveRequest.SerializeToString,
             squire_dot_api_dot_v1_dot_squire__pb2.DirectiveEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunDirectives(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/squire.api.v1.DirectiveService/RunDirectives',
+            squire_dot_api_dot_v1_dot_squire__pb2.SessionRequest.SerializeToString,
+            squire_dot_api_dot_v1_dot_squire__pb2.SessionEvent.FromString,
             options,
             channel_credentials,
             insecure,

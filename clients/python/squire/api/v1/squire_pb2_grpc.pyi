@@ -190,6 +190,14 @@ class DirectiveServiceStub:
     A fatal operation error (Terminate) ends the call with ABORTED and a
     message starting "Fatal operation error: ".
     """
+    RunDirectives: _grpc.StreamStreamMultiCallable[_squire_pb2.SessionRequest, _squire_pb2.SessionEvent]
+    """Many directives over one long-lived stream, each keyed by a call id the
+    client chooses. Made for clients that run many small directives: a
+    one-element directive then costs one message each way instead of a new
+    RPC. A call's plan, inputs and end of input may travel in one request.
+    Errors end only their call (SessionEvent.end), never the session; a
+    session that ends cancels its unfinished calls.
+    """
 
 @_typing.type_check_only
 class DirectiveServiceAsyncStub(DirectiveServiceStub):
@@ -202,6 +210,14 @@ class DirectiveServiceAsyncStub(DirectiveServiceStub):
     ends the input. Events stream back; the call ends OK after the last one.
     A fatal operation error (Terminate) ends the call with ABORTED and a
     message starting "Fatal operation error: ".
+    """
+    RunDirectives: _aio.StreamStreamMultiCallable[_squire_pb2.SessionRequest, _squire_pb2.SessionEvent]  # type: ignore[assignment]
+    """Many directives over one long-lived stream, each keyed by a call id the
+    client chooses. Made for clients that run many small directives: a
+    one-element directive then costs one message each way instead of a new
+    RPC. A call's plan, inputs and end of input may travel in one request.
+    Errors end only their call (SessionEvent.end), never the session; a
+    session that ends cancels its unfinished calls.
     """
 
 class DirectiveServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -218,6 +234,20 @@ class DirectiveServiceServicer(metaclass=_abc_1.ABCMeta):
         ends the input. Events stream back; the call ends OK after the last one.
         A fatal operation error (Terminate) ends the call with ABORTED and a
         message starting "Fatal operation error: ".
+        """
+
+    @_abc_1.abstractmethod
+    def RunDirectives(
+        self,
+        request_iterator: _MaybeAsyncIterator[_squire_pb2.SessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_squire_pb2.SessionEvent], _abc.AsyncIterator[_squire_pb2.SessionEvent]]:
+        """Many directives over one long-lived stream, each keyed by a call id the
+        client chooses. Made for clients that run many small directives: a
+        one-element directive then costs one message each way instead of a new
+        RPC. A call's plan, inputs and end of input may travel in one request.
+        Errors end only their call (SessionEvent.end), never the session; a
+        session that ends cancels its unfinished calls.
         """
 
 def add_DirectiveServiceServicer_to_server(servicer: DirectiveServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

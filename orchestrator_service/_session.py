@@ -1,0 +1,176 @@
+"""RunDirectives: many directives multiplexed over one stream.
+
+Each call is an ordinary Directive in the Router; only the transport differs
+from RunDirective. The reader turns SessionRequests into Router events; the
+writer sends, per call with news, one SessionEvent holding its events in
+order (``started`` rides with the first batch) and, on the last one, the
+CallEnd that RunDirective would have sent as the gRPC status.
+
+Flow control is per session: the reader stops reading while the session's
+calls hold ``directive_window`` elements in their pipelines, and resumes as
+they complete; a client that stops reading events stops the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from squire.api.v1 import squire_pb2 as pb
+
+from orchestrator_service import _convert as convert
+from orchestrator_service._core import Router
+from orchestrator_service._directive import Directive, DirectiveState
+from orchestrator_service._model import Code, RouterError
+from orchestrator_service._signal import Signal
+
+PROGRESS_INTERVAL = 0.1
+MAX_ITEMS_PER_MESSAGE = 1024
+
+
+def _code_number(code: Code) -> int:
+    return int(grpc.StatusCode[code.value].value[0])
+
+
+@dataclass(eq=False)
+class _Call:
+    call_id: int
+    directive: Directive
+    started_sent: bool = False
+    last_progress: float = field(default_factory=time.monotonic)
+
+
+class Session:
+    def __init__(self, router: Router, on_end: Callable[[str, float], None] | None) -> None:
+        self._router = router
+        self._on_end = on_end
+        self._calls: dict[int, _Call] = {}
+        self._refused: list[pb.SessionEvent] = []  # calls that never started
+        self._signal = Signal()
+
+    # --------------------------------------------------------------- reading
+
+    def _in_pipeline(self) -> int:
+        return sum(c.directive.received - c.directive.completed for c in self._calls.values())
+
+    async def read(self, requests: AsyncIterator[pb.SessionRequest]) -> None:
+        window = self._router.config.directive_window
+        async for request in requests:
+            while self._in_pipeline() >= window:
+                await self._signal.wait()
+            try:
+                self._handle(request)
+            except RouterError as exc:
+                self._calls.pop(request.call_id, None)
+                self._refuse(request.call_id, exc.code, exc.message)
+            self._signal()
+
+    def _handle(self, request: pb.SessionRequest) -> None:
+        router = self._router
+        call = self._calls.get(request.call_id)
+        if request.cancel:
+            if call is not None:
+                router.cancel_directive(call.directive)
+            return
+        if call is None:
+            if not request.HasField("plan"):
+                raise RouterError(
+                    Code.INVALID_ARGUMENT,
+                    f"call {request.call_id}: its first request must carry the plan",
+                )
+            directive = router.start_directive(convert.plan_from_pb(request.plan))
+            directive.notify = self._signal
+            call = self._calls[request.call_id] = _Call(request.call_id, directive)
+        elif request.HasField("plan"):
+            raise RouterError(
+                Code.INVALID_ARGUMENT, f"call {request.call_id}: the plan was already given"
+            )
+        directive = call.directive
+        if request.HasField("inputs"):
+            if directive.input_closed:
+                router.cancel_directive(directive)
+                raise RouterError(
+                    Code.INVALID_ARGUMENT, f"call {request.call_id}: inputs after end_input"
+                )
+            router.directive_inputs(directive, list(request.inputs.items))
+        if request.end_input and not directive.input_closed:
+            router.directive_input_end(directive)
+
+    def _refuse(self, call_id: int, code: Code, message: str) -> None:
+        self._refused.append(
+            pb.SessionEvent(
+                call_id=call_id, end=pb.CallEnd(code=_code_number(code), message=message)
+            )
+        )
+
+    # --------------------------------------------------------------- writing
+
+    async def write(
+        self, context: grpc.aio.ServicerContext, reader: asyncio.Task[None]
+    ) -> None:
+        while True:
+            wrote = False
+            while self._refused:
+                await context.write(self._refused.pop(0))
+                wrote = True
+            now = time.monotonic()
+            for call in list(self._calls.values()):
+                message = self._news(call, now)
+                if message is not None:
+                    await context.write(message)
+                    wrote = True
+            if reader.done():
+                exc = reader.exception() if not reader.cancelled() else None
+                if exc is not None:
+                    raise exc
+                if not self._calls and not self._refused:
+                    return
+            if not wrote:
+                waits: list[asyncio.Future[None]] = [self._signal.future()]
+                if not reader.done():
+                    waits.append(reader)
+                await asyncio.wait(
+                    waits, timeout=PROGRESS_INTERVAL, return_when=asyncio.FIRST_COMPLETED
+                )
+
+    def _news(self, call: _Call, now: float) -> pb.SessionEvent | None:
+        d = call.directive
+        message = pb.SessionEvent(call_id=call.call_id)
+        events = message.events
+        if not call.started_sent:
+            call.started_sent = True
+            events.add().started.directive_id = d.id
+        items = d.take_items()
+        for lo in range(0, len(items), MAX_ITEMS_PER_MESSAGE):
+            events.append(convert.items_to_pb(items[lo : lo + MAX_ITEMS_PER_MESSAGE]))
+        if items:
+            self._signal()  # room in the window for the reader
+        finished = d.finished and not d.items
+        if finished or now - call.last_progress >= PROGRESS_INTERVAL:
+            call.last_progress = now
+            if not finished or d.state is DirectiveState.DONE:
+                events.add().progress.CopyFrom(convert.progress_to_pb(d.progress()))
+        if finished:
+            del self._calls[call.call_id]
+            if d.state is DirectiveState.DONE:
+                if d.fold_value is not None:
+                    events.add().fold.value = d.fold_value
+                message.end.code = 0
+            elif d.failure is not None:
+                message.end.code = _code_number(d.failure[0])
+                message.end.message = d.failure[1]
+            else:
+                message.end.code = _code_number(Code.CANCELLED)
+                message.end.message = "the directive was cancelled"
+            if self._on_end is not None:
+                self._on_end(d.state.value, self._router.clock() - d.started_at)
+        return message if events or message.HasField("end") else None
+
+    def cancel_all(self) -> None:
+        """The session ended: cancel whatever it still runs."""
+        for call in self._calls.values():
+            self._router.cancel_directive(call.directive)
+        self._calls.clear()
