@@ -232,7 +232,7 @@ class SessionLikeDirectives(pb_grpc.DirectiveServiceServicer):
     """Stands in for a servicer that runs several directives in one call:
     it takes a slot per directive with acquire_directive_slot()."""
 
-    async def RunDirective(self, request_iterator, context):  # type: ignore[no-untyped-def]
+    async def RunDirective(self, request_iterator, context):  # type: ignore[no-untyped-def,override]
         extra = acquire_directive_slot()  # the interceptor holds one for this call
         try:
             acquire_directive_slot()
@@ -249,7 +249,7 @@ async def test_servicers_take_directive_slots_through_the_gate() -> None:
     interceptor = SecurityInterceptor(SecurityConfig(), Limits(max_directives_per_client=2),
                                       Router())
     server = grpc.aio.server(interceptors=[interceptor])
-    pb_grpc.add_DirectiveServiceServicer_to_server(SessionLikeDirectives(), server)
+    pb_grpc.add_DirectiveServiceServicer_to_server(SessionLikeDirectives(), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
