@@ -24,6 +24,7 @@ from squire.api.v1 import squire_pb2 as pb
 from orchestrator_service import _convert as convert
 from orchestrator_service._core import Router
 from orchestrator_service._directive import Directive, DirectiveState
+from orchestrator_service._interceptor import DirectiveSlot, acquire_directive_slot
 from orchestrator_service._model import Code, RouterError
 from orchestrator_service._signal import Signal
 
@@ -39,6 +40,7 @@ def _code_number(code: Code) -> int:
 class _Call:
     call_id: int
     directive: Directive
+    slot: DirectiveSlot  # counts against --max-directives(-per-client)
     started_sent: bool = False
     last_progress: float = field(default_factory=time.monotonic)
 
@@ -64,7 +66,9 @@ class Session:
             try:
                 self._handle(request)
             except RouterError as exc:
-                self._calls.pop(request.call_id, None)
+                refused = self._calls.pop(request.call_id, None)
+                if refused is not None:
+                    refused.slot.release()
                 self._refuse(request.call_id, exc.code, exc.message)
             self._signal()
 
@@ -81,9 +85,14 @@ class Session:
                     Code.INVALID_ARGUMENT,
                     f"call {request.call_id}: its first request must carry the plan",
                 )
-            directive = router.start_directive(convert.plan_from_pb(request.plan))
+            slot = acquire_directive_slot()  # RESOURCE_EXHAUSTED past a limit
+            try:
+                directive = router.start_directive(convert.plan_from_pb(request.plan))
+            except BaseException:
+                slot.release()
+                raise
             directive.notify = self._signal
-            call = self._calls[request.call_id] = _Call(request.call_id, directive)
+            call = self._calls[request.call_id] = _Call(request.call_id, directive, slot)
         elif request.HasField("plan"):
             raise RouterError(
                 Code.INVALID_ARGUMENT, f"call {request.call_id}: the plan was already given"
@@ -155,6 +164,7 @@ class Session:
                 events.add().progress.CopyFrom(convert.progress_to_pb(d.progress()))
         if finished:
             del self._calls[call.call_id]
+            call.slot.release()
             if d.state is DirectiveState.DONE:
                 if d.fold_value is not None:
                     events.add().fold.value = d.fold_value
@@ -173,4 +183,5 @@ class Session:
         """The session ended: cancel whatever it still runs."""
         for call in self._calls.values():
             self._router.cancel_directive(call.directive)
+            call.slot.release()
         self._calls.clear()

@@ -8,7 +8,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-import pytest
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
@@ -38,12 +37,6 @@ async def _exercise(requests: Requests, started: set[int], ends: dict[int, pb.Ca
     assert ends[2].code == 0 and ends[4].code == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RunDirectives does not take directive slots yet: orchestrator_service/_session.py "
-    "needs acquire_directive_slot() per call (the security report has the patch); "
-    "remove this marker with it",
-)
 async def test_session_calls_take_directive_slots() -> None:
     limits = Limits(max_directives=10, max_directives_per_client=2)
     async with orchestrator(limits=limits) as orch:
