@@ -152,13 +152,14 @@ def parse_config(
     return config
 
 
-def configure_logging(level: str, log_format: LogFormat) -> None:
-    shared_configure_logging(level, log_format.value)
+def configure_logging(level: str, log_format: LogFormat, worker_id: str | None = None) -> None:
+    context: dict[str, object] = {"worker_id": worker_id} if worker_id else {}
+    shared_configure_logging(level, log_format.value, context)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, config.worker_id)
     try:
         event_loop.run(run_worker(config), os.environ.get("SQUIRE_EVENT_LOOP", "auto"))
     except OpsLoadError as exc:

@@ -69,6 +69,11 @@ def _aborted(key: str) -> Failure:
 _RETURNED = Failure(ErrorKind.RETURNED, "Returned", "the worker is draining")
 
 
+def _context(task: TaskSpec) -> dict[str, object]:
+    """Structured log fields of a task (see squire._logging)."""
+    return {"routing_key": task.routing_key, "task_id": task.task_id, "operation": task.operation}
+
+
 class Session:
     def __init__(
         self,
@@ -221,7 +226,10 @@ class Session:
             )
             self._abort_key(ipc.execution_failed.routing_key)
         elif kind == "abort":
-            log.info("routing key %s aborted", ipc.abort.routing_key)
+            log.info(
+                "routing key %s aborted", ipc.abort.routing_key,
+                extra={"routing_key": ipc.abort.routing_key},
+            )
             self._abort_key(ipc.abort.routing_key)
         elif kind == "abort_all":
             keys = {job.task.routing_key for job in self._held()}
@@ -326,7 +334,7 @@ class Session:
                     and executor.crash_shared(sub.pool):
                 log.warning(
                     "task %s/%d (%s) shared a process pool that broke; running it again alone",
-                    task.routing_key, task.task_id, task.operation,
+                    task.routing_key, task.task_id, task.operation, extra=_context(task),
                 )
                 if self._running.pop(job, None) is not None:
                     self._rerun_alone(job)
@@ -334,7 +342,7 @@ class Session:
                 return
             log.error(
                 "task %s/%d (%s) lost: an executor process died",
-                task.routing_key, task.task_id, task.operation,
+                task.routing_key, task.task_id, task.operation, extra=_context(task),
             )
             outcome = Failure(
                 ErrorKind.CRASHED, type(exc).__name__,
@@ -343,7 +351,10 @@ class Session:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("executing task %s/%d failed", task.routing_key, task.task_id)
+            log.exception(
+                "executing task %s/%d failed", task.routing_key, task.task_id,
+                extra=_context(task),
+            )
             outcome = Failure(ErrorKind.OPERATION, type(exc).__name__, str(exc))
         job.elapsed += time.perf_counter() - start
         if self._running.pop(job, None) is None:

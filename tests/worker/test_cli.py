@@ -173,3 +173,20 @@ def test_json_log_format() -> None:
     entry = json.loads(JsonFormatter().format(record))
     assert (entry["level"], entry["logger"], entry["message"]) == ("info", "worker_service", "hi x")
     assert entry["routing_key"] == "rk1"
+
+
+def test_json_logs_carry_the_worker_id() -> None:
+    import io
+
+    from squire._logging import configure_logging as configure
+
+    stream = io.StringIO()
+    configure("INFO", "json", {"worker_id": "w-7"})
+    root = logging.getLogger()
+    root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+    try:
+        logging.getLogger("worker_service").info("task failed", extra={"task_id": 3})
+    finally:
+        root.handlers[:] = []
+    entry = json.loads(stream.getvalue())
+    assert entry["worker_id"] == "w-7" and entry["task_id"] == 3

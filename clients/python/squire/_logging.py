@@ -38,8 +38,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+class _Context(logging.Filter):
+    """Adds fields every record of this process carries (e.g. worker_id)."""
+
+    def __init__(self, fields: dict[str, object]) -> None:
+        super().__init__()
+        self._fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self._fields.items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+def configure_logging(
+    level: str = "INFO", fmt: str = "text", context: dict[str, object] | None = None
+) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    if context:
+        handler.addFilter(_Context(context))
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
