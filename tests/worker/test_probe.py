@@ -52,3 +52,32 @@ async def test_probes_and_metrics(orchestrator: FakeOrchestrator) -> None:
         await until(run)
     # closed: the endpoint is gone with the worker
     assert not worker.live
+
+
+async def test_readyz_flips_when_the_orchestrator_goes_away_and_on_drain(
+    orchestrator: FakeOrchestrator,
+) -> None:
+    port = free_port()
+    cfg = config(orchestrator, metrics_port=port, metrics_host="127.0.0.1", drain_grace=5)
+    worker = WorkerRuntime(cfg)
+    async with asyncio.TaskGroup() as tg:
+        run = tg.create_task(worker.run())
+        await orchestrator.session()
+        await wait_for(lambda: worker.ready, what="ready")
+        assert (await fetch(port, "/readyz"))[0] == 200
+        await orchestrator.stop(0)  # the orchestrator goes away
+        await wait_for(lambda: not worker.ready, what="not ready")
+        assert (await fetch(port, "/readyz"))[0] == 503
+        assert (await fetch(port, "/healthz"))[0] == 200  # alive: reconnecting
+        await orchestrator.start()  # back on the same port
+        await orchestrator.session(2)
+        await wait_for(lambda: worker.ready, what="ready again")
+        assert (await fetch(port, "/readyz"))[0] == 200
+        worker.request_drain()
+        assert not worker.ready  # the probe reads this attribute
+        try:
+            code = (await fetch(port, "/readyz"))[0]
+        except urllib.error.URLError:
+            code = None  # the drain already finished and the endpoint closed with the worker
+        assert code in (503, None)
+        await until(run)
