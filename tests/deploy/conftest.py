@@ -54,11 +54,11 @@ def rendered(kubectl: str) -> dict[Path, list[dict[str, Any]]]:
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     log_dir = tmp_path_factory.mktemp("services")
     port_file = log_dir / "port"
-    metrics_port, worker_metrics_port = free_port(), free_port()
+    metrics_port, worker_metrics_port, health_port = free_port(), free_port(), free_port()
     with spawn("orchestrator", [
         str(BIN / "squire-orchestrator"), "--host", "127.0.0.1", "--port", "0",
         "--port-file", str(port_file), "--metrics-port", str(metrics_port),
-        "--metrics-host", "127.0.0.1", "--grace", "1",
+        "--metrics-host", "127.0.0.1", "--grace", "1", "--health-port", str(health_port),
     ], log_dir) as orchestrator:
         def bound() -> str:
             orchestrator.check_alive()
@@ -73,4 +73,4 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         ], log_dir) as worker:
             wait_ready(worker, worker_metrics_port)
             yield Services(grpc_port, metrics_port, worker_metrics_port,
-                           orchestrator, worker, log_dir)
+                           orchestrator, worker, log_dir, health_port)

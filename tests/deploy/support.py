@@ -357,6 +357,7 @@ class Services:
     orchestrator: Process
     worker: Process
     log_dir: Path
+    health_port: int  # the orchestrator's plaintext --health-port (what the probes ask)
 
     def metrics(self, port: int) -> str:
         status, body = http_get(port, "/metrics")

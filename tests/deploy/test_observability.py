@@ -157,11 +157,21 @@ def test_dashboard_queries_are_valid_promql(path: Path, promtool: str, tmp_path:
 # ------------------------------------------------------------------ probes
 
 def test_orchestrator_health_is_what_the_grpc_probes_ask(services: Services) -> None:
-    # the manifests' native gRPC probes ask grpc.health.v1 for service ""
-    with grpc.insecure_channel(f"127.0.0.1:{services.grpc_port}") as channel:
+    # the manifests' native gRPC probes ask grpc.health.v1 for service "" on
+    # the plaintext --health-port (the kubelet cannot speak TLS)
+    with grpc.insecure_channel(f"127.0.0.1:{services.health_port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_health_port_serves_health_alone(services: Services) -> None:
+    # plaintext, so it must not carry the squire API (payloads, tokens)
+    with grpc.insecure_channel(f"127.0.0.1:{services.health_port}") as channel:
+        stub = pb_grpc.StatusServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetStatus(pb.GetStatusRequest(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 @pytest.mark.parametrize("path", ["/readyz", "/healthz", "/metrics"])
