@@ -50,6 +50,10 @@ COPY --from=builder /opt/venv /opt/venv
 
 # The root filesystem is read-only in Kubernetes: no .pyc writes at run time
 # (pip compiled them at install), unbuffered logs straight to the collector.
+# SQUIRE_HOST=0.0.0.0: reachable from outside the container. The orchestrator
+# refuses plaintext on a non-loopback address (exit code 2), so the image needs
+# TLS (--tls-cert/--tls-key, as deploy/k8s passes) or, where something else
+# encrypts or for a local try, --insecure / SQUIRE_INSECURE=1 (docs/SECURITY.md).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

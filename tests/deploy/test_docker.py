@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import re
 import shutil
 import sys
@@ -14,8 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator_service.__main__ import DEFAULT_PORT
+from orchestrator_service.__main__ import DEFAULT_PORT, parse_args
 from orchestrator_service._metrics import DEFAULT_METRICS_PORT as ORCHESTRATOR_METRICS_PORT
+from orchestrator_service._security import (
+    InsecureListenError,
+    check_listen,
+    security_from_args,
+)
 from worker_service._probe import DEFAULT_METRICS_PORT as WORKER_METRICS_PORT
 
 from .support import DOCKERFILES, REPO, Stage, dockerfile_stages, exec_form, rel, run
@@ -115,6 +121,22 @@ def test_exposes_the_default_ports(name: str) -> None:
 def test_orchestrator_listens_on_all_interfaces() -> None:
     # The CLI defaults to 127.0.0.1, unreachable from outside the container.
     assert final("orchestrator").env().get("SQUIRE_HOST") == "0.0.0.0"
+
+
+def test_orchestrator_image_needs_tls_or_insecure(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What deploy/docker/README.md says: the image alone (SQUIRE_HOST=0.0.0.0,
+    # no TLS) is refused at start-up, with SQUIRE_INSECURE=1 it starts.
+    for key in [k for k in os.environ if k.startswith("SQUIRE_")]:
+        monkeypatch.delenv(key)
+    for key, value in final("orchestrator").env().items():
+        if key.startswith("SQUIRE_"):
+            monkeypatch.setenv(key, value)
+    args = parse_args([])
+    with pytest.raises(InsecureListenError):
+        check_listen(args.host, security_from_args(args, environ={}))
+    monkeypatch.setenv("SQUIRE_INSECURE", "1")
+    args = parse_args([])
+    check_listen(args.host, security_from_args(args, environ={}))
 
 
 def test_worker_names_an_ops_module_that_exists() -> None:
