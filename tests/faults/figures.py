@@ -52,8 +52,10 @@ def _summary(vals: list[Any]) -> str:
 def main(path: str) -> None:
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    runs = max(1, sum(1 for r in rows if r["figure"] == "seed"))
-    sys.stdout.write(render(rows, runs))
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    for r in rows:
+        counts[(r["scenario"], r["figure"])] += 1
+    sys.stdout.write(render(rows, max(counts.values(), default=0)))
 
 
 if __name__ == "__main__":
