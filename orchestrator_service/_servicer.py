@@ -91,10 +91,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             )
             await self._write(worker, signal, reader, context)
         finally:
+            # Bookkeeping first, awaiting last: if this handler is cancelled
+            # again while awaiting, the state must already be right.
             reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
             router.disconnect_worker(worker)
             log.info("worker disconnected", extra={"worker_id": worker.id})
+            await asyncio.gather(reader, return_exceptions=True)
 
     async def _read(self, worker: Worker, requests: AsyncIterator[pb.WorkerMessage]) -> None:
         router = self._router
@@ -269,14 +271,17 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
             )
             await self._write_events(directive, signal, reader, context)
         finally:
+            # Bookkeeping before the first await: gRPC may cancel this handler
+            # task again while it awaits (a client cancel racing a blocked
+            # write), and the directive must not outlive its call.
             reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
             if not directive.finished or directive.state is DirectiveState.CANCELLED:
                 # The client cancelled, disconnected, or its deadline passed.
                 router.cancel_directive(directive)
                 log.info("directive cancelled", extra={"routing_key": directive.id})
             if self._on_end is not None:
                 self._on_end(directive.state.value, router.clock() - directive.started_at)
+            await asyncio.gather(reader, return_exceptions=True)
 
     async def _read_inputs(
         self,
@@ -348,8 +353,8 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
             await session.write(context, reader)
         finally:
             reader.cancel()
+            session.cancel_all()  # before awaiting: see RunDirective
             await asyncio.gather(reader, return_exceptions=True)
-            session.cancel_all()
 
     async def _finish(self, directive: Directive, context: grpc.aio.ServicerContext) -> None:
         if directive.state is DirectiveState.DONE:

@@ -133,15 +133,8 @@ def test_backpressure_unread_results_long(ledger: Ledger, env: dict[str, str], l
     _backpressure(200_000, ledger, env, logs, figures, "backpressure (slow run)")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "orchestrator_service/_servicer.py RunDirective, intermittent: when the client "
-    "cancels while the handler is blocked in context.write, the write can fail "
-    "first and gRPC's cancellation of the handler task then lands on "
-    "`await asyncio.gather(reader, ...)` in the finally block, so "
-    "router.cancel_directive() never runs: the directive, its channel and its "
-    "unsent items stay forever. Fix: cancel the directive before the first await "
-    "of the finally block (WorkerService.Connect has the same shape around "
-    "disconnect_worker)."))
+# Regression: a client cancel racing a write blocked by a full stream once
+# left the directive behind (the handler's cleanup awaited before cancelling).
 def test_cancel_a_stalled_directive(ledger: Ledger, env: dict[str, str], logs: Path) -> None:
     args = ("--directive-window", str(WINDOW), "--grace", "0")
     with cluster(orchestrator_args=args, env=env, log_dir=logs) as c:
