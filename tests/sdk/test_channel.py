@@ -142,3 +142,19 @@ async def test_async_unknown_channel(aclient: AsyncClient, fake: FakeServer) -> 
         await channel.sender.close()
     with pytest.raises(NotFound):
         await channel.release()
+
+
+def test_publish_messages_are_cut_by_bytes() -> None:
+    from squire._channel import MAX_BYTES_PER_MESSAGE, _Outbox
+    from squire._serde import Serializer
+    from squire.api.v1 import squire_pb2 as pb
+
+    outbox = _Outbox("c1", Serializer.JSON)
+    for i in range(100):
+        outbox.pending.append(pb.TaskSpec(task_id=i, operation="op", input=b"x" * (1 << 20)))
+    sizes = []
+    while outbox.pending:
+        sizes.append(outbox.take().ByteSize())
+    # 100 tasks of 1 MiB: never one 100 MiB message (past the 64 MiB limit)
+    assert max(sizes) <= MAX_BYTES_PER_MESSAGE + 1024
+    assert len(sizes) >= 25

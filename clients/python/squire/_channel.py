@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 MAX_BUFFERED_TASKS = 1024
+MAX_BYTES_PER_MESSAGE = 4 * 1024 * 1024
 MAX_TASKS_PER_MESSAGE = 256
 
 
@@ -90,8 +91,18 @@ class _Outbox:
         return task_id
 
     def take(self) -> pb.PublishRequest:
-        count = min(len(self.pending), MAX_TASKS_PER_MESSAGE)
-        tasks = [self.pending.popleft() for _ in range(count)]
+        """The next message: at most MAX_TASKS_PER_MESSAGE tasks and about
+        MAX_BYTES_PER_MESSAGE bytes (always at least one task), far below
+        the 64 MiB message limit."""
+        tasks: list[pb.TaskSpec] = []
+        size = 0
+        pending = self.pending
+        while pending and len(tasks) < MAX_TASKS_PER_MESSAGE:
+            n = pending[0].ByteSize()
+            if tasks and size + n > MAX_BYTES_PER_MESSAGE:
+                break
+            tasks.append(pending.popleft())
+            size += n
         return pb.PublishRequest(channel_id=self.channel_id, tasks=tasks)
 
 
