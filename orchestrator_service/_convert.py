@@ -8,7 +8,7 @@ from squire._serde import Serializer, decode_params
 from squire.api.v1 import squire_pb2 as pb
 
 from orchestrator_service._core import IpcMessage
-from orchestrator_service._directive import ItemOutcome, ProgressSnapshot
+from orchestrator_service._directive import Directive, ItemOutcome, ProgressSnapshot
 from orchestrator_service._model import (
     APPLY,
     COMBINE,
@@ -201,6 +201,14 @@ def items_to_pb(items: list[ItemOutcome]) -> pb.DirectiveEvent:
             ]
         )
     )
+
+
+def final_events(directive: Directive) -> list[pb.DirectiveEvent]:
+    """The last events of a directive that is done: progress, then the fold value."""
+    events = [pb.DirectiveEvent(progress=progress_to_pb(directive.progress()))]
+    if directive.fold_value is not None:
+        events.append(pb.DirectiveEvent(fold=pb.FoldValue(value=directive.fold_value)))
+    return events
 
 
 def progress_to_pb(p: ProgressSnapshot) -> pb.Progress:

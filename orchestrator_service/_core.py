@@ -667,19 +667,3 @@ class Router:
                 Code.UNAVAILABLE, "the orchestrator is shutting down and takes no new work"
             )
 
-
-@dataclass(frozen=True, slots=True)
-class QueueDepth:
-    kind: int
-    operation: str
-    depth: int
-
-
-def queue_depths(router: Router) -> list[QueueDepth]:
-    return [
-        QueueDepth(kind, name, q.depth)
-        for (kind, name), q in sorted(router.queues.items())
-        if q.depth
-    ]
-
-

@@ -129,6 +129,14 @@ class Directive:
             tasks_done=self.tasks_done,
         )
 
+    def end_status(self) -> tuple[Code, str] | None:
+        """How a finished directive's call ends: None for OK, else (code, message)."""
+        if self.state is DirectiveState.DONE:
+            return None
+        if self.failure is not None:
+            return self.failure
+        return Code.CANCELLED, "the directive was cancelled"
+
     def take_items(self) -> list[ItemOutcome]:
         """Emitted items in order, at most ``MAX_TAKE_BYTES`` of them per take."""
         items = self.items

@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from orchestrator_service._core import Router, Stats
-from orchestrator_service._model import COMBINE, TaskRecord
+from orchestrator_service._model import TaskRecord, queue_label
 
 DEFAULT_METRICS_PORT = 9464
 
@@ -53,8 +53,8 @@ class Snapshot:
 
 def snapshot(router: Router) -> Snapshot:
     depth: dict[str, int] = {}
-    for (kind, name), queue in router.queues.items():
-        label = f"{name} (combine)" if kind == COMBINE else name
+    for key, queue in router.queues.items():
+        label = queue_label(key)
         depth[label] = depth.get(label, 0) + queue.depth
     s = router.stats
     return Snapshot(
@@ -168,8 +168,8 @@ class OrchestratorMetrics:
         # per-task hook to one histogram observe.
         child = self._latency_children.get(task.queue_key)
         if child is None:
-            label = f"{task.operation} (combine)" if task.kind == COMBINE else task.operation
-            child = self._latency_children[task.queue_key] = self.task_latency.labels(label)
+            child = self.task_latency.labels(queue_label(task.queue_key))
+            self._latency_children[task.queue_key] = child
         child.observe(self._router.clock() - task.published_at)
 
     def directive_ended(self, outcome: str, seconds: float) -> None:

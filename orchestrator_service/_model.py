@@ -50,6 +50,12 @@ class RouterError(Exception):
 QueueKey = tuple[int, str]  # (task kind, operation or monoid name)
 
 
+def queue_label(key: QueueKey) -> str:
+    """How a queue is named in status and metrics: fold combines are marked."""
+    kind, name = key
+    return f"{name} (combine)" if kind == COMBINE else name
+
+
 @dataclass(slots=True, eq=False)
 class TaskRecord:
     """One task as the orchestrator tracks it from publish to result."""

@@ -16,7 +16,7 @@ from squire.api.v1 import squire_pb2_grpc as pb_grpc
 from orchestrator_service import _convert as convert
 from orchestrator_service._core import Router, Worker
 from orchestrator_service._directive import Directive, DirectiveState
-from orchestrator_service._model import Code, RouterError, TaskRecord
+from orchestrator_service._model import Code, RouterError, TaskRecord, queue_label
 from orchestrator_service._session import Session
 from orchestrator_service._signal import Signal
 
@@ -147,7 +147,6 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 class ChannelServicer(pb_grpc.ChannelServiceServicer):
     def __init__(self, router: Router) -> None:
         self._router = router
-        self._signals: dict[str, Signal] = {}
 
     def _signal(self, channel_id: str) -> Signal:
         channel = self._router.channel(channel_id)
@@ -357,21 +356,14 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
             await asyncio.gather(reader, return_exceptions=True)
 
     async def _finish(self, directive: Directive, context: grpc.aio.ServicerContext) -> None:
-        if directive.state is DirectiveState.DONE:
-            progress = convert.progress_to_pb(directive.progress())
-            await context.write(pb.DirectiveEvent(progress=progress))
-            if directive.fold_value is not None:
-                fold = pb.FoldValue(value=directive.fold_value)
-                await context.write(pb.DirectiveEvent(fold=fold))
+        end = directive.end_status()
+        if end is None:
+            for event in convert.final_events(directive):
+                await context.write(event)
             log.debug("directive done", extra={"routing_key": directive.id})
             return
-        if directive.failure is not None:
-            code, message = directive.failure
-            log.info(
-                "directive failed", extra={"routing_key": directive.id, "error": message}
-            )
-            await abort(context, RouterError(code, message))
-        await abort(context, RouterError(Code.CANCELLED, "the directive was cancelled"))
+        log.info("directive ended", extra={"routing_key": directive.id, "error": end[1]})
+        await abort(context, RouterError(*end))
 
 
 class StatusServicer(pb_grpc.StatusServiceServicer):
@@ -404,10 +396,9 @@ def status_to_pb(router: Router, state: str, version: str) -> pb.GetStatusRespon
             )
         )
     depth = 0
-    for (kind, name), q in sorted(router.queues.items()):
+    for key, q in sorted(router.queues.items()):
         if q.depth:
-            label = name if kind == 0 else f"{name} (combine)"
-            response.queues.append(pb.QueueStatus(operation=label, depth=q.depth))
+            response.queues.append(pb.QueueStatus(operation=queue_label(key), depth=q.depth))
             depth += q.depth
     response.queue_depth = depth
     for c in router.channels.values():

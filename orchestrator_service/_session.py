@@ -23,7 +23,7 @@ from squire.api.v1 import squire_pb2 as pb
 
 from orchestrator_service import _convert as convert
 from orchestrator_service._core import Router
-from orchestrator_service._directive import Directive, DirectiveState
+from orchestrator_service._directive import Directive
 from orchestrator_service._interceptor import DirectiveSlot, acquire_directive_slot
 from orchestrator_service._model import Code, RouterError
 from orchestrator_service._signal import Signal
@@ -158,23 +158,19 @@ class Session:
         if items:
             self._signal()  # room in the window for the reader
         finished = d.finished and not d.items
-        if finished or now - call.last_progress >= PROGRESS_INTERVAL:
+        if not finished and now - call.last_progress >= PROGRESS_INTERVAL:
             call.last_progress = now
-            if not finished or d.state is DirectiveState.DONE:
-                events.add().progress.CopyFrom(convert.progress_to_pb(d.progress()))
+            events.add().progress.CopyFrom(convert.progress_to_pb(d.progress()))
         if finished:
             del self._calls[call.call_id]
             call.slot.release()
-            if d.state is DirectiveState.DONE:
-                if d.fold_value is not None:
-                    events.add().fold.value = d.fold_value
+            end = d.end_status()
+            if end is None:
+                events.extend(convert.final_events(d))
                 message.end.code = 0
-            elif d.failure is not None:
-                message.end.code = _code_number(d.failure[0])
-                message.end.message = d.failure[1]
             else:
-                message.end.code = _code_number(Code.CANCELLED)
-                message.end.message = "the directive was cancelled"
+                message.end.code = _code_number(end[0])
+                message.end.message = end[1]
             if self._on_end is not None:
                 self._on_end(d.state.value, self._router.clock() - d.started_at)
         return message if events or message.HasField("end") else None
