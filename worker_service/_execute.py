@@ -20,6 +20,9 @@ from worker_service._model import APPLY, COMBINE, ErrorKind, Failure, Outcome, T
 # An output must fit in one gRPC message next to its result envelope.
 MAX_OUTPUT_BYTES = MAX_PAYLOAD_BYTES - 64 * 1024
 
+# Wire value -> serializer, without an enum lookup per task (0 means JSON).
+_SERIALIZERS = {0: Serializer.JSON, **{int(s): s for s in Serializer}}
+
 
 def run_task(
     registry: Registry,
@@ -37,10 +40,12 @@ def run_task(
     ``retry`` is the number the next retry would have (1 on the first run):
     a ``TransientError`` is answered with its strategy's ``delay(retry)``.
     """
-    try:
-        ser = Serializer.from_wire(serializer)
-    except PayloadError as exc:
-        return Failure(ErrorKind.BAD_PAYLOAD, "PayloadError", str(exc))
+    ser = _SERIALIZERS.get(serializer)
+    if ser is None:
+        try:
+            ser = Serializer.from_wire(serializer)
+        except PayloadError as exc:
+            return Failure(ErrorKind.BAD_PAYLOAD, "PayloadError", str(exc))
     try:
         if kind == APPLY:
             op = registry.operations.get(operation)

@@ -30,7 +30,9 @@ class ErrorKind(enum.IntEnum):
     TIMEOUT = 6
 
 
-@dataclass(frozen=True, slots=True)
+# Per-task values are plain slotted dataclasses: a frozen dataclass's
+# __init__ goes through object.__setattr__ and costs twice as much.
+@dataclass(slots=True, eq=False)
 class TaskSpec:
     """One task as received from the orchestrator."""
 
@@ -77,7 +79,7 @@ class Transient:
 Outcome = bytes | Failure | Transient
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class TaskResult:
     """A task's single report on its stream session."""
 

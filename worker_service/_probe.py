@@ -29,8 +29,14 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
+)
+from squire._fastmetrics import (
+    CounterChild,
+    CounterFamily,
+    FamiliesCollector,
+    HistogramChild,
+    HistogramFamily,
 )
 
 from worker_service._model import ErrorKind, TaskResult
@@ -54,19 +60,22 @@ class WorkerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._known = known
-        self.tasks = Counter(
+        # Updated once per task: lock-free families (see squire._fastmetrics).
+        self.tasks = CounterFamily(
             "squire_worker_tasks", "Tasks reported by this worker, by operation and outcome.",
-            ["operation", "outcome"], registry=r,
+            ["operation", "outcome"],
         )
-        self.execution = Histogram(
+        self.execution = HistogramFamily(
             "squire_worker_execution_seconds", "Task execution time, by operation.",
-            ["operation"], registry=r,
+            ["operation"],
             buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300),
         )
-        self.retries = Counter(
-            "squire_worker_retries", "Transient-error retries, by operation.",
-            ["operation"], registry=r,
+        self.retries = CounterFamily(
+            "squire_worker_retries", "Transient-error retries, by operation.", ["operation"],
         )
+        r.register(FamiliesCollector([self.tasks, self.execution, self.retries]))
+        # (operation, kind) -> its label, ok counter and execution histogram
+        self._by_task: dict[tuple[str, int], tuple[str, CounterChild, HistogramChild]] = {}
         self.reconnects = Counter(
             "squire_worker_reconnects", "Streams to the orchestrator re-opened after a break.",
             registry=r,
@@ -81,19 +90,26 @@ class WorkerMetrics:
 
     def record(self, result: TaskResult) -> None:
         task = result.task
-        op = task.operation if self._known(task.operation) else "unknown"
-        if task.kind == COMBINE:
-            op += " (combine)"
+        cached = self._by_task.get((task.operation, task.kind))
+        if cached is None:
+            op = task.operation if self._known(task.operation) else "unknown"
+            if task.kind == COMBINE:
+                op += " (combine)"
+            cached = (op, self.tasks.labels(op, "ok"), self.execution.labels(op))
+            # Unknown names share one label, so a flood of them adds no series.
+            if op != "unknown":
+                self._by_task[(task.operation, task.kind)] = cached
+        op, ok, execution = cached
         outcome = result.outcome
         if isinstance(outcome, bytes):
-            self.tasks.labels(op, "ok").inc()
-            self.execution.labels(op).observe(result.execution_seconds)
+            ok.value += 1
+            execution.observe(result.execution_seconds)
         else:
-            self.tasks.labels(op, _OUTCOME[outcome.kind]).inc()
+            self.tasks.labels(op, _OUTCOME[outcome.kind]).value += 1
             if outcome.kind is ErrorKind.OPERATION:
-                self.execution.labels(op).observe(result.execution_seconds)
+                execution.observe(result.execution_seconds)
         if result.retries:
-            self.retries.labels(op).inc(result.retries)
+            self.retries.labels(op).value += result.retries
 
 
 class ProbeServer:

@@ -10,14 +10,33 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from typing import Any
 
 import msgpack
+import orjson
 
 from squire._errors import PayloadError
 
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 256
+
+# JSON goes through orjson (several times faster than the standard library)
+# with the standard library's semantics kept exactly: whatever orjson refuses
+# or would read differently takes the standard library's path, so results
+# and errors are the same as with ``json`` alone.
+# - Dataclasses, datetimes and subclasses of built-in types are passed
+#   through by orjson and so refused by it, as ``json`` would refuse them.
+# - orjson writes NaN and infinities as ``null``: an output with a ``null``
+#   is re-encoded by ``json``, which refuses them (``allow_nan=False``).
+# - orjson reads integers past 64 bits as floats: a payload with a run of 19
+#   digits or more is read by ``json``, which keeps them exact.
+_ORJSON_OPTIONS = (
+    orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")
 
 
 class Serializer(enum.IntEnum):
@@ -54,6 +73,13 @@ def encode(value: Any, serializer: Serializer = Serializer.JSON) -> bytes:
     try:
         if serializer is Serializer.MSGPACK:
             return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+        try:
+            out = orjson.dumps(value, option=_ORJSON_OPTIONS)
+        except TypeError:
+            pass  # the standard library decides (and may refuse with its message)
+        else:
+            if b"null" not in out or value is None:
+                return out
         return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError, OverflowError) as exc:
         raise PayloadError(
@@ -82,7 +108,7 @@ def decode(data: bytes, serializer: Serializer = Serializer.JSON, *, what: str =
         if serializer is Serializer.MSGPACK:
             value = msgpack.unpackb(data, raw=False, strict_map_key=False)
         else:
-            value = json.loads(data)
+            value = _loads_json(data)
     except RecursionError:
         raise PayloadError(f"{what} is nested too deeply to decode") from None
     except Exception as exc:  # msgpack raises several unrelated types
@@ -92,6 +118,15 @@ def decode(data: bytes, serializer: Serializer = Serializer.JSON, *, what: str =
     if isinstance(value, dict | list):
         _check_depth(value, what)
     return value
+
+
+def _loads_json(data: bytes) -> Any:
+    if _LONG_NUMBER.search(data) is None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # the standard library decides, and words the error
+    return json.loads(data)
 
 
 def decode_params(data: bytes, serializer: Serializer, *, what: str = "params") -> dict[str, Any]:
