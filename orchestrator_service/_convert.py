@@ -12,6 +12,7 @@ from orchestrator_service._directive import Directive, ItemOutcome, ProgressSnap
 from orchestrator_service._model import (
     APPLY,
     COMBINE,
+    ChannelResult,
     Code,
     ErrorInfo,
     ErrorKind,
@@ -43,28 +44,33 @@ def hello_from_pb(msg: pb.WorkerHello, peer: str) -> WorkerHello:
     )
 
 
-def task_to_pb(task: TaskRecord) -> pb.Task:
-    # On the hot path: set only what the common task carries; empty bytes,
-    # zero and empty lists are the proto defaults anyway.
-    msg = pb.Task(
-        routing_key=task.routing_key,
-        task_id=task.task_id,
-        operation=task.operation,
-        input=task.input,
-        serializer=pb.Serializer.ValueType(task.serializer),
-        attempt=task.attempt,
-        lease_id=task.lease_id,
-    )
-    if task.kind:
-        msg.kind = pb.TaskKind.ValueType(task.kind)
-        msg.operands.extend(task.operands)
-    if task.params:
-        msg.params = task.params
-    if task.metadata:
-        msg.metadata = task.metadata
-    if task.timeout_seconds:
-        msg.timeout_seconds = task.timeout_seconds
-    return msg
+def tasks_to_pb(tasks: list[TaskRecord]) -> pb.OrchestratorMessage:
+    # The hot path. Tasks are built in place with add(): a pb.Task built
+    # first and then put in the batch is copied once per enclosing message
+    # (see bench/README.md). Only fields that differ from the proto
+    # defaults are set.
+    message = pb.OrchestratorMessage()
+    add = message.tasks.tasks.add
+    for task in tasks:
+        msg = add(
+            routing_key=task.routing_key,
+            task_id=task.task_id,
+            operation=task.operation,
+            input=task.input,
+            serializer=pb.Serializer.ValueType(task.serializer),
+            attempt=task.attempt,
+            lease_id=task.lease_id,
+        )
+        if task.kind:
+            msg.kind = pb.TaskKind.ValueType(task.kind)
+            msg.operands.extend(task.operands)
+        if task.params:
+            msg.params = task.params
+        if task.metadata:
+            msg.metadata = task.metadata
+        if task.timeout_seconds:
+            msg.timeout_seconds = task.timeout_seconds
+    return message
 
 
 def ipc_to_pb(ipc: IpcMessage) -> pb.OrchestratorMessage:
@@ -112,28 +118,30 @@ def _error_kind(value: int) -> ErrorKind:
         return ErrorKind.OPERATION
 
 
-def result_to_pb(task: TaskRecord, output: bytes, error: ErrorInfo | None) -> pb.TaskResult:
-    msg = pb.TaskResult(
-        routing_key=task.routing_key,
-        task_id=task.task_id,
-        metadata=task.metadata,
-        attempt=task.attempt,
-        lease_id=task.lease_id,
-    )
-    if error is None:
-        msg.ok.output = output
-    else:
-        msg.err.CopyFrom(
-            pb.ExecutionErr(
-                error_type=error.error_type,
-                message=error.message,
-                strategy=pb.FatalStrategy.ValueType(error.strategy),
-                retries_exhausted=error.retries_exhausted,
-                retries=error.retries,
-                kind=pb.ErrorKind.ValueType(error.kind),
-            )
+def results_to_pb(results: list[ChannelResult]) -> pb.ResultBatch:
+    batch = pb.ResultBatch()
+    add = batch.results.add
+    for r in results:
+        task = r.task
+        msg = add(
+            routing_key=task.routing_key,
+            task_id=task.task_id,
+            metadata=task.metadata,
+            attempt=task.attempt,
+            lease_id=task.lease_id,
         )
-    return msg
+        error = r.error
+        if error is None:
+            msg.ok.output = r.output
+            continue
+        err = msg.err
+        err.error_type = error.error_type
+        err.message = error.message
+        err.strategy = pb.FatalStrategy.ValueType(error.strategy)
+        err.retries_exhausted = error.retries_exhausted
+        err.retries = error.retries
+        err.kind = pb.ErrorKind.ValueType(error.kind)
+    return batch
 
 
 def spec_to_record(spec: pb.TaskSpec, position: int) -> TaskRecord:
@@ -193,14 +201,14 @@ def _check_params(data: bytes, serializer: int, where: str) -> None:
 
 
 def items_to_pb(items: list[ItemOutcome]) -> pb.DirectiveEvent:
-    return pb.DirectiveEvent(
-        items=pb.ItemBatch(
-            items=[
-                pb.IndexedResult(index=i.index, value=i.value, skipped=i.skipped, error=i.error)
-                for i in items
-            ]
-        )
-    )
+    event = pb.DirectiveEvent()
+    add = event.items.items.add
+    for i in items:
+        if i.skipped:
+            add(index=i.index, skipped=True, error=i.error)
+        else:
+            add(index=i.index, value=i.value)
+    return event
 
 
 def final_events(directive: Directive) -> list[pb.DirectiveEvent]:

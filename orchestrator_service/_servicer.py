@@ -126,8 +126,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             if worker.outbox:
                 tasks, worker.outbox = worker.outbox, []
                 for chunk in _chunks(tasks):
-                    batch = pb.TaskBatch(tasks=[convert.task_to_pb(t) for t in chunk])
-                    await context.write(pb.OrchestratorMessage(tasks=batch))
+                    await context.write(convert.tasks_to_pb(chunk))
                 continue  # more may have arrived while writing
             if worker.lost:
                 timeout = self._router.config.lease_timeout
@@ -207,9 +206,7 @@ class ChannelServicer(pb_grpc.ChannelServiceServicer):
         while True:
             results = router.take_results(channel, MAX_ITEMS_PER_MESSAGE)
             if results:
-                yield pb.ResultBatch(
-                    results=[convert.result_to_pb(r.task, r.output, r.error) for r in results]
-                )
+                yield convert.results_to_pb(results)
                 continue
             if channel.drained or router.channels.get(channel.id) is not channel:
                 return

@@ -95,7 +95,7 @@ class HistogramFamily:
 
     def collect(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        edges = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        edges = [floatToGoString(b) for b in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
         for values, child in list(self._children.items()):
             counts = list(child.counts)  # one consistent copy
             total = child.sum
