@@ -18,6 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from squire._ops import Registry
+from squire.api.v1 import squire_pb2 as pb
 
 from worker_service import _child
 from worker_service._abort import NEVER_ABORTED, AbortFlag
@@ -42,6 +43,13 @@ class InlineExecutor:
         return run_task(
             self._registry, task.kind, task.operation, task.params, task.input,
             task.operands, task.serializer, NEVER_ABORTED, retry,
+        )
+
+    def run_wire(self, t: pb.Task) -> Outcome:
+        """A task's first run, read straight from its wire message."""
+        return run_task(
+            self._registry, t.kind, t.operation, t.params, t.input,
+            t.operands if t.kind else (), t.serializer, NEVER_ABORTED, 1,
         )
 
     async def start(self) -> None:

@@ -77,13 +77,3 @@ class Transient:
 
 # What one execution of a task produces: the encoded output on success.
 Outcome = bytes | Failure | Transient
-
-
-@dataclass(slots=True, eq=False)
-class TaskResult:
-    """A task's single report on its stream session."""
-
-    task: TaskSpec
-    outcome: bytes | Failure
-    execution_seconds: float
-    retries: int = 0  # transient-error retries made before this outcome

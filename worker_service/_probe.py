@@ -39,7 +39,7 @@ from squire._fastmetrics import (
     HistogramFamily,
 )
 
-from worker_service._model import ErrorKind, TaskResult
+from worker_service._model import ErrorKind, Failure
 
 DEFAULT_METRICS_PORT = 9465
 COMBINE = 1
@@ -88,28 +88,37 @@ class WorkerMetrics:
         Gauge("squire_worker_ready", "1 while connected and taking tasks.",
               registry=r).set_function(lambda: 1.0 if ready() else 0.0)
 
-    def record(self, result: TaskResult) -> None:
-        task = result.task
-        cached = self._by_task.get((task.operation, task.kind))
+    def _series(self, operation: str, kind: int) -> tuple[str, CounterChild, HistogramChild]:
+        cached = self._by_task.get((operation, kind))
         if cached is None:
-            op = task.operation if self._known(task.operation) else "unknown"
-            if task.kind == COMBINE:
+            op = operation if self._known(operation) else "unknown"
+            if kind == COMBINE:
                 op += " (combine)"
             cached = (op, self.tasks.labels(op, "ok"), self.execution.labels(op))
             # Unknown names share one label, so a flood of them adds no series.
             if op != "unknown":
-                self._by_task[(task.operation, task.kind)] = cached
-        op, ok, execution = cached
-        outcome = result.outcome
+                self._by_task[(operation, kind)] = cached
+        return cached
+
+    def record_ok(self, operation: str, kind: int, seconds: float) -> None:
+        """The hot path: one task returned a value."""
+        _, ok, execution = self._series(operation, kind)
+        ok.value += 1
+        execution.observe(seconds)
+
+    def record(
+        self, operation: str, kind: int, outcome: bytes | Failure, seconds: float, retries: int
+    ) -> None:
+        op, ok, execution = self._series(operation, kind)
         if isinstance(outcome, bytes):
             ok.value += 1
-            execution.observe(result.execution_seconds)
+            execution.observe(seconds)
         else:
             self.tasks.labels(op, _OUTCOME[outcome.kind]).value += 1
             if outcome.kind is ErrorKind.OPERATION:
-                execution.observe(result.execution_seconds)
-        if result.retries:
-            self.retries.labels(op).value += result.retries
+                execution.observe(seconds)
+        if retries:
+            self.retries.labels(op).value += retries
 
 
 class ProbeServer:

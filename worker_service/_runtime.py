@@ -302,7 +302,7 @@ class WorkerRuntime:
                     heartbeat_interval=welcome.heartbeat_interval_seconds
                     or DEFAULT_HEARTBEAT_INTERVAL,
                     on_drain_request=self.request_drain,
-                    on_result=self.metrics.record if self.metrics is not None else None,
+                    metrics=self.metrics,
                 )
                 if self._welcomed_once and self.metrics is not None:
                     self.metrics.reconnects.inc()

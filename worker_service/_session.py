@@ -22,7 +22,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -32,7 +32,8 @@ from squire.api.v1 import squire_pb2 as pb
 from worker_service import _wire
 from worker_service._abort import AbortMemory
 from worker_service._executor import Executor, InlineExecutor, ProcessExecutor, Submitted
-from worker_service._model import ErrorKind, Failure, Outcome, TaskResult, TaskSpec, Transient
+from worker_service._model import ErrorKind, Failure, Outcome, TaskSpec, Transient
+from worker_service._probe import WorkerMetrics
 
 log = logging.getLogger("worker_service.session")
 
@@ -84,9 +85,9 @@ class Session:
         window: int,
         heartbeat_interval: float,
         on_drain_request: Callable[[float | None], None],
-        on_result: Callable[[TaskResult], None] | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
-        self._on_result = on_result
+        self._metrics = metrics
         self._call = call
         self._executor = executor
         self._aborted = aborted
@@ -98,7 +99,7 @@ class Session:
         self._running: dict[_Job, Submitted] = {}
         self._isolated: _Job | None = None  # a suspect running alone
         self._waiting: dict[_Job, asyncio.Task[None]] = {}
-        self._outbox: list[TaskResult] = []
+        self._outbox = _wire.ResultBuffer()
 
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tg: asyncio.TaskGroup | None = None
@@ -196,9 +197,13 @@ class Session:
         except _STREAM_ERRORS as exc:
             self._finish(SessionEnd.BROKEN, _describe(exc))
 
-    def _on_tasks(self, tasks: Iterable[pb.Task]) -> None:
+    def _on_tasks(self, tasks: Sequence[pb.Task]) -> None:
         aborted = self._aborted
         aborted.prune()
+        executor = self._executor
+        if isinstance(executor, InlineExecutor) and not self._draining and not self._queue:
+            self._run_inline_batch(executor, tasks)
+            return
         for task in _wire.tasks_from_wire(tasks):
             job = _Job(task)
             if self._draining:
@@ -216,6 +221,34 @@ class Session:
                     "%d held, window %d", held, self._window,
                 )
         self._pump()
+
+    def _run_inline_batch(self, executor: InlineExecutor, tasks: Sequence[pb.Task]) -> None:
+        """The inline executor's hot path: straight from the wire message to
+        the result message, with no per-task objects unless a task needs
+        more than one run and a report (an error, a retry, a timeout)."""
+        run = executor.run_wire
+        aborted = self._aborted
+        add_ok = self._outbox.add_ok
+        metrics = self._metrics
+        clock = time.perf_counter
+        for t in tasks:
+            key = t.routing_key
+            if aborted.is_aborted(key):
+                self._report(_Job(_wire.task_from_wire(t)), _aborted(key))
+                continue
+            start = clock()
+            outcome = run(t)
+            took = clock() - start
+            if type(outcome) is bytes and not 0 < t.timeout_seconds < took:
+                add_ok(key, t.task_id, t.attempt, t.lease_id, t.metadata, outcome, took)
+                if metrics is not None:
+                    metrics.record_ok(t.operation, t.kind, took)
+                continue
+            job = _Job(_wire.task_from_wire(t))
+            job.elapsed = took
+            if self._settle_inline(job, outcome, took):
+                self._run_inline(executor, job)
+        self._wake_writer.set()
 
     def _on_ipc(self, ipc: pb.WorkerIpc) -> None:
         kind = ipc.WhichOneof("kind")
@@ -297,13 +330,18 @@ class Session:
             outcome = executor.run(task, job.retries + 1)
             took = time.perf_counter() - start
             job.elapsed += took
-            if 0 < task.timeout_seconds < took:
-                outcome = _timed_out(task)
-            if not isinstance(outcome, Transient):
-                self._report(job, outcome)
+            if not self._settle_inline(job, outcome, took):
                 return
-            if not self._retry_now(job, outcome):
-                return
+
+    def _settle_inline(self, job: _Job, outcome: Outcome, took: float) -> bool:
+        """Report an inline run's outcome; True when the task must run again now."""
+        task = job.task
+        if 0 < task.timeout_seconds < took:
+            outcome = _timed_out(task)
+        if not isinstance(outcome, Transient):
+            self._report(job, outcome)
+            return False
+        return self._retry_now(job, outcome)
 
     async def _await_pooled(self, job: _Job, sub: Submitted) -> None:
         task = job.task
@@ -428,10 +466,10 @@ class Session:
     # -------------------------------------------------------------- writing
 
     def _report(self, job: _Job, outcome: bytes | Failure) -> None:
-        result = TaskResult(job.task, outcome, job.elapsed, job.retries)
-        self._outbox.append(result)
-        if self._on_result is not None:
-            self._on_result(result)
+        task = job.task
+        self._outbox.add(task, outcome, job.elapsed, job.retries)
+        if self._metrics is not None:
+            self._metrics.record(task.operation, task.kind, outcome, job.elapsed, job.retries)
         self._wake_writer.set()
 
     async def _write_loop(self) -> None:
@@ -444,8 +482,7 @@ class Session:
                     self._credit_zero_due = False
                     await call.write(_wire.credit(0))
                 while self._outbox:
-                    results, self._outbox = self._outbox, []
-                    for message in _wire.result_batches(results):
+                    for message in self._outbox.take():
                         await call.write(message)
                 if self._heartbeat_due:
                     self._heartbeat_due = False

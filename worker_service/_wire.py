@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 
 from squire.api.v1 import squire_pb2 as pb
 
-from worker_service._model import TaskResult, TaskSpec
+from worker_service._model import Failure, TaskSpec
 
 # Results go out in messages of at most this many payload bytes, well below
 # the 64 MiB message limit, so one big output cannot make a batch unsendable.
 MAX_BATCH_BYTES = 16 * 1024 * 1024
 
 
+def task_from_wire(t: pb.Task) -> TaskSpec:
+    kind = t.kind
+    # Only a fold combine carries operands; reading an empty repeated
+    # field still costs a Python object per task.
+    operands = tuple(t.operands) if kind else ()
+    return TaskSpec(
+        t.routing_key, t.task_id, t.operation, kind, t.params, t.input, operands,
+        t.serializer, t.metadata, t.attempt, t.lease_id, t.timeout_seconds,
+    )
+
+
 def tasks_from_wire(tasks: Iterable[pb.Task]) -> list[TaskSpec]:
-    out = []
-    for t in tasks:
-        kind = t.kind
-        # Only a fold combine carries operands; reading an empty repeated
-        # field still costs a Python object per task.
-        operands = tuple(t.operands) if kind else ()
-        out.append(TaskSpec(
-            t.routing_key, t.task_id, t.operation, kind, t.params, t.input, operands,
-            t.serializer, t.metadata, t.attempt, t.lease_id, t.timeout_seconds,
-        ))
-    return out
+    return [task_from_wire(t) for t in tasks]
 
 
 def hello(
@@ -55,47 +56,76 @@ def heartbeat(running: int, buffered: int) -> pb.WorkerMessage:
     return pb.WorkerMessage(heartbeat=pb.Heartbeat(running=running, buffered=buffered))
 
 
-def _add_result(batch: pb.ResultBatch, r: TaskResult) -> None:
-    # Built in place with add(): constructing a TaskResult and putting it in
-    # a list costs two more copies of it (see bench/README.md). Only fields
-    # that differ from the proto defaults are set.
-    t = r.task
-    msg = batch.results.add(
-        routing_key=t.routing_key, task_id=t.task_id, attempt=t.attempt, lease_id=t.lease_id,
-        execution_seconds=r.execution_seconds,
-    )
-    if t.metadata:
-        msg.metadata = t.metadata
-    if r.retries:
-        msg.retries = r.retries
-    outcome = r.outcome
-    if isinstance(outcome, bytes):
-        msg.ok.output = outcome
-        return
-    err = msg.err
-    err.error_type = outcome.error_type
-    err.message = outcome.message
-    err.strategy = pb.FatalStrategy.ValueType(outcome.strategy)
-    err.retries_exhausted = outcome.retries_exhausted
-    err.retries = outcome.retries
-    err.kind = pb.ErrorKind.ValueType(outcome.kind)
+class ResultBuffer:
+    """Results waiting for the writer, already in their wire messages.
 
+    Each result is added in place (``add()``): building a pb.TaskResult
+    first and putting it in a batch would copy it once per enclosing
+    message (see bench/README.md). Only fields that differ from the proto
+    defaults are set. A message is closed at ``MAX_BATCH_BYTES`` of
+    payload, so one big output cannot make a batch unsendable.
+    """
 
-def result_batches(results: Sequence[TaskResult]) -> Iterator[pb.WorkerMessage]:
-    """One message for the usual case; several when outputs are large."""
-    message = pb.WorkerMessage()
-    batch = message.results
-    size = count = 0
-    for r in results:
-        n = len(r.outcome) if isinstance(r.outcome, bytes) else 0
-        n += len(r.task.metadata)
-        if count and size + n > MAX_BATCH_BYTES:
-            yield message
+    __slots__ = ("_add", "_messages", "_size")
+
+    def __init__(self) -> None:
+        self._messages: list[pb.WorkerMessage] = []
+        self._size = 0
+        self._add: Callable[..., pb.TaskResult] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._messages)
+
+    def _results(self, n: int) -> Callable[..., pb.TaskResult]:
+        add = self._add
+        if add is None or self._size + n > MAX_BATCH_BYTES:
             message = pb.WorkerMessage()
-            batch = message.results
-            size = count = 0
-        _add_result(batch, r)
-        size += n
-        count += 1
-    if count:
-        yield message
+            self._messages.append(message)
+            add = self._add = message.results.results.add
+            self._size = 0
+        self._size += n
+        return add
+
+    def add_ok(
+        self, routing_key: str, task_id: int, attempt: int, lease_id: int, metadata: bytes,
+        output: bytes, execution_seconds: float, retries: int = 0,
+    ) -> None:
+        msg = self._results(len(output) + len(metadata))(
+            routing_key=routing_key, task_id=task_id, attempt=attempt, lease_id=lease_id,
+            execution_seconds=execution_seconds,
+        )
+        msg.ok.output = output
+        if metadata:
+            msg.metadata = metadata
+        if retries:
+            msg.retries = retries
+
+    def add(self, task: TaskSpec, outcome: bytes | Failure, execution_seconds: float,
+            retries: int) -> None:
+        if isinstance(outcome, bytes):
+            self.add_ok(
+                task.routing_key, task.task_id, task.attempt, task.lease_id, task.metadata,
+                outcome, execution_seconds, retries,
+            )
+            return
+        msg = self._results(len(task.metadata) + len(outcome.message))(
+            routing_key=task.routing_key, task_id=task.task_id, attempt=task.attempt,
+            lease_id=task.lease_id, execution_seconds=execution_seconds,
+        )
+        if task.metadata:
+            msg.metadata = task.metadata
+        if retries:
+            msg.retries = retries
+        err = msg.err
+        err.error_type = outcome.error_type
+        err.message = outcome.message
+        err.strategy = pb.FatalStrategy.ValueType(outcome.strategy)
+        err.retries_exhausted = outcome.retries_exhausted
+        err.retries = outcome.retries
+        err.kind = pb.ErrorKind.ValueType(outcome.kind)
+
+    def take(self) -> list[pb.WorkerMessage]:
+        messages, self._messages = self._messages, []
+        self._add = None
+        self._size = 0
+        return messages
