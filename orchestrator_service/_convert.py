@@ -90,24 +90,20 @@ def ipc_to_pb(ipc: IpcMessage) -> pb.OrchestratorMessage:
 
 
 def results_from_pb(batch: pb.ResultBatch) -> list[ResultEvent]:
-    events = []
+    # The hot path: fields are read once each and only where needed (the
+    # routing key is not: the lease id names the dispatch).
+    events: list[ResultEvent] = []
+    append = events.append
     for r in batch.results:
         if r.HasField("err"):
             e = r.err
-            error: ErrorInfo | None = ErrorInfo(
+            error = ErrorInfo(
                 e.error_type, e.message, e.strategy, e.retries_exhausted, e.retries,
                 _error_kind(e.kind),
             )
-            output = b""
+            append(ResultEvent(r.task_id, r.lease_id, b"", error, max(r.retries, e.retries)))
         else:
-            error = None
-            output = r.ok.output
-        retries = max(r.retries, r.err.retries) if error is not None else r.retries
-        events.append(
-            ResultEvent(
-                r.routing_key, r.task_id, r.lease_id, output, error, r.execution_seconds, retries
-            )
-        )
+            append(ResultEvent(r.task_id, r.lease_id, r.ok.output, None, r.retries))
     return events
 
 

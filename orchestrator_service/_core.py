@@ -83,9 +83,10 @@ class Worker:
         self.supports: frozenset[QueueKey] = frozenset(
             [(APPLY, op) for op in hello.operations] + [(COMBINE, m) for m in hello.monoids]
         )
-        # (routing key, task id) -> task, in dispatch order: the worker runs
-        # FIFO, so the first `capacity` entries are the ones executing.
-        self.leases: dict[tuple[str, int], TaskRecord] = {}
+        # lease id -> task, in dispatch order: the worker runs FIFO, so the
+        # first `capacity` entries are the ones executing. Lease ids are
+        # unique per orchestrator, so one names one dispatch of one task.
+        self.leases: dict[int, TaskRecord] = {}
         self.outbox: list[TaskRecord] = []
         self.ipc: list[IpcMessage] = []
         self.connected_at = now
@@ -120,28 +121,45 @@ class Channel:
         self._priority: dict[QueueKey, int] = {}
         self.notify: Notify | None = None
 
-    def push(self, task: TaskRecord, *, front: bool = False) -> None:
-        key = task.queue_key
+    def _fifo(self, key: QueueKey, stage: int) -> deque[TaskRecord]:
         fifo = self.fifos.get(key)
         if fifo is None:
             fifo = self.fifos[key] = deque()
             # fold tasks (stage < 0) outrank every map stage
-            self._priority[key] = task.stage if task.stage >= 0 else 1 << 30
+            self._priority[key] = stage if stage >= 0 else 1 << 30
             self.fifos = dict(
                 sorted(self.fifos.items(), key=lambda kv: -self._priority[kv[0]])
             )
+        return fifo
+
+    def push(self, task: TaskRecord, *, front: bool = False) -> None:
+        fifo = self._fifo(task.queue_key, task.stage)
         if front:
             fifo.appendleft(task)
         else:
             fifo.append(task)
         self.queued += 1
 
-    def take(self, supports: frozenset[QueueKey], n: int) -> list[TaskRecord]:
+    def push_many(self, key: QueueKey, tasks: list[TaskRecord]) -> None:
+        """Tasks of one key and one stage, to the back of their fifo."""
+        self._fifo(key, tasks[0].stage).extend(tasks)
+        self.queued += len(tasks)
+
+    def take(
+        self, supports: frozenset[QueueKey], n: int, depths: dict[QueueKey, OpDepth]
+    ) -> list[TaskRecord]:
+        """Up to ``n`` queued tasks a worker supports; ``depths`` is kept in step."""
         taken: list[TaskRecord] = []
         for key, fifo in self.fifos.items():
             if fifo and key in supports:
                 k = min(n - len(taken), len(fifo))
-                taken.extend(fifo.popleft() for _ in range(k))
+                if k == len(fifo):
+                    taken.extend(fifo)
+                    fifo.clear()
+                else:
+                    popleft = fifo.popleft
+                    taken.extend([popleft() for _ in range(k)])
+                depths[key].depth -= k
                 if len(taken) >= n:
                     break
         self.queued -= len(taken)
@@ -189,8 +207,9 @@ class Router:
         self._ready: dict[str, Channel] = {}
         self.stats = Stats()
         self.accepting = True
-        # Optional observer of every task that reached its outcome (metrics).
-        self.on_task_done: Callable[[TaskRecord], None] | None = None
+        # Optional observer of every task that reached its outcome, with the
+        # time it did (metrics).
+        self.on_task_done: Callable[[TaskRecord, float], None] | None = None
         self._lease_ids = itertools.count(1)
         self._dispatch_needed = False
         self._worker_rotation = 0
@@ -262,34 +281,41 @@ class Router:
             self._send_ipc(worker, IpcMessage("drain", message=f"{grace_seconds:g}"))
 
     def on_results(self, worker: Worker, events: Iterable[ResultEvent]) -> None:
-        worker.last_seen = self.clock()
+        now = worker.last_seen = self.clock()
         touched: dict[str, Directive] = {}
+        leases = worker.leases
+        channels = self.channels
+        on_task_done = self.on_task_done
+        stats = self.stats
+        done = 0
         for event in events:
-            task = worker.leases.pop((event.routing_key, event.task_id), None)
-            if task is None or task.lease_id != event.lease_id:
-                if task is not None:  # a stale lease id: keep the live lease
-                    worker.leases[(event.routing_key, event.task_id)] = task
-                self.stats.duplicates += 1
+            task = leases.pop(event.lease_id, None)
+            if task is None or task.task_id != event.task_id:
+                if task is not None:  # not this lease's task: keep the live lease
+                    leases[event.lease_id] = task
+                stats.duplicates += 1
                 continue
-            worker.completed += 1
-            self._dispatch_needed = True
+            done += 1
             if event.retries:
-                self.stats.retries += event.retries
-            channel = self.channels.get(task.routing_key)
+                stats.retries += event.retries
+            channel = channels.get(task.routing_key)
             if channel is None:
-                self.stats.late += 1
+                stats.late += 1
                 continue
             channel.in_flight -= 1
             error = event.error
             if error is not None and self._redeliver(channel, task, error):
                 continue
-            if self.on_task_done is not None:
-                self.on_task_done(task)
+            if on_task_done is not None:
+                on_task_done(task, now)
             directive = channel.directive
             if directive is not None:
                 directive.retries += event.retries
                 touched[channel.id] = directive
             self._deliver(channel, task, event.output, error)
+        if done:
+            worker.completed += done
+            self._dispatch_needed = True
         for directive in touched.values():
             directive.advance()
         self._pump()
@@ -461,6 +487,24 @@ class Router:
         self.stats.published += 1
         self._dispatch_needed = True
 
+    def enqueue_many(self, channel: Channel, key: QueueKey, tasks: list[TaskRecord]) -> None:
+        """``enqueue`` for tasks of one queue key and one stage, in one go."""
+        if not tasks:
+            return
+        now = self.clock()
+        for task in tasks:
+            task.published_at = now
+        channel.push_many(key, tasks)
+        queue = self.queues.get(key)
+        if queue is None:
+            queue = self.queues[key] = OpDepth()
+        queue.depth += len(tasks)
+        if channel.id not in self._ready:
+            self._ready[channel.id] = channel
+        channel.published += len(tasks)
+        self.stats.published += len(tasks)
+        self._dispatch_needed = True
+
     def _pump(self) -> None:
         """Fill every worker's free credit, serving channels round-robin
         (``fairness_quantum`` tasks per turn) so directives share fairly."""
@@ -483,8 +527,10 @@ class Router:
             progressed = True
             while free > 0 and progressed and ready:
                 progressed = False
+                # With one channel ready there is nobody to be fair to.
+                turn = quantum if len(ready) > 1 else free
                 for channel in list(ready.values()):
-                    tasks = channel.take(worker.supports, min(free, quantum))
+                    tasks = channel.take(worker.supports, min(free, turn), self.queues)
                     if not tasks:
                         continue
                     progressed = True
@@ -504,12 +550,10 @@ class Router:
     def _lease(self, worker: Worker, channel: Channel, tasks: list[TaskRecord]) -> None:
         lease_ids = self._lease_ids
         leases = worker.leases
-        queues = self.queues
         for task in tasks:
             task.attempt += 1
-            task.lease_id = next(lease_ids)
-            leases[(task.routing_key, task.task_id)] = task
-            queues[task.queue_key].depth -= 1
+            lease_id = task.lease_id = next(lease_ids)
+            leases[lease_id] = task
         worker.outbox.extend(tasks)
         channel.in_flight += len(tasks)
 

@@ -156,13 +156,30 @@ class Directive:
             return
         if self.input_closed:
             raise ValueError("input already ended")
-        for item in items:
-            index = self.received
-            self.received += 1
-            if self._maps:
-                self._submit_map(0, index, item)
-            else:
+        first = self.received
+        self.received += len(items)
+        if not self._maps:
+            for index, item in enumerate(items, first):
                 self._element_done(index, item)
+            return
+        # The hot path: one map task per element, queued in one call.
+        stage = self._maps[0]
+        channel = self._channel
+        key = channel.id
+        ids = channel.next_task_id + 1
+        channel.next_task_id += len(items)
+        op = stage.operation
+        params = stage.params
+        serializer = self.plan.serializer
+        timeout = self.plan.task_timeout_seconds
+        tasks = [
+            TaskRecord(
+                key, ids + i, op, APPLY, params, item, (), serializer, b"", timeout,
+                0, 0, 0, 0, 0.0, 0, first + i, 0,
+            )
+            for i, item in enumerate(items)
+        ]
+        self._router.enqueue_many(channel, (APPLY, op), tasks)
 
     def end_input(self) -> None:
         self.input_closed = True
@@ -249,18 +266,9 @@ class Directive:
         channel = self._channel
         channel.next_task_id += 1
         task = TaskRecord(
-            routing_key=channel.id,
-            task_id=channel.next_task_id,
-            operation=operation,
-            kind=kind,
-            params=params,
-            input=value,
-            operands=operands if operands is not None else [],
-            serializer=self.plan.serializer,
-            timeout_seconds=self.plan.task_timeout_seconds,
-            stage=stage,
-            index=index,
-            end=end,
+            channel.id, channel.next_task_id, operation, kind, params, value,
+            operands if operands is not None else (), self.plan.serializer, b"",
+            self.plan.task_timeout_seconds, 0, 0, 0, 0, 0.0, stage, index, end,
         )
         self._router.enqueue(channel, task)
 

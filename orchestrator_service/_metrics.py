@@ -164,13 +164,13 @@ class OrchestratorMetrics:
         router.on_task_done = self._task_done
         self._server: object | None = None
 
-    def _task_done(self, task: TaskRecord) -> None:
+    def _task_done(self, task: TaskRecord, now: float) -> None:
         # A per-queue cache keeps this per-task hook to one observe.
         child = self._latency_children.get(task.queue_key)
         if child is None:
             child = self.task_latency.labels(queue_label(task.queue_key))
             self._latency_children[task.queue_key] = child
-        child.observe(self._router.clock() - task.published_at)
+        child.observe(now - task.published_at)
 
     def directive_ended(self, outcome: str, seconds: float) -> None:
         self.directive_duration.labels(outcome).observe(seconds)

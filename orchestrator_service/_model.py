@@ -4,7 +4,8 @@ from these at the servicer edge and never reach the core."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 APPLY = 0  # squire.api.v1.TaskKind
 COMBINE = 1
@@ -58,7 +59,11 @@ def queue_label(key: QueueKey) -> str:
 
 @dataclass(slots=True, eq=False)
 class TaskRecord:
-    """One task as the orchestrator tracks it from publish to result."""
+    """One task as the orchestrator tracks it from publish to result.
+
+    Built once per task on the hot path: pass the fields positionally there
+    (keyword arguments make ``__init__`` twice as slow, see bench/README.md).
+    """
 
     routing_key: str
     task_id: int
@@ -66,7 +71,7 @@ class TaskRecord:
     kind: int = APPLY
     params: bytes = b""
     input: bytes = b""
-    operands: list[bytes] = field(default_factory=list)
+    operands: Sequence[bytes] = ()
     serializer: int = 1
     metadata: bytes = b""
     timeout_seconds: float = 0.0
@@ -100,14 +105,15 @@ class ErrorInfo:
 # dataclass's __init__ goes through object.__setattr__ and costs twice as much.
 @dataclass(slots=True)
 class ResultEvent:
-    """A worker's report for one task: ``error`` is None for ExecutionOk."""
+    """A worker's report for one task: ``error`` is None for ExecutionOk.
 
-    routing_key: str
+    The lease id names the dispatch (it is unique per orchestrator), the
+    task id must match it."""
+
     task_id: int
     lease_id: int
     output: bytes = b""
     error: ErrorInfo | None = None
-    execution_seconds: float = 0.0
     retries: int = 0
 
 

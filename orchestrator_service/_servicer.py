@@ -39,7 +39,9 @@ def _chunks(tasks: list[TaskRecord]) -> list[list[TaskRecord]]:
     current: list[TaskRecord] = []
     size = 0
     for task in tasks:
-        n = len(task.input) + sum(len(o) for o in task.operands) + 64
+        n = len(task.input) + 64
+        if task.operands:
+            n += sum(len(o) for o in task.operands)
         if current and (len(current) >= MAX_TASKS_PER_MESSAGE or size + n > MAX_BYTES_PER_MESSAGE):
             out.append(current)
             current, size = [], 0

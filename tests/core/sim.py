@@ -98,7 +98,7 @@ class Sim:
             for task in batch:
                 output, error = self.execute(task)
                 events.append(
-                    ResultEvent(task.routing_key, task.task_id, task.lease_id, output, error)
+                    ResultEvent(task.task_id, task.lease_id, output, error)
                 )
             ran += len(events)
             self.router.on_results(worker, events)

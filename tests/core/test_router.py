@@ -95,7 +95,7 @@ def test_empty_fold_asks_a_worker_for_empty(sim: Sim) -> None:
     directive = sim.router.start_directive(plan(f("sum")))
     sim.router.directive_input_end(directive)
     (task,) = [t for w in sim.router.workers.values() for t in w.outbox]
-    assert task.kind == COMBINE and task.operands == []
+    assert task.kind == COMBINE and not task.operands
     sim.run()
     assert directive.fold_value == b"0"
 
@@ -306,7 +306,7 @@ def test_lost_worker_tasks_are_requeued_and_late_results_dropped() -> None:
     assert router.stats.requeued == 4
     s.run()
     # the silent worker's late results arrive: dropped, never delivered twice
-    router.on_results(w1, [ResultEvent(t.routing_key, t.task_id, t.lease_id, b"99") for t in stolen])
+    router.on_results(w1, [ResultEvent(t.task_id, t.lease_id, b"99") for t in stolen])
     assert router.stats.duplicates == 4
     items = d.take_items()
     assert sorted(o.index for o in items) == list(range(10))
@@ -319,10 +319,10 @@ def test_results_with_a_stale_lease_are_dropped() -> None:
     ch = router.lease_channel()
     router.publish(ch.id, [TaskRecord("", 7, "length", input=b'"ab"')])
     (task,) = w.outbox
-    router.on_results(w, [ResultEvent(ch.id, 7, task.lease_id + 1, b"2")])
+    router.on_results(w, [ResultEvent(7, task.lease_id + 1, b"2")])
     assert router.stats.duplicates == 1 and not ch.results
-    router.on_results(w, [ResultEvent(ch.id, 7, task.lease_id, b"2")])
-    router.on_results(w, [ResultEvent(ch.id, 7, task.lease_id, b"2")])
+    router.on_results(w, [ResultEvent(7, task.lease_id, b"2")])
+    router.on_results(w, [ResultEvent(7, task.lease_id, b"2")])
     assert len(ch.results) == 1 and router.stats.duplicates == 2
 
 
@@ -335,7 +335,7 @@ def test_returned_tasks_go_back_to_the_front_without_an_attempt_penalty() -> Non
     w.outbox.clear()
     router.set_window(w, 0)
     returned = ErrorInfo("Returned", "draining", kind=ErrorKind.RETURNED)
-    router.on_results(w, [ResultEvent(ch.id, task.task_id, task.lease_id, error=returned)])
+    router.on_results(w, [ResultEvent(task.task_id, task.lease_id, error=returned)])
     assert not w.outbox and ch.queued == 3
     w2 = router.connect_worker(hello("w2", capacity=1, prefetch=0))
     assert [t.task_id for t in w2.outbox] == [0]
@@ -363,7 +363,7 @@ def test_crash_reports_count_towards_poison() -> None:
     for _ in range(2):
         (t,) = w.outbox
         w.outbox.clear()
-        router.on_results(w, [ResultEvent(t.routing_key, t.task_id, t.lease_id, error=crashed)])
+        router.on_results(w, [ResultEvent(t.task_id, t.lease_id, error=crashed)])
     assert d.state is DirectiveState.FAILED and d.failure is not None
     assert "poison" in d.failure[1]
 
@@ -453,11 +453,11 @@ def test_timeouts_are_retried_then_fatal() -> None:
     (t,) = w.outbox
     assert t.timeout_seconds == 0.5
     w.outbox.clear()
-    router.on_results(w, [ResultEvent(t.routing_key, t.task_id, t.lease_id, error=timeout)])
+    router.on_results(w, [ResultEvent(t.task_id, t.lease_id, error=timeout)])
     assert d.state is DirectiveState.RUNNING and router.stats.timeouts == 1
     (t,) = w.outbox
     assert t.attempt == 2
     w.outbox.clear()
-    router.on_results(w, [ResultEvent(t.routing_key, t.task_id, t.lease_id, error=timeout)])
+    router.on_results(w, [ResultEvent(t.task_id, t.lease_id, error=timeout)])
     assert d.state is DirectiveState.FAILED and d.failure is not None
     assert "ran longer than 0.5 s" in d.failure[1]
