@@ -10,7 +10,7 @@ builds the plan, streams the inputs and collects what comes back.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterable, Generator, Iterable, Sized
+from collections.abc import AsyncGenerator, AsyncIterable, Collection, Generator, Iterable, Sized
 from typing import TYPE_CHECKING, Any
 
 from squire._errors import SquireError
@@ -246,10 +246,13 @@ class _Collector:
         return [self._values[index] for index in range(inputs_sent)]
 
 
-def _check_complete(indices: Iterable[int], inputs_sent: int) -> None:
-    seen = set(indices)
-    if seen == set(range(inputs_sent)):
+def _check_complete(indices: Collection[int], inputs_sent: int) -> None:
+    # Indices are distinct: n of them within [0, n) are exactly range(n).
+    if len(indices) == inputs_sent and (
+        not inputs_sent or (min(indices) >= 0 and max(indices) < inputs_sent)
+    ):
         return
+    seen = set(indices)
     missing = sorted(set(range(inputs_sent)) - seen)
     raise SquireError(
         f"the directive ended with {len(seen)} results for {inputs_sent} inputs"

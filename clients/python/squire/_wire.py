@@ -6,11 +6,12 @@ the rest of the SDK handles :mod:`squire._model` values only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from google.protobuf import json_format
 
+from squire._errors import PayloadError
 from squire._model import (
     DirectiveEvent,
     DirectiveStarted,
@@ -91,21 +92,28 @@ class InputBatcher:
         return items
 
 
+def _items(
+    items: Iterable[pb.IndexedResult], serializer: Serializer
+) -> Iterator[tuple[int, Any]]:
+    # The client's hot path: one decode per element, and the error message's
+    # wording is built only when a decode fails.
+    for item in items:
+        index = item.index
+        if item.skipped:
+            yield index, Skipped(index, item.error)
+            continue
+        value = item.value
+        try:
+            yield index, decode(value, serializer)
+        except PayloadError:
+            yield index, decode(value, serializer, what=f"result {index}")
+
+
 def directive_event(message: pb.DirectiveEvent, serializer: Serializer) -> DirectiveEvent | None:
     """Decode one event; None for an event kind this SDK does not know yet."""
     kind = message.WhichOneof("kind")
     if kind == "items":
-        return ItemBatch(
-            tuple(
-                (
-                    item.index,
-                    Skipped(item.index, item.error)
-                    if item.skipped
-                    else decode(item.value, serializer, what=f"result {item.index}"),
-                )
-                for item in message.items.items
-            )
-        )
+        return ItemBatch(tuple(_items(message.items.items, serializer)))
     if kind == "progress":
         return progress(message.progress)
     if kind == "started":
