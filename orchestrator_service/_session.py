@@ -147,18 +147,24 @@ class Session:
 
     def _news(self, call: _Call, now: float) -> pb.SessionEvent | None:
         d = call.directive
+        items = d.take_items()
+        finished = d.finished and not d.items
+        due = now - call.last_progress >= PROGRESS_INTERVAL
+        if not call.started_sent and not (items or finished or due):
+            # A small directive is often done before anything else is worth
+            # a message: its started event goes out with its results and end
+            # (one message per call, not two), or on the progress clock.
+            return None
         message = pb.SessionEvent(call_id=call.call_id)
         events = message.events
         if not call.started_sent:
             call.started_sent = True
             events.add().started.directive_id = d.id
-        items = d.take_items()
         for lo in range(0, len(items), MAX_ITEMS_PER_MESSAGE):
             events.append(convert.items_to_pb(items[lo : lo + MAX_ITEMS_PER_MESSAGE]))
         if items:
             self._signal()  # room in the window for the reader
-        finished = d.finished and not d.items
-        if not finished and now - call.last_progress >= PROGRESS_INTERVAL:
+        if not finished and due:
             call.last_progress = now
             events.add().progress.CopyFrom(convert.progress_to_pb(d.progress()))
         if finished:
