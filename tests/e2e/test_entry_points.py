@@ -108,3 +108,28 @@ def test_a_broken_session_fails_its_calls_instead_of_hanging() -> None:
         with pytest.raises(squire.RpcError):
             IndexedStream.from_iterable([3]).map("fib_at").run(client)
         client.close()
+
+
+def test_every_waiting_session_call_fails_when_the_stream_breaks() -> None:
+    """Leader/follower reading: whichever thread reads the stream when it
+    breaks, every thread waiting for a call of that stream gets the error."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    with procs.cluster() as c:
+        c.start_worker("w1", executor="inline")
+        client = squire.Client(c.target)
+        assert IndexedStream.from_iterable([3]).map("fib_at").run(client) == [2]
+        with ThreadPoolExecutor(4) as pool:
+            # nobody offers this operation: the calls wait in the queue
+            futures = [pool.submit(IndexedStream.from_iterable([i]).map("nobody_offers").run,
+                                   client) for i in range(4)]
+            with squire.Client(c.target) as watcher:
+                procs.wait_until(lambda: watcher.status_proto().queue_depth == 4,
+                                 timeout=10, message="4 queued calls")
+            c.orchestrator.kill()
+            c.orchestrator.wait()
+            done, pending = wait(futures, timeout=15)
+            assert not pending, "a session call hung after the stream broke"
+            for f in done:
+                assert isinstance(f.exception(), squire.RpcError)
+        client.close()

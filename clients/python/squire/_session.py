@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -39,52 +40,111 @@ if TYPE_CHECKING:
 SESSION_MAX_ITEMS = 64
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
-_Inbox = queue.SimpleQueue[pb.SessionEvent | RpcError]
+_Inbox = deque[pb.SessionEvent | RpcError]
 
 
 class DirectiveSession:
-    """The shared RunDirectives stream of one :class:`squire.Client`."""
+    """The shared RunDirectives stream of one :class:`squire.Client`.
+
+    There is no reader thread: a caller waiting for its call's next message
+    reads the stream itself when nobody else is reading (leader/follower),
+    delivers what it read to the call it belongs to, and lets the next
+    waiter take over. A message therefore reaches a lone caller straight
+    from gRPC's own thread, without one more thread hop per message.
+    """
 
     def __init__(self, stub: pb_grpc.DirectiveServiceStub) -> None:
         self._stub = stub
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._calls: dict[int, _Inbox] = {}
         self._requests: queue.SimpleQueue[pb.SessionRequest | None] | None = None
         self._stream: Any = None
-        self._reader: threading.Thread | None = None
+        self._reading = False  # a caller is reading the stream now
 
-    def start(self, request: pb.SessionRequest) -> tuple[int, _Inbox]:
-        inbox: _Inbox = queue.SimpleQueue()
-        with self._lock:
+    def start(self, request: pb.SessionRequest) -> int:
+        with self._cond:
             if self._requests is None:
                 self._open()
             assert self._requests is not None
             call_id = next(self._ids)
             request.call_id = call_id
-            self._calls[call_id] = inbox
+            self._calls[call_id] = deque()
             self._requests.put(request)
-        return call_id, inbox
+        return call_id
+
+    def receive(self, call_id: int) -> pb.SessionEvent | RpcError:
+        """The call's next message, or the error that ended the stream."""
+        while True:
+            with self._cond:
+                while True:
+                    inbox = self._calls.get(call_id)
+                    if inbox is None:
+                        return Unavailable("the directive session was closed", "UNAVAILABLE")
+                    if inbox:
+                        return inbox.popleft()
+                    if not self._reading:
+                        break
+                    self._cond.wait()
+                self._reading = True
+                stream = self._stream
+            self._read_one(stream)
+
+    def _read_one(self, stream: Any) -> None:
+        """Read one message as the session's reader, deliver it, hand over."""
+        message: pb.SessionEvent | None = None
+        error: RpcError | None = None
+        if stream is None:
+            error = Unavailable("the directive session was closed", "UNAVAILABLE")
+        else:
+            try:
+                message = next(stream)
+            except StopIteration:
+                error = Unavailable("the directive session stream ended", "UNAVAILABLE")
+            except grpc.RpcError as exc:
+                error = translate_rpc_error(exc)
+            except BaseException:
+                with self._cond:
+                    self._reading = False
+                    self._cond.notify_all()
+                raise
+        with self._cond:
+            self._reading = False
+            if message is not None:
+                inbox = self._calls.get(message.call_id)
+                if inbox is not None:
+                    inbox.append(message)
+            else:
+                assert error is not None
+                if self._stream is stream:  # broken, not closed: the next call re-opens
+                    self._requests = self._stream = None
+                # Every call still open learns why (each removes itself when
+                # it reads the error: see SessionRun).
+                for inbox in self._calls.values():
+                    inbox.append(error)
+            self._cond.notify_all()
 
     def cancel(self, call_id: int) -> None:
-        with self._lock:
+        with self._cond:
             if self._calls.pop(call_id, None) is not None and self._requests is not None:
                 self._requests.put(pb.SessionRequest(call_id=call_id, cancel=True))
 
     def done(self, call_id: int) -> None:
-        with self._lock:
+        with self._cond:
             self._calls.pop(call_id, None)
 
     def close(self) -> None:
-        with self._lock:
-            requests, stream, reader = self._requests, self._stream, self._reader
-            self._requests = self._stream = self._reader = None
+        with self._cond:
+            requests, stream = self._requests, self._stream
+            self._requests = self._stream = None
+            error = Unavailable("the directive session was closed", "UNAVAILABLE")
+            for inbox in self._calls.values():
+                inbox.append(error)
+            self._cond.notify_all()
         if requests is not None:
             requests.put(None)  # half-close: the server cancels nothing that finished
         if stream is not None:
             stream.cancel()
-        if reader is not None:
-            reader.join(timeout=5)
 
     def _open(self) -> None:
         requests: queue.SimpleQueue[pb.SessionRequest | None] = queue.SimpleQueue()
@@ -93,28 +153,8 @@ class DirectiveSession:
             while (request := requests.get()) is not None:
                 yield request
 
-        stream = self._stub.RunDirectives(outgoing())
-        self._requests, self._stream = requests, stream
-        self._reader = threading.Thread(
-            target=self._read, args=(stream,), name="squire-directive-session", daemon=True
-        )
-        self._reader.start()
-
-    def _read(self, stream: Any) -> None:
-        error: RpcError = Unavailable("the directive session stream ended", "UNAVAILABLE")
-        try:
-            for message in stream:
-                inbox = self._calls.get(message.call_id)
-                if inbox is not None:
-                    inbox.put(message)
-        except grpc.RpcError as exc:
-            error = translate_rpc_error(exc)
-        with self._lock:
-            if self._stream is stream:  # broken, not closed: the next call re-opens
-                self._requests = self._stream = self._reader = None
-            pending, self._calls = list(self._calls.values()), {}
-        for inbox in pending:
-            inbox.put(error)
+        self._stream = self._stub.RunDirectives(outgoing())
+        self._requests = requests
 
 
 class SessionRun:
@@ -131,7 +171,7 @@ class SessionRun:
             request.inputs.items.extend(items)
         self._sent = len(items)
         self._session = session
-        self._call_id, self._inbox = session.start(request)
+        self._call_id = session.start(request)
         self._pending: list[DirectiveEvent] = []
 
     @property
@@ -145,9 +185,10 @@ class SessionRun:
         while not self._pending:
             if self.finished:
                 raise StopIteration
-            message = self._inbox.get()
+            message = self._session.receive(self._call_id)
             if isinstance(message, RpcError):
                 self.finished = True
+                self._session.done(self._call_id)
                 raise message
             for raw in message.events:
                 event = directive_event(raw, self.plan.serializer)
