@@ -96,3 +96,6 @@ class AbortMemory:
 
     def __len__(self) -> int:
         return len(self._expiry)
+
+    def __bool__(self) -> bool:
+        return bool(self._expiry)

@@ -45,11 +45,11 @@ class InlineExecutor:
             task.operands, task.serializer, NEVER_ABORTED, retry,
         )
 
-    def run_wire(self, t: pb.Task) -> Outcome:
+    def run_wire(self, t: pb.Task, operation: str, kind: int) -> Outcome:
         """A task's first run, read straight from its wire message."""
         return run_task(
-            self._registry, t.kind, t.operation, t.params, t.input,
-            t.operands if t.kind else (), t.serializer, NEVER_ABORTED, 1,
+            self._registry, kind, operation, t.params, t.input,
+            t.operands if kind else (), t.serializer, NEVER_ABORTED, 1,
         )
 
     async def start(self) -> None:

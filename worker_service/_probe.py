@@ -88,7 +88,8 @@ class WorkerMetrics:
         Gauge("squire_worker_ready", "1 while connected and taking tasks.",
               registry=r).set_function(lambda: 1.0 if ready() else 0.0)
 
-    def _series(self, operation: str, kind: int) -> tuple[str, CounterChild, HistogramChild]:
+    def series(self, operation: str, kind: int) -> tuple[str, CounterChild, HistogramChild]:
+        """A task's operation label, its ok counter and its execution histogram."""
         cached = self._by_task.get((operation, kind))
         if cached is None:
             op = operation if self._known(operation) else "unknown"
@@ -100,16 +101,10 @@ class WorkerMetrics:
                 self._by_task[(operation, kind)] = cached
         return cached
 
-    def record_ok(self, operation: str, kind: int, seconds: float) -> None:
-        """The hot path: one task returned a value."""
-        _, ok, execution = self._series(operation, kind)
-        ok.value += 1
-        execution.observe(seconds)
-
     def record(
         self, operation: str, kind: int, outcome: bytes | Failure, seconds: float, retries: int
     ) -> None:
-        op, ok, execution = self._series(operation, kind)
+        op, ok, execution = self.series(operation, kind)
         if isinstance(outcome, bytes):
             ok.value += 1
             execution.observe(seconds)

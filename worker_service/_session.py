@@ -231,18 +231,28 @@ class Session:
         add_ok = self._outbox.add_ok
         metrics = self._metrics
         clock = time.perf_counter
+        series: tuple[str, int] | None = None  # (operation, kind) of `ok`/`execution`
+        ok = execution = None
         for t in tasks:
             key = t.routing_key
-            if aborted.is_aborted(key):
+            if aborted and aborted.is_aborted(key):
                 self._report(_Job(_wire.task_from_wire(t)), _aborted(key))
                 continue
+            operation = t.operation
+            kind = t.kind
             start = clock()
-            outcome = run(t)
+            outcome = run(t, operation, kind)
             took = clock() - start
             if type(outcome) is bytes and not 0 < t.timeout_seconds < took:
                 add_ok(key, t.task_id, t.attempt, t.lease_id, t.metadata, outcome, took)
                 if metrics is not None:
-                    metrics.record_ok(t.operation, t.kind, took)
+                    # A batch is usually one operation: look its series up once.
+                    if series != (operation, kind):
+                        series = (operation, kind)
+                        _, ok, execution = metrics.series(operation, kind)
+                    assert ok is not None and execution is not None
+                    ok.value += 1
+                    execution.observe(took)
                 continue
             job = _Job(_wire.task_from_wire(t))
             job.elapsed = took
