@@ -22,9 +22,10 @@ MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 256
 
 # JSON goes through orjson (several times faster than the standard library)
-# with the standard library's semantics kept exactly: whatever orjson refuses
-# or would read differently takes the standard library's path, so results
-# and errors are the same as with ``json`` alone.
+# with the standard library's semantics: whatever orjson refuses or would
+# read differently takes the standard library's path, so results and errors
+# are those of ``json`` alone -- except that orjson also encodes UUIDs and
+# Enum members (there is no option to refuse them).
 # - Dataclasses, datetimes and subclasses of built-in types are passed
 #   through by orjson and so refused by it, as ``json`` would refuse them.
 # - orjson writes NaN and infinities as ``null``: an output with a ``null``
