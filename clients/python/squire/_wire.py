@@ -58,7 +58,9 @@ def plan_request(plan: Plan) -> pb.DirectiveRequest:
 
 
 def inputs_request(items: list[bytes]) -> pb.DirectiveRequest:
-    return pb.DirectiveRequest(inputs=pb.InputBatch(items=items))
+    request = pb.DirectiveRequest()
+    request.inputs.items.extend(items)  # in place: no copy of an InputBatch
+    return request
 
 
 class InputBatcher:
