@@ -98,6 +98,7 @@ class Directive:
         self._fold_stage = fold
         self._fold = FoldState(router.config.max_fold_operands) if fold is not None else None
         self._empty_requested = False
+        self._woken_at = 0  # `completed` when the servicer was last woken
 
     # ---------------------------------------------------------------- state
 
@@ -224,7 +225,12 @@ class Directive:
                     # Empty input, or every element skipped: ask a worker for empty().
                     self._empty_requested = True
                     self._submit(COMBINE, self._fold_operation, EMPTY_STAGE, 0, b"")
-        self._wake()
+        # Wake the servicer only for what it acts on: items to send, the end,
+        # or room in the input window. New inputs alone change none of them,
+        # and a needless wake-up sits on the latency path of a small directive.
+        if self.items or self.finished or self.completed != self._woken_at:
+            self._woken_at = self.completed
+            self._wake()
 
     def fail(self, code: Code, message: str) -> None:
         if self.state is DirectiveState.RUNNING:

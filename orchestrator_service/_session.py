@@ -70,7 +70,7 @@ class Session:
                 if refused is not None:
                     refused.slot.release()
                 self._refuse(request.call_id, exc.code, exc.message)
-            self._signal()
+                self._signal()  # the writer sends the refusal
 
     def _handle(self, request: pb.SessionRequest) -> None:
         router = self._router
