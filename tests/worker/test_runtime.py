@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import generate_latest
 import squire
 from squire._serde import Serializer, decode
 from squire.api.v1 import squire_pb2 as pb
@@ -262,6 +263,29 @@ async def test_task_timeout(orchestrator: FakeOrchestrator) -> None:
         e = err(session.result(1))
         assert (e.kind, e.error_type) == (pb.ERROR_KIND_TIMEOUT, "TimeoutError")
         assert ok(session.result(2)) == "after"
+
+
+async def test_inline_task_over_its_timeout_is_reported_as_timed_out(
+    orchestrator: FakeOrchestrator,
+) -> None:
+    # Inline tasks cannot be interrupted: one that ran past its timeout is
+    # reported as timed out when it returns, in the middle of a fast batch.
+    async with WorkerRuntime(config(orchestrator)) as worker:
+        session = await orchestrator.session()
+        session.send_tasks(
+            task("echo", "before", task_id=1, timeout=5),
+            task("slow", {"max": 0.15}, task_id=2, timeout=0.05),
+            task("echo", "after", task_id=3),
+        )
+        await session.wait_results(3)
+        assert ok(session.result(1)) == "before"
+        e = err(session.result(2))
+        assert (e.kind, e.error_type) == (pb.ERROR_KIND_TIMEOUT, "TimeoutError")
+        assert ok(session.result(3)) == "after"
+        assert worker.metrics is not None
+        text = generate_latest(worker.metrics.registry).decode()
+        assert 'squire_worker_tasks_total{operation="echo",outcome="ok"} 2.0' in text
+        assert 'squire_worker_tasks_total{operation="slow",outcome="timeout"} 1.0' in text
 
 
 async def test_heartbeats_report_running_and_buffered(orchestrator: FakeOrchestrator) -> None:
