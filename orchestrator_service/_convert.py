@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from squire._errors import PayloadError
 from squire._serde import Serializer, decode_params
+from squire._wire import fill_execution_err
 from squire.api.v1 import squire_pb2 as pb
 
 from orchestrator_service._core import IpcMessage
@@ -130,13 +131,7 @@ def results_to_pb(results: list[ChannelResult]) -> pb.ResultBatch:
         if error is None:
             msg.ok.output = r.output
             continue
-        err = msg.err
-        err.error_type = error.error_type
-        err.message = error.message
-        err.strategy = pb.FatalStrategy.ValueType(error.strategy)
-        err.retries_exhausted = error.retries_exhausted
-        err.retries = error.retries
-        err.kind = pb.ErrorKind.ValueType(error.kind)
+        fill_execution_err(msg.err, error)
     return batch
 
 

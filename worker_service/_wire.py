@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from squire._wire import fill_execution_err
 from squire.api.v1 import squire_pb2 as pb
 
 from worker_service._model import Failure, TaskSpec
@@ -116,13 +117,7 @@ class ResultBuffer:
             msg.metadata = task.metadata
         if retries:
             msg.retries = retries
-        err = msg.err
-        err.error_type = outcome.error_type
-        err.message = outcome.message
-        err.strategy = pb.FatalStrategy.ValueType(outcome.strategy)
-        err.retries_exhausted = outcome.retries_exhausted
-        err.retries = outcome.retries
-        err.kind = pb.ErrorKind.ValueType(outcome.kind)
+        fill_execution_err(msg.err, outcome)
 
     def take(self) -> list[pb.WorkerMessage]:
         messages, self._messages = self._messages, []

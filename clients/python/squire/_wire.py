@@ -7,7 +7,7 @@ the rest of the SDK handles :mod:`squire._model` values only.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf import json_format
 
@@ -55,6 +55,33 @@ def plan_request(plan: Plan) -> pb.DirectiveRequest:
             task_timeout_seconds=plan.task_timeout or 0.0,
         )
     )
+
+
+class ErrorFields(Protocol):
+    """What an ExecutionErr carries: the worker's Failure, the orchestrator's ErrorInfo."""
+
+    @property
+    def error_type(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def strategy(self) -> int: ...
+    @property
+    def retries_exhausted(self) -> bool: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def kind(self) -> int: ...
+
+
+def fill_execution_err(err: pb.ExecutionErr, error: ErrorFields) -> None:
+    """Set ``err`` in place (both services build results with ``add()``)."""
+    err.error_type = error.error_type
+    err.message = error.message
+    err.strategy = pb.FatalStrategy.ValueType(error.strategy)
+    err.retries_exhausted = error.retries_exhausted
+    err.retries = error.retries
+    err.kind = pb.ErrorKind.ValueType(error.kind)
 
 
 def inputs_request(items: list[bytes]) -> pb.DirectiveRequest:
