@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -35,20 +36,33 @@ class CounterChild:
         self.value += amount
 
 
-class CounterFamily:
+Child = TypeVar("Child")
+
+
+class _Family(Generic[Child]):
+    """Named series by label values; ``labels()`` makes a child on first use."""
+
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], CounterChild] = {}
+        self._children: dict[tuple[str, ...], Child] = {}
 
-    def labels(self, *values: str) -> CounterChild:
+    def _new_child(self) -> Child:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> Child:
         child = self._children.get(values)
         if child is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}")
-            child = self._children[values] = CounterChild()
+            child = self._children[values] = self._new_child()
         return child
+
+
+class CounterFamily(_Family[CounterChild]):
+    def _new_child(self) -> CounterChild:
+        return CounterChild()
 
     def collect(self) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -71,7 +85,7 @@ class HistogramChild:
         self.sum += amount
 
 
-class HistogramFamily:
+class HistogramFamily(_Family[HistogramChild]):
     def __init__(
         self,
         name: str,
@@ -79,19 +93,11 @@ class HistogramFamily:
         labelnames: Sequence[str],
         buckets: Iterable[float],
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
+        super().__init__(name, documentation, labelnames)
         self.bounds = tuple(sorted(float(b) for b in buckets if b != float("inf")))
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
 
-    def labels(self, *values: str) -> HistogramChild:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}")
-            child = self._children[values] = HistogramChild(self.bounds)
-        return child
+    def _new_child(self) -> HistogramChild:
+        return HistogramChild(self.bounds)
 
     def collect(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
