@@ -20,6 +20,8 @@ from worker_service._model import APPLY, COMBINE, ErrorKind, Failure, Outcome, T
 # An output must fit in one gRPC message next to its result envelope.
 MAX_OUTPUT_BYTES = MAX_PAYLOAD_BYTES - 64 * 1024
 
+_NO_KWARGS: dict[str, Any] = {}  # never mutated
+
 # Wire value -> serializer, without an enum lookup per task (0 means JSON).
 _SERIALIZERS = {0: Serializer.JSON, **{int(s): s for s in Serializer}}
 
@@ -52,9 +54,9 @@ def run_task(
             if op is None:
                 return _unknown("operation", operation)
             value = decode(input, ser, what="input")
-            kwargs = decode_params(params, ser)
+            kwargs = decode_params(params, ser) if params else _NO_KWARGS
             if op.accepts_abort:
-                kwargs["abort"] = abort
+                kwargs = {**kwargs, "abort": abort}
             call: Any = op.fn
             values: Any = (value,)
         elif kind == COMBINE:
@@ -70,7 +72,8 @@ def run_task(
         return Failure(ErrorKind.BAD_PAYLOAD, "PayloadError", str(exc))
 
     try:
-        result = call(*values, **kwargs)
+        # The common call, a one-argument operation, without argument packing.
+        result = call(*values, **kwargs) if kwargs else call(*values)
     except TransientError as exc:
         return Transient(type(exc).__name__, str(exc), _next_delay(exc, retry))
     except FatalError as exc:

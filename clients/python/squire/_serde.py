@@ -38,6 +38,10 @@ _ORJSON_OPTIONS = (
     | orjson.OPT_PASSTHROUGH_SUBCLASS
 )
 _LONG_NUMBER = re.compile(rb"[0-9]{19}")
+_orjson_dumps = orjson.dumps
+_orjson_loads = orjson.loads
+_CONTAINERS = (dict, list)
+_UNSET = object()
 
 
 class Serializer(enum.IntEnum):
@@ -69,18 +73,22 @@ class Serializer(enum.IntEnum):
             raise ValueError(f"unknown serializer {name!r}: use 'json' or 'msgpack'") from None
 
 
+_MSGPACK = Serializer.MSGPACK
+
+
 def encode(value: Any, serializer: Serializer = Serializer.JSON) -> bytes:
     """Encode ``value``; raise PayloadError when it is not representable."""
-    try:
-        if serializer is Serializer.MSGPACK:
-            return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    if serializer is not _MSGPACK:  # the hot path: JSON through orjson
         try:
-            out = orjson.dumps(value, option=_ORJSON_OPTIONS)
+            out = _orjson_dumps(value, option=_ORJSON_OPTIONS)
         except TypeError:
             pass  # the standard library decides (and may refuse with its message)
         else:
             if b"null" not in out or value is None:
                 return out
+    try:
+        if serializer is _MSGPACK:
+            return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
         return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError, OverflowError) as exc:
         raise PayloadError(
@@ -105,29 +113,27 @@ def decode(data: bytes, serializer: Serializer = Serializer.JSON, *, what: str =
     """Decode ``data``; ``what`` names the field in the error message."""
     if len(data) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"{what} is {len(data)} bytes, over the {MAX_PAYLOAD_BYTES} limit")
-    try:
-        if serializer is Serializer.MSGPACK:
-            value = msgpack.unpackb(data, raw=False, strict_map_key=False)
-        else:
-            value = _loads_json(data)
-    except RecursionError:
-        raise PayloadError(f"{what} is nested too deeply to decode") from None
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise PayloadError(
-            f"{what} is not valid {serializer.name}: {type(exc).__name__}: {exc}"
-        ) from exc
-    if isinstance(value, dict | list):
-        _check_depth(value, what)
-    return value
-
-
-def _loads_json(data: bytes) -> Any:
-    if _LONG_NUMBER.search(data) is None:
-        try:
-            return orjson.loads(data)
+    value: Any = _UNSET
+    if serializer is not _MSGPACK and _LONG_NUMBER.search(data) is None:
+        try:  # the hot path: JSON through orjson
+            value = _orjson_loads(data)
         except orjson.JSONDecodeError:
             pass  # the standard library decides, and words the error
-    return json.loads(data)
+    if value is _UNSET:
+        try:
+            if serializer is _MSGPACK:
+                value = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            else:
+                value = json.loads(data)
+        except RecursionError:
+            raise PayloadError(f"{what} is nested too deeply to decode") from None
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise PayloadError(
+                f"{what} is not valid {serializer.name}: {type(exc).__name__}: {exc}"
+            ) from exc
+    if isinstance(value, _CONTAINERS):
+        _check_depth(value, what)
+    return value
 
 
 def decode_params(data: bytes, serializer: Serializer, *, what: str = "params") -> dict[str, Any]:
