@@ -12,6 +12,7 @@ import { normalizePlan } from './plan.js';
 import { loadApi } from './proto.js';
 import { unary } from './rpc.js';
 import { parseSerializer } from './serde.js';
+import { DirectiveSession } from './session.js';
 
 const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 
@@ -23,12 +24,18 @@ const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
  *   'authorization: Bearer <token>' (orchestrators started with --client-token-file)
  * @property {grpc.ChannelOptions} [channelOptions] extra gRPC channel options
  * @property {number} [timeoutMs] deadline of unary calls (status, lease, close, release); default 10 s
+ * @property {boolean} [session] default true: directives whose inputs are an array of at
+ *   most 64 elements run as calls of one shared RunDirectives stream (opened on first
+ *   use, re-opened after it breaks) instead of a RunDirective call each; false gives
+ *   every directive its own RunDirective call
  */
 
 export class Client {
   #directives;
   #channels;
   #status;
+  /** @type {DirectiveSession | null} */
+  #session = null;
   #closed = false;
 
   /**
@@ -54,6 +61,8 @@ export class Client {
     const shared = { ...channelOptions, interceptors, channelOverride: this.#status.getChannel() };
     this.#directives = new api.DirectiveService(target, credentials, shared);
     this.#channels = new api.ChannelService(target, credentials, shared);
+    // The stream itself opens with the first small directive.
+    if (options.session !== false) this.#session = new DirectiveSession(this.#directives);
   }
 
   /**
@@ -95,7 +104,9 @@ export class Client {
 
   /**
    * Start a directive lazily and return its event stream: iterate it with
-   * `for await` for started / items / progress / fold events.
+   * `for await` for started / items / progress / fold events. An array of at
+   * most 64 inputs runs on the client's shared session stream (see
+   * {@link ClientOptions}), anything else on a RunDirective call of its own.
    * @param {import('./plan.js').Plan} plan
    * @param {Iterable<unknown> | AsyncIterable<unknown>} inputs
    * @param {import('./directive.js').RunOptions} [options]
@@ -103,7 +114,7 @@ export class Client {
    */
   events(plan, inputs, options) {
     this.#checkOpen();
-    return new DirectiveRun(this.#directives, normalizePlan(plan), inputs, options);
+    return new DirectiveRun(this.#directives, normalizePlan(plan), inputs, options, this.#session);
   }
 
   /**
@@ -118,10 +129,14 @@ export class Client {
     return new Channel(this.#channels, response.channelId, serializer, this.timeoutMs);
   }
 
-  /** Close the connection; calls still running are cancelled. Idempotent. */
+  /**
+   * Close the connection; calls still running are cancelled (those on the
+   * session reject with UNAVAILABLE). Idempotent.
+   */
   close() {
     if (this.#closed) return;
     this.#closed = true;
+    this.#session?.close();
     this.#status.close();
   }
 

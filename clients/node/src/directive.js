@@ -1,15 +1,21 @@
 // @ts-check
 /**
- * One RunDirective call: the plan and the input items stream out, events
- * stream back. Inputs are pulled lazily as gRPC flow control lets them
- * through, so a generator of a million elements is never held in memory and
- * results arrive while inputs are still being sent.
+ * One directive run. Usually one RunDirective call: the plan and the input
+ * items stream out, events stream back. Inputs are pulled lazily as gRPC flow
+ * control lets them through, so a generator of a million elements is never
+ * held in memory and results arrive while inputs are still being sent.
+ *
+ * A short array input (at most SESSION_MAX_ITEMS elements) runs as a call of
+ * the client's shared RunDirectives session instead (see session.js): the
+ * plan and every encoded input go out in one message. The events, errors and
+ * options are the same either way.
  */
 
 import { SquireError, fromGrpcError } from './errors.js';
 import { planMessage } from './plan.js';
 import { cancelCall, writeMessage } from './rpc.js';
 import { decode, encode, parseSerializer, rawPayload } from './serde.js';
+import { SESSION_MAX_ITEMS, callEndError } from './session.js';
 
 const MAX_BATCH_ITEMS = 256;
 const MAX_BATCH_BYTES = 1024 * 1024;
@@ -63,6 +69,10 @@ export class Skipped {
  * iteration. A failed directive throws a SquireError (ABORTED for a fatal
  * operation error); an error thrown by the input iterable is rethrown as is.
  * Leaving the loop early cancels the directive.
+ *
+ * An array input of at most 64 elements runs on the client's shared
+ * RunDirectives session (unless the client was created with
+ * `{ session: false }`); anything else gets a RunDirective call of its own.
  */
 export class DirectiveRun {
   /** @type {string | null} */
@@ -94,14 +104,20 @@ export class DirectiveRun {
   #iterated = false;
   /** @type {{ error: unknown } | null} */
   #inputFailure = null;
+  /** @type {import('./session.js').DirectiveSession | null} */
+  #session;
+  /** @type {{ callId: number, wake: (error: unknown) => void } | null} the session call in flight */
+  #sessionCall = null;
 
   /**
    * @param {any} stub the DirectiveService client
    * @param {import('./plan.js').NormalizedPlan} plan
    * @param {Iterable<unknown> | AsyncIterable<unknown>} inputs
    * @param {RunOptions} [options]
+   * @param {import('./session.js').DirectiveSession | null} [session] the client's
+   *   session, for a short array input (internal: the Client passes it)
    */
-  constructor(stub, plan, inputs, options = {}) {
+  constructor(stub, plan, inputs, options = {}, session = null) {
     if (inputs == null || (typeof (/** @type {any} */ (inputs)[Symbol.iterator]) !== 'function'
       && typeof (/** @type {any} */ (inputs)[Symbol.asyncIterator]) !== 'function')) {
       throw new TypeError('inputs must be an iterable or an async iterable');
@@ -116,6 +132,7 @@ export class DirectiveRun {
     this.#expectedItems = options.expectedItems ?? (Array.isArray(inputs) ? inputs.length : 0);
     // Encode params now, so a bad one fails the caller before anything is sent.
     this.#planMessage = planMessage(plan, this.#serializer, this.#expectedItems);
+    this.#session = session;
   }
 
   /** Whether the plan ends with a fold. */
@@ -126,12 +143,23 @@ export class DirectiveRun {
   /** Cancel the directive if it still runs: its queued tasks are dropped, running ones aborted. */
   cancel() {
     if (this.#call !== null && !this.#ended) cancelCall(this.#call);
+    const sessionCall = this.#sessionCall;
+    if (sessionCall !== null && !this.#ended) {
+      this.#ended = true;
+      this.#session?.cancel(sessionCall.callId);
+      sessionCall.wake(new SquireError('CANCELLED', 'Cancelled on client'));
+    }
   }
 
   /** @returns {AsyncGenerator<DirectiveEvent, void, undefined>} */
   async *[Symbol.asyncIterator]() {
     if (this.#iterated) throw new Error('a DirectiveRun can be iterated only once');
     this.#iterated = true;
+    const inputs = this.#inputs;
+    if (this.#session !== null && Array.isArray(inputs) && inputs.length <= SESSION_MAX_ITEMS) {
+      yield* this.#sessionEvents(this.#session, inputs);
+      return;
+    }
     const signal = this.#signal;
     signal?.throwIfAborted();
     const call = this.#stub.RunDirective();
@@ -152,6 +180,81 @@ export class DirectiveRun {
       if (this.#inputFailure !== null) throw this.#inputFailure.error;
       if (signal?.aborted) throw signal.reason;
       throw fromGrpcError(err);
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+      this.cancel();
+    }
+  }
+
+  /**
+   * The run as a call of the client's session: every input encoded first (an
+   * encoding error rejects before anything is sent), then plan, inputs and
+   * end of input in one request; the call's events come back in session
+   * messages, the last one with its end.
+   * @param {import('./session.js').DirectiveSession} session
+   * @param {unknown[]} inputs
+   * @returns {AsyncGenerator<DirectiveEvent, void, undefined>}
+   */
+  async *#sessionEvents(session, inputs) {
+    const signal = this.#signal;
+    signal?.throwIfAborted();
+    const items = inputs.map((value) => (this.#raw ? rawPayload(value) : encode(value, this.#serializer)));
+    /** @type {any[]} */
+    const inbox = [];
+    /** @type {{ failure: { error: unknown } | null }} why the call ended without its end, if it did */
+    const state = { failure: null };
+    /** @type {(() => void) | null} */
+    let wakeUp = null;
+    const wake = () => {
+      const resolve = wakeUp;
+      wakeUp = null;
+      resolve?.();
+    };
+    const request = { plan: this.#planMessage, inputs: { items }, endInput: true };
+    const callId = session.start(request, {
+      message: (message) => {
+        inbox.push(message);
+        wake();
+      },
+      fail: (error) => {
+        this.#ended = true;
+        state.failure ??= { error };
+        wake();
+      },
+    });
+    this.inputsSent = items.length;
+    this.#sessionCall = {
+      callId,
+      wake: (error) => {
+        state.failure ??= { error };
+        wake();
+      },
+    };
+    const onAbort = () => this.cancel();
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      for (;;) {
+        while (inbox.length === 0 && state.failure === null) {
+          await new Promise((resolve) => {
+            wakeUp = () => resolve(undefined);
+          });
+        }
+        const message = inbox.shift();
+        if (message === undefined) throw state.failure?.error;
+        for (const raw of message.events) {
+          const event = this.#event(raw);
+          if (event !== undefined) yield event;
+        }
+        if (message.end != null) {
+          this.#ended = true;
+          session.done(callId);
+          if (message.end.code !== 0) throw callEndError(message.end.code, message.end.message);
+          return;
+        }
+      }
+    } catch (err) {
+      if (signal?.aborted) throw signal.reason;
+      throw err;
     } finally {
       signal?.removeEventListener('abort', onAbort);
       this.cancel();
