@@ -5,7 +5,8 @@ batch to one of its echo workers over a bidirectional stream (round-robin);
 the echoes come back and the relay streams them to the client. Message shapes
 and batching are Squire's own (DirectiveRequest/InputBatch in, TaskBatch to
 workers, ResultBatch back, DirectiveEvent/ItemBatch out), built the fastest
-way Python protobuf allows (in place, with add()), on the same event loop as
+way Python protobuf allows (in place with add(), fields set one by one, as
+Squire's services build them), on the same event loop as
 the services (uvloop when installed), so the gap between W1 and W4 is
 exactly what Squire's routing logic costs.
 
@@ -51,7 +52,9 @@ class Relay(pb_grpc.WorkerServiceServicer, pb_grpc.DirectiveServiceServicer):
                         event = pb.DirectiveEvent()
                         add = event.items.items.add
                         for r in results:
-                            add(index=r.task_id, value=r.ok.output)
+                            item = add()
+                            item.index = r.task_id
+                            item.value = r.ok.output
                         route.put_nowait(event)
 
         reader = asyncio.create_task(read())
@@ -80,7 +83,11 @@ class Relay(pb_grpc.WorkerServiceServicer, pb_grpc.DirectiveServiceServicer):
                 message = pb.OrchestratorMessage()
                 add = message.tasks.tasks.add
                 for item in req.inputs.items:
-                    add(routing_key=key, task_id=sent, operation="echo", input=item)
+                    task = add()
+                    task.routing_key = key
+                    task.task_id = sent
+                    task.operation = "echo"
+                    task.input = item
                     sent += 1
                 self.workers[next(rr)].put_nowait(message)
             done_reading = True
@@ -126,8 +133,11 @@ async def echo(target: str) -> None:
                 reply = pb.WorkerMessage()
                 add = reply.results.results.add
                 for t in msg.tasks.tasks:
-                    add(routing_key=t.routing_key, task_id=t.task_id,
-                        lease_id=t.lease_id).ok.output = t.input
+                    result = add()
+                    result.routing_key = t.routing_key
+                    result.task_id = t.task_id
+                    result.lease_id = t.lease_id
+                    result.ok.output = t.input
                 outbox.put_nowait(reply)
 
 
