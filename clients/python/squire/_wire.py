@@ -6,7 +6,7 @@ the rest of the SDK handles :mod:`squire._model` values only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from google.protobuf import json_format
@@ -121,21 +121,23 @@ class InputBatcher:
         return items
 
 
-def _items(
-    items: Iterable[pb.IndexedResult], serializer: Serializer
-) -> Iterator[tuple[int, Any]]:
+def _items(items: Iterable[pb.IndexedResult], serializer: Serializer) -> list[tuple[int, Any]]:
     # The client's hot path: one decode per element, and the error message's
     # wording is built only when a decode fails.
+    out: list[tuple[int, Any]] = []
+    append = out.append
     for item in items:
         index = item.index
         if item.skipped:
-            yield index, Skipped(index, item.error)
+            append((index, Skipped(index, item.error)))
             continue
         value = item.value
         try:
-            yield index, decode(value, serializer)
+            append((index, decode(value, serializer)))
         except PayloadError:
-            yield index, decode(value, serializer, what=f"result {index}")
+            decode(value, serializer, what=f"result {index}")  # raises, naming the element
+            raise
+    return out
 
 
 def directive_event(message: pb.DirectiveEvent, serializer: Serializer) -> DirectiveEvent | None:
