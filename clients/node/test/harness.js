@@ -141,6 +141,34 @@ export class Cluster {
     return this;
   }
 
+  /** Kill the orchestrator with SIGKILL (no graceful shutdown) and wait for it to exit. */
+  async killOrchestrator() {
+    const child = this.processes.get('orchestrator');
+    if (!child || child.exitCode !== null || child.signalCode !== null) return;
+    const exited = new Promise((resolve) => child.once('exit', resolve));
+    child.kill('SIGKILL');
+    await exited;
+  }
+
+  /**
+   * Start the orchestrator again on the port it had, and wait until every
+   * worker has reconnected to it.
+   */
+  async restartOrchestrator() {
+    await this.killOrchestrator();
+    const port = this.target.split(':').at(-1) ?? '';
+    this.#spawn('orchestrator', entryPoint('squire-orchestrator'), [
+      '--host', '127.0.0.1', '--port', port, '--metrics-port', '0', ...this.orchestratorArgs,
+    ]);
+    const client = /** @type {Client} */ (this.client);
+    const ids = Array.from({ length: this.workerSpec.count }, (_, i) => `node-test-${i}`);
+    await this.#waitFor(async () => {
+      const status = await client.status({ timeoutMs: 2000 }).catch(() => null);
+      const connected = new Set((status?.workers ?? []).map((/** @type {any} */ w) => w.workerId));
+      return ids.every((id) => connected.has(id));
+    }, `workers ${ids.join(', ')} to reconnect`, ['orchestrator']);
+  }
+
   /**
    * @param {string} name
    * @param {string} command
