@@ -48,8 +48,6 @@ export class DirectiveSession {
   #closed = false;
   /** @type {NodeJS.Timeout | null} */
   #idleTimer = null;
-  /** RunDirectives calls opened so far (for tests and diagnostics). */
-  opened = 0;
 
   /** @param {any} stub the DirectiveService client */
   constructor(stub) {
@@ -111,7 +109,6 @@ export class DirectiveSession {
 
   #open() {
     const call = this.#stub.RunDirectives();
-    this.opened += 1;
     this.#call = call;
     call.on('data', (/** @type {any} */ message) => {
       if (this.#call !== call) return;
