@@ -8,8 +8,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client import generate_latest
 import squire
+from prometheus_client import generate_latest
 from squire._serde import Serializer, decode
 from squire.api.v1 import squire_pb2 as pb
 
