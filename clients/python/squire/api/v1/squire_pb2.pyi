@@ -1219,7 +1219,10 @@ class SessionEvent(_message.Message):
     call_id: _builtins.int
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___DirectiveEvent]:
-        """in order, as RunDirective streams them"""
+        """In order, as RunDirective streams them. A call's started event is sent
+        with its first results or its end, or after the progress interval
+        (100 ms) if neither has come by then.
+        """
 
     @_builtins.property
     def end(self) -> Global___CallEnd:
