@@ -66,3 +66,24 @@ def test_bad_json_is_a_payload_error_naming_the_field() -> None:
 def test_msgpack_round_trips() -> None:
     value = {"a": [1, 2.5, "x", None, b"\x00"]}
     assert decode(encode(value, Serializer.MSGPACK), Serializer.MSGPACK) == value
+
+
+@pytest.mark.parametrize("serializer", list(Serializer))
+def test_nesting_is_refused_past_max_depth_and_only_there(serializer: Serializer) -> None:
+    from squire._serde import MAX_DEPTH
+
+    def nested(depth: int) -> object:
+        value: object = 0
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    assert decode(encode(nested(MAX_DEPTH), serializer), serializer) == nested(MAX_DEPTH)
+    with pytest.raises(PayloadError, match="nested deeper than"):
+        decode(encode(nested(MAX_DEPTH + 1), serializer), serializer)
+
+
+@pytest.mark.parametrize("data", [b"", b" ", b"[1", b"1,2", b"nul"])
+def test_short_invalid_json_is_a_payload_error(data: bytes) -> None:
+    with pytest.raises(PayloadError, match="input is not valid JSON"):
+        decode(data, what="input")

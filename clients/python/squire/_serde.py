@@ -41,6 +41,8 @@ _LONG_NUMBER = re.compile(rb"[0-9]{19}")
 _orjson_dumps = orjson.dumps
 _orjson_loads = orjson.loads
 _CONTAINERS = (dict, list)
+# Values whose JSON cannot hold a float (and so no ``null`` written for NaN).
+_NO_FLOATS = frozenset({int, str, bool, type(None)})
 _UNSET = object()
 
 
@@ -80,11 +82,14 @@ def encode(value: Any, serializer: Serializer = Serializer.JSON) -> bytes:
     """Encode ``value``; raise PayloadError when it is not representable."""
     if serializer is not _MSGPACK:  # the hot path: JSON through orjson
         try:
-            out = _orjson_dumps(value, option=_ORJSON_OPTIONS)
+            out = _orjson_dumps(value, None, _ORJSON_OPTIONS)
         except TypeError:
             pass  # the standard library decides (and may refuse with its message)
         else:
-            if b"null" not in out or value is None:
+            # Only a float can have become ``null``; the type test is much
+            # cheaper than searching the output (see bench/README.md).
+            kind = type(value)
+            if kind in _NO_FLOATS or (out != b"null" if kind is float else out.find(b"null") < 0):
                 return out
     try:
         if serializer is _MSGPACK:
@@ -111,7 +116,15 @@ def _check_depth(value: Any, what: str) -> None:
 
 def decode(data: bytes, serializer: Serializer = Serializer.JSON, *, what: str = "payload") -> Any:
     """Decode ``data``; ``what`` names the field in the error message."""
-    if len(data) > MAX_PAYLOAD_BYTES:
+    size = len(data)
+    if size < 19 and serializer is not _MSGPACK:
+        # The hot path for small values: too short for a 19-digit number or
+        # for nesting past MAX_DEPTH, so orjson's reading is the answer.
+        try:
+            return _orjson_loads(data)
+        except orjson.JSONDecodeError:
+            pass  # the standard library decides, and words the error
+    if size > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"{what} is {len(data)} bytes, over the {MAX_PAYLOAD_BYTES} limit")
     value: Any = _UNSET
     if serializer is not _MSGPACK and _LONG_NUMBER.search(data) is None:
@@ -131,7 +144,7 @@ def decode(data: bytes, serializer: Serializer = Serializer.JSON, *, what: str =
             raise PayloadError(
                 f"{what} is not valid {serializer.name}: {type(exc).__name__}: {exc}"
             ) from exc
-    if isinstance(value, _CONTAINERS):
+    if size > MAX_DEPTH and isinstance(value, _CONTAINERS):  # each level takes a byte
         _check_depth(value, what)
     return value
 
