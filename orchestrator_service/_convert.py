@@ -9,7 +9,7 @@ from squire._wire import fill_execution_err
 from squire.api.v1 import squire_pb2 as pb
 
 from orchestrator_service._core import IpcMessage
-from orchestrator_service._directive import Directive, ItemOutcome, ProgressSnapshot
+from orchestrator_service._directive import Directive, Items, ProgressSnapshot
 from orchestrator_service._model import (
     APPLY,
     COMBINE,
@@ -17,6 +17,7 @@ from orchestrator_service._model import (
     Code,
     ErrorInfo,
     ErrorKind,
+    OkResult,
     PlanSpec,
     ResultEvent,
     RouterError,
@@ -24,6 +25,15 @@ from orchestrator_service._model import (
     TaskRecord,
     WorkerHello,
 )
+
+# Stream messages stay well below gRPC's 64 MiB limit: tasks and items go out
+# in messages bounded in count and in payload bytes (one larger task or
+# item goes alone).
+MAX_TASKS_PER_MESSAGE = 512
+MAX_ITEMS_PER_MESSAGE = 1024
+MAX_BYTES_PER_MESSAGE = 4 * 1024 * 1024
+
+JSON = int(Serializer.JSON)
 
 
 def check_serializer(value: int, where: str) -> int:
@@ -45,32 +55,53 @@ def hello_from_pb(msg: pb.WorkerHello, peer: str) -> WorkerHello:
     )
 
 
-def tasks_to_pb(tasks: list[TaskRecord]) -> pb.OrchestratorMessage:
+def tasks_to_pb(tasks: list[TaskRecord]) -> list[pb.OrchestratorMessage]:
+    """Task messages of at most ``MAX_TASKS_PER_MESSAGE`` tasks and about
+    ``MAX_BYTES_PER_MESSAGE`` of payload each (one larger task goes alone)."""
     # The hot path. Tasks are built in place with add() and their fields set
     # one by one (faster than keyword arguments): a pb.Task built first and
     # then put in the batch is copied once per enclosing message (see
-    # bench/README.md). Optional fields are set only when not the default.
-    message = pb.OrchestratorMessage()
-    add = message.tasks.tasks.add
+    # bench/README.md). Optional fields are set only when not the default,
+    # the serializer too (0 is JSON on the wire).
+    messages: list[pb.OrchestratorMessage] = []
+    count = MAX_TASKS_PER_MESSAGE
+    size = 0
+    add = None
     for task in tasks:
+        data = task.input
+        kind = task.kind
+        metadata = task.metadata
+        n = len(data) + len(metadata)
+        if kind:
+            n += sum(map(len, task.operands))
+        size += n
+        if count == MAX_TASKS_PER_MESSAGE or (size > MAX_BYTES_PER_MESSAGE and count):
+            message = pb.OrchestratorMessage()
+            messages.append(message)
+            add = message.tasks.tasks.add
+            count = 0
+            size = n
+        assert add is not None
+        count += 1
         msg = add()
         msg.routing_key = task.routing_key
         msg.task_id = task.task_id
         msg.operation = task.operation
-        msg.input = task.input
-        msg.serializer = task.serializer  # type: ignore[assignment]  # an int, checked at publish
+        msg.input = data
         msg.attempt = task.attempt
         msg.lease_id = task.lease_id
-        if task.kind:
-            msg.kind = pb.TaskKind.ValueType(task.kind)
+        if task.serializer != JSON:
+            msg.serializer = task.serializer  # type: ignore[assignment]  # an int, checked at publish
+        if kind:
+            msg.kind = pb.TaskKind.ValueType(kind)
             msg.operands.extend(task.operands)
         if task.params:
             msg.params = task.params
-        if task.metadata:
-            msg.metadata = task.metadata
+        if metadata:
+            msg.metadata = metadata
         if task.timeout_seconds:
             msg.timeout_seconds = task.timeout_seconds
-    return message
+    return messages
 
 
 def ipc_to_pb(ipc: IpcMessage) -> pb.OrchestratorMessage:
@@ -89,22 +120,31 @@ def ipc_to_pb(ipc: IpcMessage) -> pb.OrchestratorMessage:
     return pb.OrchestratorMessage(ipc=msg)
 
 
-def results_from_pb(batch: pb.ResultBatch) -> list[ResultEvent]:
-    # The hot path: fields are read once each and only where needed (the
-    # routing key is not: the lease id names the dispatch).
+def results_from_pb(batch: pb.ResultBatch) -> tuple[list[ResultEvent], list[OkResult]]:
+    """A worker's results: everything but plain successes as events, plain
+    successes (ExecutionOk, no retries) as ``OkResult`` tuples."""
+    # The hot path: each field is read once and only where needed (not the
+    # routing key: the lease id names the dispatch). An output is never
+    # empty (an encoded value is at least one byte), so an empty one is the
+    # sign to look for an error.
     events: list[ResultEvent] = []
-    append = events.append
+    outputs: list[OkResult] = []
+    append = outputs.append
     for r in batch.results:
-        if r.HasField("err"):
+        output = r.ok.output
+        retries = r.retries
+        if output and not retries:
+            append((r.lease_id, r.task_id, output))
+        elif r.HasField("err"):
             e = r.err
             error = ErrorInfo(
                 e.error_type, e.message, e.strategy, e.retries_exhausted, e.retries,
                 _error_kind(e.kind),
             )
-            append(ResultEvent(r.task_id, r.lease_id, b"", error, max(r.retries, e.retries)))
+            events.append(ResultEvent(r.task_id, r.lease_id, b"", error, max(retries, e.retries)))
         else:
-            append(ResultEvent(r.task_id, r.lease_id, r.ok.output, None, r.retries))
-    return events
+            events.append(ResultEvent(r.task_id, r.lease_id, output, None, retries))
+    return events, outputs
 
 
 def _error_kind(value: int) -> ErrorKind:
@@ -190,18 +230,32 @@ def _check_params(data: bytes, serializer: int, where: str) -> None:
         raise RouterError(Code.INVALID_ARGUMENT, str(exc)) from exc
 
 
-def items_to_pb(items: list[ItemOutcome]) -> pb.DirectiveEvent:
-    event = pb.DirectiveEvent()
-    add = event.items.items.add
-    for i in items:
-        msg = add()
-        msg.index = i.index
-        if i.skipped:
+def items_to_pb(items: Items) -> list[pb.DirectiveEvent]:
+    """Item events of at most ``MAX_ITEMS_PER_MESSAGE`` items each."""
+    events: list[pb.DirectiveEvent] = []
+    indexes, values = items.indexes, items.values
+    for lo in range(0, len(indexes), MAX_ITEMS_PER_MESSAGE):
+        event = pb.DirectiveEvent()
+        add = event.items.items.add
+        for index, value in zip(
+            indexes[lo : lo + MAX_ITEMS_PER_MESSAGE], values[lo : lo + MAX_ITEMS_PER_MESSAGE],
+            strict=True,
+        ):
+            msg = add()
+            msg.index = index
+            msg.value = value
+        events.append(event)
+    skipped = items.skipped
+    for lo in range(0, len(skipped), MAX_ITEMS_PER_MESSAGE):
+        event = pb.DirectiveEvent()
+        add = event.items.items.add
+        for index, error in skipped[lo : lo + MAX_ITEMS_PER_MESSAGE]:
+            msg = add()
+            msg.index = index
             msg.skipped = True
-            msg.error = i.error
-        else:
-            msg.value = i.value
-    return event
+            msg.error = error
+        events.append(event)
+    return events
 
 
 def final_events(directive: Directive) -> list[pb.DirectiveEvent]:

@@ -32,6 +32,7 @@ from orchestrator_service._model import (
     Code,
     ErrorInfo,
     ErrorKind,
+    OkResult,
     PlanSpec,
     QueueKey,
     ResultEvent,
@@ -207,9 +208,9 @@ class Router:
         self._ready: dict[str, Channel] = {}
         self.stats = Stats()
         self.accepting = True
-        # Optional observer of every task that reached its outcome, with the
-        # time it did (metrics).
-        self.on_task_done: Callable[[TaskRecord, float], None] | None = None
+        # Optional observer of the tasks that reached their outcome, with the
+        # time they did (metrics); called once per batch of results.
+        self.on_tasks_done: Callable[[list[TaskRecord], float], None] | None = None
         self._lease_ids = itertools.count(1)
         self._dispatch_needed = False
         self._worker_rotation = 0
@@ -280,25 +281,62 @@ class Router:
         for worker in self.workers.values():
             self._send_ipc(worker, IpcMessage("drain", message=f"{grace_seconds:g}"))
 
-    def on_results(self, worker: Worker, events: Iterable[ResultEvent]) -> None:
+    def on_results(
+        self,
+        worker: Worker,
+        events: Iterable[ResultEvent] = (),
+        outputs: Iterable[OkResult] = (),
+    ) -> None:
+        """A worker reported results: ``outputs`` are plain successes
+        (``ExecutionOk`` with no retries), ``events`` everything else."""
         now = worker.last_seen = self.clock()
-        touched: dict[str, Directive] = {}
         leases = worker.leases
-        channels = self.channels
-        on_task_done = self.on_task_done
+        pop = leases.pop
         stats = self.stats
+        touched: dict[str, Directive] = {}
+        # The hot path: successes, grouped by routing key and delivered per
+        # group, so per-task work is a lease lookup and two appends.
+        groups: dict[str, tuple[list[TaskRecord], list[bytes]]] = {}
+        key: str | None = None
+        tasks: list[TaskRecord] = []
+        outs: list[bytes] = []
         done = 0
-        for event in events:
-            task = leases.pop(event.lease_id, None)
-            if task is None or task.task_id != event.task_id:
+        for lease_id, task_id, output in outputs:
+            task = pop(lease_id, None)
+            if task is None or task.task_id != task_id:
                 if task is not None:  # not this lease's task: keep the live lease
+                    leases[lease_id] = task
+                stats.duplicates += 1
+                continue
+            if task.routing_key is not key:
+                key = task.routing_key
+                group = groups.get(key)
+                if group is None:
+                    group = groups[key] = ([], [])
+                tasks, outs = group
+            tasks.append(task)
+            outs.append(output)
+        for key, (tasks, outs) in groups.items():
+            done += len(tasks)
+            channel = self.channels.get(key)
+            if channel is None:
+                stats.late += len(tasks)
+                continue
+            channel.in_flight -= len(tasks)
+            self._deliver_outputs(channel, tasks, outs, now)
+            if channel.directive is not None:
+                touched[key] = channel.directive
+        for event in events:
+            task = pop(event.lease_id, None)
+            if task is None or task.task_id != event.task_id:
+                if task is not None:
                     leases[event.lease_id] = task
                 stats.duplicates += 1
                 continue
             done += 1
             if event.retries:
                 stats.retries += event.retries
-            channel = channels.get(task.routing_key)
+            channel = self.channels.get(task.routing_key)
             if channel is None:
                 stats.late += 1
                 continue
@@ -306,8 +344,8 @@ class Router:
             error = event.error
             if error is not None and self._redeliver(channel, task, error):
                 continue
-            if on_task_done is not None:
-                on_task_done(task, now)
+            if self.on_tasks_done is not None:
+                self.on_tasks_done([task], now)
             directive = channel.directive
             if directive is not None:
                 directive.retries += event.retries
@@ -421,7 +459,7 @@ class Router:
         return directive
 
     def directive_inputs(self, directive: Directive, items: list[bytes]) -> None:
-        directive.add_inputs(items)
+        directive.add_inputs(items, self.clock())
         directive.advance()
         self._pump()
 
@@ -488,12 +526,10 @@ class Router:
         self._dispatch_needed = True
 
     def enqueue_many(self, channel: Channel, key: QueueKey, tasks: list[TaskRecord]) -> None:
-        """``enqueue`` for tasks of one queue key and one stage, in one go."""
+        """``enqueue`` for tasks of one queue key and one stage, in one go
+        (their ``published_at`` already set)."""
         if not tasks:
             return
-        now = self.clock()
-        for task in tasks:
-            task.published_at = now
         channel.push_many(key, tasks)
         queue = self.queues.get(key)
         if queue is None:
@@ -613,6 +649,25 @@ class Router:
             channel.pending_ids.discard(task.task_id)
             channel.results.append(ChannelResult(task, output, error))
             channel.wake()
+
+    def _deliver_outputs(
+        self, channel: Channel, tasks: list[TaskRecord], outputs: list[bytes], now: float
+    ) -> None:
+        """``_deliver`` for a batch of successes of one channel."""
+        self.stats.ok += len(tasks)
+        channel.completed += len(tasks)
+        if self.on_tasks_done is not None:
+            self.on_tasks_done(tasks, now)
+        directive = channel.directive
+        if directive is not None:
+            directive.on_outputs(tasks, outputs)
+            return
+        pending = channel.pending_ids
+        results = channel.results
+        for task, output in zip(tasks, outputs, strict=True):
+            pending.discard(task.task_id)
+            results.append(ChannelResult(task, output, None))
+        channel.wake()
 
     def _requeue(self, channel: Channel, task: TaskRecord, *, count: bool = True) -> None:
         task.lease_id = 0

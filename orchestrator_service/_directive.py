@@ -49,14 +49,69 @@ class DirectiveState(enum.Enum):
     CANCELLED = "cancelled"
 
 
-@dataclass(slots=True)  # not frozen: built once per element on the hot path
+@dataclass(slots=True)
 class ItemOutcome:
-    """One element's result as the client sees it."""
+    """One element's result as the client sees it (see :meth:`Items.outcomes`)."""
 
     index: int
     value: bytes
     skipped: bool = False
     error: str = ""
+
+
+class Items:
+    """Emitted results not yet sent, as columns: the values of finished
+    elements by index, and the skipped elements with their errors.
+
+    Columns, not one object per element: a batch of results is appended with
+    two ``extend`` calls (see bench/README.md). The order between values and
+    skipped elements is not kept; results are emitted in completion order
+    tagged with their index anyway."""
+
+    __slots__ = ("indexes", "nbytes", "skipped", "values")
+
+    def __init__(self) -> None:
+        self.indexes: list[int] = []
+        self.values: list[bytes] = []
+        self.skipped: list[tuple[int, str]] = []  # (index, error)
+        self.nbytes = 0  # payload bytes held: values and errors
+
+    def __len__(self) -> int:
+        return len(self.indexes) + len(self.skipped)
+
+    def outcomes(self) -> list[ItemOutcome]:
+        """One object per element, for tests and tools (not the hot path)."""
+        out = [ItemOutcome(i, v) for i, v in zip(self.indexes, self.values, strict=True)]
+        out.extend(ItemOutcome(i, b"", skipped=True, error=e) for i, e in self.skipped)
+        return out
+
+    def take(self, max_bytes: int) -> Items:
+        """Everything held, or as much as fits ``max_bytes`` (at least one element)."""
+        taken = Items()
+        if self.nbytes <= max_bytes:  # the usual case: no per-element work
+            taken.indexes, self.indexes = self.indexes, []
+            taken.values, self.values = self.values, []
+            taken.skipped, self.skipped = self.skipped, []
+            taken.nbytes, self.nbytes = self.nbytes, 0
+            return taken
+        size = values = skipped = 0
+        for value in self.values:
+            if size + len(value) > max_bytes and values:
+                break
+            size += len(value)
+            values += 1
+        if values == len(self.values):
+            for _, error in self.skipped:
+                if size + len(error) > max_bytes and (values or skipped):
+                    break
+                size += len(error)
+                skipped += 1
+        taken.indexes, self.indexes = self.indexes[:values], self.indexes[values:]
+        taken.values, self.values = self.values[:values], self.values[values:]
+        taken.skipped, self.skipped = self.skipped[:skipped], self.skipped[skipped:]
+        taken.nbytes = size
+        self.nbytes -= size
+        return taken
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +143,7 @@ class Directive:
         self.skipped = 0
         self.retries = 0
         self.tasks_done = 0
-        self.items: list[ItemOutcome] = []  # emitted, not yet taken by the servicer
+        self.items = Items()  # emitted, not yet taken by the servicer
         self.fold_value: bytes | None = None
         self.notify: Callable[[], None] | None = None
         self._router = router
@@ -138,21 +193,13 @@ class Directive:
             return self.failure
         return Code.CANCELLED, "the directive was cancelled"
 
-    def take_items(self) -> list[ItemOutcome]:
-        """Emitted items in order, at most ``MAX_TAKE_BYTES`` of them per take."""
-        items = self.items
-        size = 0
-        for n, item in enumerate(items):
-            size += len(item.value) + len(item.error)
-            if size > MAX_TAKE_BYTES and n:
-                self.items = items[n:]
-                return items[:n]
-        self.items = []
-        return items
+    def take_items(self) -> Items:
+        """Emitted items, at most ``MAX_TAKE_BYTES`` of them per take."""
+        return self.items.take(MAX_TAKE_BYTES)
 
     # ---------------------------------------------------------------- input
 
-    def add_inputs(self, items: list[bytes]) -> None:
+    def add_inputs(self, items: list[bytes], now: float) -> None:
         if self.state is not DirectiveState.RUNNING:
             return
         if self.input_closed:
@@ -163,7 +210,8 @@ class Directive:
             for index, item in enumerate(items, first):
                 self._element_done(index, item)
             return
-        # The hot path: one map task per element, queued in one call.
+        # The hot path: one map task per element, built positionally and
+        # queued in one call.
         stage = self._maps[0]
         channel = self._channel
         key = channel.id
@@ -176,7 +224,7 @@ class Directive:
         tasks = [
             TaskRecord(
                 key, ids + i, op, APPLY, params, item, (), serializer, b"", timeout,
-                0, 0, 0, 0, 0.0, 0, first + i, 0,
+                0, 0, 0, 0, now, 0, first + i, 0,
             )
             for i, item in enumerate(items)
         ]
@@ -193,7 +241,31 @@ class Directive:
         self.tasks_done += 1
         if error is not None:
             self._on_error(task, error)
-        elif task.stage == FOLD_STAGE:
+        else:
+            self._on_output(task, output)
+
+    def on_outputs(self, tasks: list[TaskRecord], outputs: list[bytes]) -> None:
+        """``on_result`` for a batch of tasks that succeeded, in one go."""
+        if self.state is not DirectiveState.RUNNING:
+            return
+        self.tasks_done += len(tasks)
+        if self._fold is None:
+            # The hot path: every task ran the last map stage, so every
+            # output is an item; they go in with two extends.
+            last = len(self._maps) - 1
+            indexes = [task.index for task in tasks if task.stage == last]
+            if len(indexes) == len(tasks):
+                items = self.items
+                items.indexes.extend(indexes)
+                items.values.extend(outputs)
+                items.nbytes += sum(map(len, outputs))
+                self.completed += len(tasks)
+                return
+        for task, output in zip(tasks, outputs, strict=True):
+            self._on_output(task, output)
+
+    def _on_output(self, task: TaskRecord, output: bytes) -> None:
+        if task.stage == FOLD_STAGE:
             assert self._fold is not None
             self._fold.combined(task.index, task.end, output)
         elif task.stage == EMPTY_STAGE:
@@ -284,10 +356,15 @@ class Directive:
             self.skipped += 1
         if self._fold is not None:
             self._fold.add_leaf(index, value)
-        elif value is None:
-            self.items.append(ItemOutcome(index, b"", skipped=True, error=error))
+            return
+        items = self.items
+        if value is None:
+            items.skipped.append((index, error))
+            items.nbytes += len(error)
         else:
-            self.items.append(ItemOutcome(index, value))
+            items.indexes.append(index)
+            items.values.append(value)
+            items.nbytes += len(value)
 
     def _on_error(self, task: TaskRecord, error: ErrorInfo) -> None:
         if error.strategy == IGNORE and task.stage >= 0:

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from squire._fastmetrics import FamiliesCollector, HistogramChild, HistogramFamily
 
 from orchestrator_service._core import Router, Stats
-from orchestrator_service._model import TaskRecord, queue_label
+from orchestrator_service._model import QueueKey, TaskRecord, queue_label
 
 DEFAULT_METRICS_PORT = 9464
 
@@ -161,16 +161,44 @@ class OrchestratorMetrics:
         )
         self._router = router
         self._latency_children: dict[tuple[int, str], HistogramChild] = {}
-        router.on_task_done = self._task_done
+        router.on_tasks_done = self._tasks_done
         self._server: object | None = None
 
-    def _task_done(self, task: TaskRecord, now: float) -> None:
-        # A per-queue cache keeps this per-task hook to one observe.
-        child = self._latency_children.get(task.queue_key)
+    def _tasks_done(self, tasks: list[TaskRecord], now: float) -> None:
+        # Per batch of results, not per task: the tasks of a batch mostly
+        # share their queue and were published together (one input
+        # message), so each run of equal (queue, published_at) is one
+        # observe with a count.
+        child: HistogramChild | None = None
+        operation: str | None = None
+        kind = -1
+        published = -1.0
+        run = 0
+        for task in tasks:
+            if task.operation is not operation or task.kind != kind:
+                if run:
+                    assert child is not None
+                    child.observe(now - published, run)
+                    run = 0
+                operation, kind = task.operation, task.kind
+                child = self._child((kind, operation))
+            if task.published_at != published:
+                if run:
+                    assert child is not None
+                    child.observe(now - published, run)
+                    run = 0
+                published = task.published_at
+            run += 1
+        if run:
+            assert child is not None
+            child.observe(now - published, run)
+
+    def _child(self, key: QueueKey) -> HistogramChild:
+        # A per-queue cache: labels() hashes its label values every time.
+        child = self._latency_children.get(key)
         if child is None:
-            child = self.task_latency.labels(queue_label(task.queue_key))
-            self._latency_children[task.queue_key] = child
-        child.observe(now - task.published_at)
+            child = self._latency_children[key] = self.task_latency.labels(queue_label(key))
+        return child
 
     def directive_ended(self, outcome: str, seconds: float) -> None:
         self.directive_duration.labels(outcome).observe(seconds)

@@ -117,6 +117,11 @@ class ResultEvent:
     retries: int = 0
 
 
+# A worker's plain success -- ExecutionOk, no retries -- as the core takes it
+# on the hot path: (lease id, task id, output). A tuple, not an object.
+OkResult = tuple[int, int, bytes]
+
+
 @dataclass(frozen=True, slots=True)
 class ChannelResult:
     """A result as delivered to a channel's subscriber."""

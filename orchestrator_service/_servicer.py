@@ -16,40 +16,18 @@ from squire.api.v1 import squire_pb2_grpc as pb_grpc
 from orchestrator_service import _convert as convert
 from orchestrator_service._core import Router, Worker
 from orchestrator_service._directive import Directive, DirectiveState
-from orchestrator_service._model import Code, RouterError, TaskRecord, queue_label
+from orchestrator_service._model import Code, RouterError, queue_label
 from orchestrator_service._session import Session
 from orchestrator_service._signal import Signal
 
 log = logging.getLogger("squire.orchestrator")
 
-MAX_TASKS_PER_MESSAGE = 512
-MAX_ITEMS_PER_MESSAGE = 1024
-MAX_BYTES_PER_MESSAGE = 4 * 1024 * 1024
 PROGRESS_INTERVAL = 0.1
 
 
 async def abort(context: grpc.aio.ServicerContext, error: RouterError) -> NoReturn:
     await context.abort(grpc.StatusCode[error.code.value], error.message)
     raise AssertionError("unreachable")  # context.abort always raises
-
-
-def _chunks(tasks: list[TaskRecord]) -> list[list[TaskRecord]]:
-    """Split an outbox into messages bounded in count and bytes."""
-    out: list[list[TaskRecord]] = []
-    current: list[TaskRecord] = []
-    size = 0
-    for task in tasks:
-        n = len(task.input) + 64
-        if task.operands:
-            n += sum(len(o) for o in task.operands)
-        if current and (len(current) >= MAX_TASKS_PER_MESSAGE or size + n > MAX_BYTES_PER_MESSAGE):
-            out.append(current)
-            current, size = [], 0
-        current.append(task)
-        size += n
-    if current:
-        out.append(current)
-    return out
 
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
@@ -105,7 +83,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         async for msg in requests:
             kind = msg.WhichOneof("kind")
             if kind == "results":
-                router.on_results(worker, convert.results_from_pb(msg.results))
+                router.on_results(worker, *convert.results_from_pb(msg.results))
             elif kind == "heartbeat":
                 router.heartbeat(worker)
             elif kind == "credit":
@@ -127,8 +105,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                     await context.write(convert.ipc_to_pb(ipc))
             if worker.outbox:
                 tasks, worker.outbox = worker.outbox, []
-                for chunk in _chunks(tasks):
-                    await context.write(convert.tasks_to_pb(chunk))
+                for message in convert.tasks_to_pb(tasks):
+                    await context.write(message)
                 continue  # more may have arrived while writing
             if worker.lost:
                 timeout = self._router.config.lease_timeout
@@ -206,7 +184,7 @@ class ChannelServicer(pb_grpc.ChannelServiceServicer):
         except RouterError as exc:
             await abort(context, exc)
         while True:
-            results = router.take_results(channel, MAX_ITEMS_PER_MESSAGE)
+            results = router.take_results(channel, convert.MAX_ITEMS_PER_MESSAGE)
             if results:
                 yield convert.results_to_pb(results)
                 continue
@@ -313,8 +291,8 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
         last_progress = time.monotonic()
         while True:
             items = directive.take_items()
-            for lo in range(0, len(items), MAX_ITEMS_PER_MESSAGE):
-                await context.write(convert.items_to_pb(items[lo : lo + MAX_ITEMS_PER_MESSAGE]))
+            for event in convert.items_to_pb(items):
+                await context.write(event)
             if items:
                 signal()  # room in the window: let the input reader go on
             if reader.done() and not reader.cancelled():

@@ -29,7 +29,6 @@ from orchestrator_service._model import Code, RouterError
 from orchestrator_service._signal import Signal
 
 PROGRESS_INTERVAL = 0.1
-MAX_ITEMS_PER_MESSAGE = 1024
 
 
 def _code_number(code: Code) -> int:
@@ -160,8 +159,7 @@ class Session:
         if not call.started_sent:
             call.started_sent = True
             events.add().started.directive_id = d.id
-        for lo in range(0, len(items), MAX_ITEMS_PER_MESSAGE):
-            events.append(convert.items_to_pb(items[lo : lo + MAX_ITEMS_PER_MESSAGE]))
+        events.extend(convert.items_to_pb(items))
         if items:
             self._signal()  # room in the window for the reader
         if not finished and due:

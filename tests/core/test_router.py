@@ -52,7 +52,7 @@ def run_plan(sim: Sim, p: PlanSpec, items: list[object], *, chunk: int = 7) -> o
     if p.fold is not None:
         assert directive.fold_value is not None
         return decode(directive.fold_value, ser)
-    out = directive.take_items()
+    out = directive.take_items().outcomes()
     assert sorted(o.index for o in out) == list(range(len(items)))
     return [decode(o.value, ser) for o in sorted(out, key=lambda o: o.index)]
 
@@ -138,8 +138,8 @@ def test_two_directives_see_only_their_own_results(sim: Sim) -> None:
     router.directive_input_end(a)
     router.directive_input_end(b)
     sim.run()
-    assert sorted(decode(o.value) for o in a.take_items()) == list(range(50))
-    fib = {o.index: decode(o.value) for o in b.take_items()}
+    assert sorted(decode(o.value) for o in a.take_items().outcomes()) == list(range(50))
+    fib = {o.index: decode(o.value) for o in b.take_items().outcomes()}
     assert fib[10] == 55 and len(fib) == 50
 
 
@@ -170,7 +170,7 @@ def test_credit_window_is_never_exceeded() -> None:
     assert len(worker.outbox) == 5
     s.run(limit=2)
     assert s.max_held["w1"] <= 5
-    assert len(d.take_items()) == 200
+    assert len(d.take_items().outcomes()) == 200
 
 
 def test_a_task_goes_only_to_a_worker_offering_its_operation() -> None:
@@ -227,7 +227,7 @@ def test_ignored_element_is_skipped_in_map_and_empty_in_fold() -> None:
     router.directive_inputs(d, [encode(i) for i in range(5)])
     router.directive_input_end(d)
     s.run()
-    items = {o.index: o for o in d.take_items()}
+    items = {o.index: o for o in d.take_items().outcomes()}
     assert items[3].skipped and "skip me" in items[3].error
     assert [decode(items[i].value) for i in (0, 1, 2, 4)] == [0, 1, 1, 3]
     assert run_plan(s, plan(m("fib_at"), f("sum")), list(range(5))) == 0 + 1 + 1 + 3
@@ -255,7 +255,7 @@ def test_terminate_fails_the_directive_and_broadcasts_ipc() -> None:
     del w2
     s.run()
     assert other.state is DirectiveState.DONE
-    assert len(other.take_items()) == 100
+    assert len(other.take_items().outcomes()) == 100
 
 
 def test_undecodable_payload_is_invalid_argument() -> None:
@@ -308,7 +308,7 @@ def test_lost_worker_tasks_are_requeued_and_late_results_dropped() -> None:
     # the silent worker's late results arrive: dropped, never delivered twice
     router.on_results(w1, [ResultEvent(t.task_id, t.lease_id, b"99") for t in stolen])
     assert router.stats.duplicates == 4
-    items = d.take_items()
+    items = d.take_items().outcomes()
     assert sorted(o.index for o in items) == list(range(10))
     assert all(o.value != b"99" for o in items)
 
@@ -461,3 +461,60 @@ def test_timeouts_are_retried_then_fatal() -> None:
     router.on_results(w, [ResultEvent(t.task_id, t.lease_id, error=timeout)])
     assert d.state is DirectiveState.FAILED and d.failure is not None
     assert "ran longer than 0.5 s" in d.failure[1]
+
+
+def test_plain_successes_with_a_stale_lease_or_a_released_channel_are_dropped() -> None:
+    router = Router(RouterConfig(), clock=Clock())
+    w = router.connect_worker(hello("w1"))
+    d = router.start_directive(plan(m("length")))
+    router.directive_inputs(d, [b'"ab"', b'"abc"'])
+    first, second = w.outbox
+    # the fast path (OkResult tuples) checks leases like the general one
+    router.on_results(w, outputs=[(first.lease_id, first.task_id + 1, b"2")])
+    assert router.stats.duplicates == 1 and not d.items
+    router.on_results(w, outputs=[(first.lease_id, first.task_id, b"2")] * 2)
+    assert router.stats.duplicates == 2 and len(d.items) == 1
+    router.cancel_directive(d)
+    router.on_results(w, outputs=[(second.lease_id, second.task_id, b"3")])
+    assert router.stats.late == 1 and len(d.items) == 1
+
+
+def test_a_chain_takes_the_fast_path_stage_by_stage() -> None:
+    router = Router(RouterConfig(), clock=Clock())
+    w = router.connect_worker(hello("w1", prefetch=100))
+    d = router.start_directive(plan(m("length"), m("multiply_by")))
+    router.directive_inputs(d, [b'"a"', b'"bb"'])
+    router.directive_input_end(d)
+    stage0 = list(w.outbox)
+    w.outbox.clear()
+    router.on_results(w, outputs=[(t.lease_id, t.task_id, b"%d" % (t.index + 1)) for t in stage0])
+    assert not d.items and [t.stage for t in w.outbox] == [1, 1]
+    stage1 = list(w.outbox)
+    router.on_results(w, outputs=[(t.lease_id, t.task_id, b"%d" % (10 * t.index)) for t in stage1])
+    assert d.state is DirectiveState.DONE and d.tasks_done == 4
+    assert {o.index: o.value for o in d.take_items().outcomes()} == {0: b"0", 1: b"10"}
+
+
+def test_latency_is_observed_once_per_task_however_results_are_batched() -> None:
+    import asyncio
+
+    from orchestrator_service._metrics import OrchestratorMetrics
+
+    clock = Clock()
+    router = Router(RouterConfig(), clock=clock)
+    loop = asyncio.new_event_loop()  # the collector's; never run here
+    loop.close()
+    metrics = OrchestratorMetrics(router, loop)
+    w = router.connect_worker(hello("w1", prefetch=100))
+    d = router.start_directive(plan(m("length")))
+    router.directive_inputs(d, [b'"a"'] * 3)
+    clock.now += 0.5
+    router.directive_inputs(d, [b'"b"'] * 2)  # published later: a second run
+    other = router.start_directive(plan(m("multiply_by")))
+    router.directive_inputs(other, [b"1"] * 4)
+    clock.now += 0.5
+    router.on_results(w, outputs=[(t.lease_id, t.task_id, b"1") for t in w.outbox])
+    length = metrics.task_latency.labels("length")
+    assert sum(length.counts) == 5 and length.sum == pytest.approx(3 * 1.0 + 2 * 0.5)
+    double = metrics.task_latency.labels("multiply_by")
+    assert sum(double.counts) == 4 and double.sum == pytest.approx(4 * 0.5)

@@ -32,12 +32,12 @@ def test_directive_items_are_taken_in_bounded_slices() -> None:
 
     indices: list[int] = []
     while directive.items:
-        take = directive.take_items()
+        take = directive.take_items().outcomes()
         assert take, "a take of pending items came back empty"
         assert sum(len(i.value) for i in take) <= MAX_TAKE_BYTES
         indices.extend(i.index for i in take)
     assert sorted(indices) == list(range(100))
-    assert directive.take_items() == []
+    assert directive.take_items().outcomes() == []
 
 
 def test_one_item_larger_than_the_bound_still_leaves() -> None:
@@ -48,7 +48,7 @@ def test_one_item_larger_than_the_bound_still_leaves() -> None:
     router.directive_inputs(directive, [b"1", b"2"])
     router.directive_input_end(directive)
     sim.run()
-    assert [len(directive.take_items()) for _ in range(3)] == [1, 1, 0]
+    assert [len(directive.take_items().outcomes()) for _ in range(3)] == [1, 1, 0]
 
 
 def test_channel_results_are_taken_in_bounded_slices() -> None:
@@ -66,3 +66,23 @@ def test_channel_results_are_taken_in_bounded_slices() -> None:
         ids.extend(r.task.task_id for r in take)
     assert sorted(ids) == list(range(100))
     assert channel.drained
+
+
+def test_a_take_keeps_values_and_skipped_elements_within_the_bound() -> None:
+    from orchestrator_service._directive import Items
+
+    items = Items()
+    for i in range(5):
+        items.indexes.append(i)
+        items.values.append(b"v" * 40)
+        items.nbytes += 40
+    items.skipped.append((5, "e" * 30))
+    items.nbytes += 30
+    takes = []
+    while items:
+        take = items.take(100)
+        assert take and take.nbytes <= 100 and take.nbytes == sum(map(len, take.values)) + sum(
+            len(e) for _, e in take.skipped
+        )
+        takes.append(sorted(o.index for o in take.outcomes()))
+    assert takes == [[0, 1], [2, 3], [4, 5]] and items.nbytes == 0

@@ -79,10 +79,11 @@ class HistogramChild:
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
 
-    def observe(self, amount: float) -> None:
+    def observe(self, amount: float, count: int = 1) -> None:
+        """Observe ``amount`` (``count`` times: one call for a run of equal values)."""
         # bisect_left: the first bound >= amount, i.e. Prometheus' "le".
-        self.counts[bisect_left(self._bounds, amount)] += 1
-        self.sum += amount
+        self.counts[bisect_left(self._bounds, amount)] += count
+        self.sum += amount * count
 
 
 class HistogramFamily(_Family[HistogramChild]):
