@@ -20,7 +20,7 @@ import grpc
 from squire._bridge import BlockingInputs, call_soon
 from squire._client import translate_rpc_error
 from squire._model import DirectiveEvent, DirectiveStarted, Plan, Progress
-from squire._wire import InputBatcher, directive_event, inputs_request, plan_request
+from squire._wire import InputBatcher, directive_event, plan_request
 from squire.api.v1 import squire_pb2 as pb
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class _Feeder:
 
     @property
     def sent(self) -> int:
-        """Input elements taken from the iterable and encoded so far."""
+        """Input elements taken from the iterable and encoded into batches so far."""
         return self._batcher.count
 
     def attach(self, call: Any) -> None:
@@ -58,13 +58,7 @@ class _Feeder:
     def requests(self) -> Iterator[pb.DirectiveRequest]:
         yield plan_request(self._plan)
         try:
-            for value in self._inputs:
-                batch = self._batcher.add(value)
-                if batch is not None:
-                    yield inputs_request(batch)
-            batch = self._batcher.flush()
-            if batch is not None:
-                yield inputs_request(batch)
+            yield from self._batcher.requests(self._inputs)
         except Exception as exc:
             # Raising here would make gRPC log a traceback and fail the call
             # with a generic UNKNOWN; cancel it and report the real error.

@@ -166,7 +166,8 @@ class SessionRun:
         self.progress: Progress | None = None
         self.finished = False
         request = pb.SessionRequest(plan=plan_request(plan).plan, end_input=True)
-        items = [encode(value, plan.serializer) for value in inputs]  # raises before sending
+        serializer = plan.serializer
+        items = [encode(value, serializer) for value in inputs]  # raises before sending
         if items:
             request.inputs.items.extend(items)
         self._sent = len(items)

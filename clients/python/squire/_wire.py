@@ -6,7 +6,8 @@ the rest of the SDK handles :mod:`squire._model` values only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import islice
 from typing import Any, Protocol
 
 from google.protobuf import json_format
@@ -91,34 +92,41 @@ def inputs_request(items: list[bytes]) -> pb.DirectiveRequest:
 
 
 class InputBatcher:
-    """Encodes input elements and cuts them into InputBatch-sized lists.
+    """Encodes input elements into InputBatch requests.
 
-    Shared by the blocking and the asyncio feeders; ``count`` is the number of
-    elements encoded so far, i.e. the index the next element will get.
+    ``count`` is the number of elements encoded so far; it is raised once per
+    batch, before the batch is sent, so every index a result can carry is
+    below it.
     """
 
     def __init__(self, serializer: Serializer) -> None:
         self._serializer = serializer
-        self._items: list[bytes] = []
-        self._bytes = 0
         self.count = 0
 
-    def add(self, value: Any) -> list[bytes] | None:
-        """Encode ``value``; return a full batch when one is ready."""
-        data = encode(value, self._serializer)
-        self._items.append(data)
-        self._bytes += len(data)
-        self.count += 1
-        if len(self._items) >= MAX_BATCH_ITEMS or self._bytes >= MAX_BATCH_BYTES:
-            return self.flush()
-        return None
-
-    def flush(self) -> list[bytes] | None:
-        """The pending partial batch, if any."""
-        if not self._items:
-            return None
-        items, self._items, self._bytes = self._items, [], 0
-        return items
+    def requests(self, inputs: Iterable[Any]) -> Iterator[pb.DirectiveRequest]:
+        """The input requests for ``inputs``, which are pulled one at a time and
+        no further than the batch being filled (gRPC pulls the requests as flow
+        control allows)."""
+        serializer = self._serializer
+        source = iter(inputs)
+        while True:
+            # The hot loop of the input side: no call but encode per element.
+            items: list[bytes] = []
+            append = items.append
+            size = 0
+            try:
+                for value in islice(source, MAX_BATCH_ITEMS):
+                    data = encode(value, serializer)
+                    append(data)
+                    size += len(data)
+                    if size >= MAX_BATCH_BYTES:
+                        break
+            finally:
+                self.count += len(items)  # also when an element fails to encode
+            if items:
+                yield inputs_request(items)
+            if len(items) < MAX_BATCH_ITEMS and size < MAX_BATCH_BYTES:
+                return  # the source is exhausted: it is not asked again
 
 
 def _items(items: Iterable[pb.IndexedResult], serializer: Serializer) -> list[tuple[int, Any]]:
