@@ -55,3 +55,22 @@ def test_run_with_progress_when_stderr_is_not_a_terminal(
     assert captured.out == ""  # the bar goes to stderr only
     assert "map(fib_at) -> fold(sum)" in captured.err
     assert "10/10" in captured.err
+
+
+def test_results_gathered_by_the_run_move_the_bar() -> None:
+    # IndexedStream.run gathers map results itself: the bar asks for their count.
+    out = io.StringIO()
+    gathered = 0
+    with ProgressBar(
+        _plan(10), console=Console(file=out, width=160), items_seen=lambda: gathered
+    ) as bar:
+        gathered = 7
+        bar.update(Progress(received=10, completed=4))
+    assert "7/10" in out.getvalue()
+
+
+def test_run_a_map_with_progress(client: Client, capsys: pytest.CaptureFixture[str]) -> None:
+    assert IndexedStream.from_iterable(range(1, 601)).map("multiply_by", factor=1).run(
+        client, progress=True
+    ) == list(range(1, 601))
+    assert "600/600" in capsys.readouterr().err

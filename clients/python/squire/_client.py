@@ -32,7 +32,7 @@ from squire._errors import (
 )
 from squire._model import Plan
 from squire._serde import Serializer
-from squire._wire import status_dict
+from squire._wire import ItemSink, status_dict
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
@@ -180,6 +180,12 @@ class Client:
         (``squire._session``). :class:`squire.IndexedStream` is the friendlier
         way to call this.
         """
+        return self._run_directive(plan, inputs)
+
+    def _run_directive(
+        self, plan: Plan, inputs: Iterable[Any], items_to: ItemSink | None = None
+    ) -> DirectiveRun | SessionRun:
+        # IndexedStream.run passes ``items_to`` to gather map results itself.
         self._check_open()
         if isinstance(inputs, AsyncIterable) and not isinstance(inputs, Iterable):
             raise TypeError("Client needs a plain iterable; use AsyncClient for async iterables")
@@ -194,8 +200,8 @@ class Client:
             with self._session_lock:
                 if self._session is None:
                     self._session = DirectiveSession(self._directives)
-            return SessionRun(self._session, plan, inputs)
-        return DirectiveRun(self._directives, plan, inputs)
+            return SessionRun(self._session, plan, inputs, items_to=items_to)
+        return DirectiveRun(self._directives, plan, inputs, items_to=items_to)
 
     def lease_channel(self, *, serializer: str | Serializer = "json") -> ChannelHandle:
         """Lease a fresh result channel; see :class:`ChannelHandle` for its life cycle."""
@@ -304,10 +310,19 @@ class AsyncClient:
         self, plan: Plan, inputs: Iterable[Any] | AsyncIterable[Any]
     ) -> AsyncDirectiveRun:
         """Start a directive; ``async for`` over the returned run for its events."""
+        return self._run_directive(plan, inputs)
+
+    def _run_directive(
+        self,
+        plan: Plan,
+        inputs: Iterable[Any] | AsyncIterable[Any],
+        items_to: ItemSink | None = None,
+    ) -> AsyncDirectiveRun:
+        # IndexedStream.run_async passes ``items_to`` to gather map results itself.
         self._check_open()
         from squire._directive import AsyncDirectiveRun
 
-        return AsyncDirectiveRun(self._blocking_directives, plan, inputs)
+        return AsyncDirectiveRun(self._blocking_directives, plan, inputs, items_to=items_to)
 
     def lease_channel(self, *, serializer: str | Serializer = "json") -> AsyncLease:
         """Lease a result channel: ``await`` it, or use ``async with`` to release on exit."""

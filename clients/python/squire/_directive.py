@@ -20,7 +20,7 @@ import grpc
 from squire._bridge import BlockingInputs, call_soon
 from squire._client import translate_rpc_error
 from squire._model import DirectiveEvent, DirectiveStarted, Plan, Progress
-from squire._wire import InputBatcher, directive_event, plan_request
+from squire._wire import InputBatcher, ItemSink, directive_event, plan_request
 from squire.api.v1 import squire_pb2 as pb
 
 if TYPE_CHECKING:
@@ -80,15 +80,24 @@ class DirectiveRun:
     ``directive_id`` and the latest ``progress`` are kept as attributes.
     Leaving the ``with`` block (or :meth:`cancel`) before the end cancels the
     directive: the orchestrator drops its queued tasks and aborts running ones.
+
+    With ``items_to`` (IndexedStream.run's gathering), item events go to it
+    instead of being yielded as ItemBatch events.
     """
 
     def __init__(
-        self, stub: pb_grpc.DirectiveServiceStub, plan: Plan, inputs: Iterable[Any]
+        self,
+        stub: pb_grpc.DirectiveServiceStub,
+        plan: Plan,
+        inputs: Iterable[Any],
+        *,
+        items_to: ItemSink | None = None,
     ) -> None:
         self.plan = plan
         self.directive_id: str | None = None
         self.progress: Progress | None = None
         self.finished = False
+        self._items_to = items_to
         self._feeder = _Feeder(plan, inputs)
         self._call = stub.RunDirective(self._feeder.requests())
         self._feeder.attach(self._call)
@@ -115,7 +124,7 @@ class DirectiveRun:
                     raise self._feeder.error from None
                 raise translate_rpc_error(exc) from exc
             try:
-                event = directive_event(message, self.plan.serializer)
+                event = directive_event(message, self.plan.serializer, self._items_to)
             except BaseException:
                 self.cancel()
                 raise
@@ -157,6 +166,7 @@ class AsyncDirectiveRun:
     ``inputs`` may be a plain or an async iterable. The call runs on the
     blocking gRPC stack in a thread of its own (see ``squire._bridge`` for
     why); events reach the loop a few at a time, as they are consumed.
+    ``items_to`` is called on that thread.
     """
 
     _PREFETCH = 4  # events the pump thread may read ahead of the consumer
@@ -166,13 +176,15 @@ class AsyncDirectiveRun:
         stub: pb_grpc.DirectiveServiceStub,
         plan: Plan,
         inputs: Iterable[Any] | AsyncIterable[Any],
+        *,
+        items_to: ItemSink | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._inputs: BlockingInputs | None = None
         if isinstance(inputs, AsyncIterable):
             self._inputs = BlockingInputs(inputs, self._loop)
             inputs = self._inputs
-        self._run = DirectiveRun(stub, plan, inputs)
+        self._run = DirectiveRun(stub, plan, inputs, items_to=items_to)
         self._events: asyncio.Queue[DirectiveEvent | _End] = asyncio.Queue()
         self._credits = threading.Semaphore(self._PREFETCH)
         self._end: _End | None = None

@@ -7,6 +7,7 @@ once when the directive ends, so it never garbles output or fails.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
@@ -78,12 +79,21 @@ class ProgressBar:
 
     The total is the orchestrator's once the input is closed, the plan's
     ``expected_items`` hint before that, or unknown (a pulsing bar).
+    ``items_seen`` counts the map results received when the run does not
+    yield them as ItemBatch events (IndexedStream.run gathers them itself).
     """
 
-    def __init__(self, plan: Plan, *, console: Console | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        console: Console | None = None,
+        items_seen: Callable[[], int] | None = None,
+    ) -> None:
         self._plan = plan
         self._reported = 0  # completed, per the latest Progress event
-        self._items_seen = 0  # map results received
+        self._items_counted = 0  # map results received in ItemBatch events
+        self._items_seen = items_seen
         self._total = plan.expected_items
         self._directive = ""
         self._progress = RichProgress(
@@ -112,7 +122,7 @@ class ProgressBar:
         elif isinstance(event, ItemBatch):
             # Progress events carry the authoritative count; items keep the
             # bar moving should an orchestrator send few of them.
-            self._items_seen += len(event.items)
+            self._items_counted += len(event.items)
             self._progress.update(self._task, completed=self._done)
         elif isinstance(event, FoldValue):
             self._total = self._total or self._done
@@ -134,7 +144,10 @@ class ProgressBar:
 
     @property
     def _done(self) -> int:
-        return max(self._reported, self._items_seen)
+        seen = self._items_counted
+        if self._items_seen is not None:
+            seen += self._items_seen()
+        return max(self._reported, seen)
 
     def __enter__(self) -> Self:
         self._progress.start()

@@ -29,7 +29,7 @@ from squire._client import rpc_error, translate_rpc_error
 from squire._errors import RpcError, Unavailable
 from squire._model import DirectiveEvent, DirectiveStarted, Plan, Progress
 from squire._serde import encode
-from squire._wire import directive_event, plan_request
+from squire._wire import ItemSink, directive_event, plan_request
 from squire.api.v1 import squire_pb2 as pb
 
 if TYPE_CHECKING:
@@ -160,11 +160,19 @@ class DirectiveSession:
 class SessionRun:
     """A small directive on the client's session; behaves like DirectiveRun."""
 
-    def __init__(self, session: DirectiveSession, plan: Plan, inputs: Sequence[Any]) -> None:
+    def __init__(
+        self,
+        session: DirectiveSession,
+        plan: Plan,
+        inputs: Sequence[Any],
+        *,
+        items_to: ItemSink | None = None,
+    ) -> None:
         self.plan = plan
         self.directive_id: str | None = None
         self.progress: Progress | None = None
         self.finished = False
+        self._items_to = items_to
         request = pb.SessionRequest(plan=plan_request(plan).plan, end_input=True)
         serializer = plan.serializer
         items = [encode(value, serializer) for value in inputs]  # raises before sending
@@ -192,7 +200,7 @@ class SessionRun:
                 self._session.done(self._call_id)
                 raise message
             for raw in message.events:
-                event = directive_event(raw, self.plan.serializer)
+                event = directive_event(raw, self.plan.serializer, self._items_to)
                 if isinstance(event, DirectiveStarted):
                     self.directive_id = event.directive_id
                 elif isinstance(event, Progress):

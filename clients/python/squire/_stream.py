@@ -10,7 +10,15 @@ builds the plan, streams the inputs and collects what comes back.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterable, Collection, Generator, Iterable, Sized
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Collection,
+    Generator,
+    Iterable,
+    Sequence,
+    Sized,
+)
 from typing import TYPE_CHECKING, Any
 
 from squire._errors import SquireError
@@ -24,12 +32,14 @@ from squire._model import (
     Stage,
 )
 from squire._serde import Serializer
+from squire._wire import gather_items
 
 if TYPE_CHECKING:
     from squire._client import AsyncClient, Client
     from squire._directive import AsyncDirectiveRun, DirectiveRun
     from squire._progress import ProgressReporter
     from squire._session import SessionRun
+    from squire.api.v1 import squire_pb2 as pb
 
 
 class IndexedStream:
@@ -136,8 +146,8 @@ class IndexedStream:
         plan = self.plan(serializer)
         collector = _Collector(plan)
         with (
-            client.run_directive(plan, self._sync_source()) as run,
-            _reporter(progress, plan) as reporter,
+            client._run_directive(plan, self._sync_source(), collector.gather) as run,
+            _reporter(progress, plan, collector) as reporter,
         ):
             for event in run:
                 collector.add(event)
@@ -154,8 +164,8 @@ class IndexedStream:
         """:meth:`run` for an :class:`AsyncClient`."""
         plan = self.plan(serializer)
         collector = _Collector(plan)
-        with _reporter(progress, plan) as reporter:
-            async with client.run_directive(plan, self._source) as run:
+        with _reporter(progress, plan, collector) as reporter:
+            async with client._run_directive(plan, self._source, collector.gather) as run:
                 async for event in run:
                     collector.add(event)
                     reporter.update(event)
@@ -217,24 +227,55 @@ def _require_map(plan: Plan, terminal: str) -> None:
         raise ValueError(f"{terminal}() yields map results; a plan ending in a fold has one value")
 
 
-def _reporter(enabled: bool, plan: Plan) -> ProgressReporter:
+def _reporter(enabled: bool, plan: Plan, collector: _Collector) -> ProgressReporter:
     from squire._progress import NullProgress, ProgressBar
 
-    return ProgressBar(plan) if enabled else NullProgress()
+    return ProgressBar(plan, items_seen=collector.received) if enabled else NullProgress()
+
+
+# A list slot whose result has not arrived.
+_MISSING: Any = object()
+# How far past the results received an index may be and still grow the list:
+# it covers the results in flight, and keeps the list proportional to what
+# arrived whatever the indices (a farther index waits in a dict).
+_GROW_SLACK = 4096
 
 
 class _Collector:
-    """Gathers map results by index (or the fold value) and checks completeness."""
+    """Gathers map results by index (or the fold value) and checks completeness.
+
+    Item events never become ItemBatch events here: :meth:`gather` gets them
+    from the run and their values go straight into a list at their index.
+    A later result for an index replaces an earlier one.
+    """
 
     def __init__(self, plan: Plan) -> None:
         self._plan = plan
-        self._values: dict[int, Any] = {}
+        self._values: list[Any] = []
+        self._far: dict[int, Any] = {}  # indices that were too far past the list's end
+        self._received = 0
         self._fold: FoldValue | None = None
 
+    def gather(self, items: Sequence[pb.IndexedResult]) -> None:
+        """Decode an item event into the results (called on the run's reading thread)."""
+        gather_items(items, self._plan.serializer, self._values, self._place)
+        self._received += len(items)
+
+    def _place(self, index: int, value: Any) -> None:
+        values = self._values
+        if index < 2 * self._received + _GROW_SLACK:
+            # At least doubled: the list grows a few times, not once per result.
+            values.extend([_MISSING] * (max(index + 1, 2 * len(values)) - len(values)))
+            values[index] = value
+        else:
+            self._far[index] = value
+
+    def received(self) -> int:
+        """Map results received so far."""
+        return self._received
+
     def add(self, event: DirectiveEvent) -> None:
-        if isinstance(event, ItemBatch):
-            self._values.update(event.items)
-        elif isinstance(event, FoldValue):
+        if isinstance(event, FoldValue):
             self._fold = event
 
     def result(self, inputs_sent: int) -> Any:
@@ -242,8 +283,27 @@ class _Collector:
             if self._fold is None:
                 raise SquireError("the directive ended without a fold value")
             return self._fold.value
-        _check_complete(self._values.keys(), inputs_sent)
-        return [self._values[index] for index in range(inputs_sent)]
+        values = self._values
+        if len(values) < inputs_sent:
+            values.extend([_MISSING] * (inputs_sent - len(values)))
+        complete = True
+        for index, value in self._far.items():
+            if index >= inputs_sent:
+                complete = False
+            elif values[index] is _MISSING:  # else a later result for the index is there
+                values[index] = value
+        # Complete: no slot below inputs_sent missing, none above it filled.
+        spare = len(values) - inputs_sent
+        if (
+            complete
+            and values.count(_MISSING) == spare
+            and values[inputs_sent:].count(_MISSING) == spare
+        ):
+            del values[inputs_sent:]
+            return values
+        seen = {index for index, value in enumerate(values) if value is not _MISSING}
+        seen.update(self._far)
+        raise _incomplete(seen, inputs_sent)
 
 
 def _check_complete(indices: Collection[int], inputs_sent: int) -> None:
@@ -252,9 +312,12 @@ def _check_complete(indices: Collection[int], inputs_sent: int) -> None:
         not inputs_sent or (min(indices) >= 0 and max(indices) < inputs_sent)
     ):
         return
-    seen = set(indices)
+    raise _incomplete(set(indices), inputs_sent)
+
+
+def _incomplete(seen: set[int], inputs_sent: int) -> SquireError:
     missing = sorted(set(range(inputs_sent)) - seen)
-    raise SquireError(
+    return SquireError(
         f"the directive ended with {len(seen)} results for {inputs_sent} inputs"
         + (f"; missing indices {missing[:10]}" if missing else "")
     )

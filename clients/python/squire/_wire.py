@@ -6,9 +6,9 @@ the rest of the SDK handles :mod:`squire._model` values only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 from google.protobuf import json_format
 
@@ -129,29 +129,81 @@ class InputBatcher:
                 return  # the source is exhausted: it is not asked again
 
 
+# Where IndexedStream.run has item events decoded: straight into its results
+# (see gather_items) rather than into ItemBatch events.
+ItemSink: TypeAlias = Callable[[Sequence[pb.IndexedResult]], None]
+
+
 def _items(items: Iterable[pb.IndexedResult], serializer: Serializer) -> list[tuple[int, Any]]:
-    # The client's hot path: one decode per element, and the error message's
-    # wording is built only when a decode fails.
+    # One decode per element, and the error message's wording is built only
+    # when a decode fails. `skipped` is read only for an empty value: see
+    # gather_items.
     out: list[tuple[int, Any]] = []
     append = out.append
     for item in items:
-        index = item.index
-        if item.skipped:
-            append((index, Skipped(index, item.error)))
-            continue
         value = item.value
-        try:
-            append((index, decode(value, serializer)))
-        except PayloadError:
-            decode(value, serializer, what=f"result {index}")  # raises, naming the element
-            raise
+        if value:
+            try:
+                append((item.index, decode(value, serializer)))
+            except PayloadError:
+                decode(value, serializer, what=f"result {item.index}")  # raises, naming it
+                raise
+        else:
+            append((item.index, _empty_result(item, serializer)))
     return out
 
 
-def directive_event(message: pb.DirectiveEvent, serializer: Serializer) -> DirectiveEvent | None:
-    """Decode one event; None for an event kind this SDK does not know yet."""
+def gather_items(
+    items: Iterable[pb.IndexedResult],
+    serializer: Serializer,
+    values: list[Any],
+    overflow: Callable[[int, Any], None],
+) -> None:
+    """Decode ``items`` into ``values`` by index: ``values[index] = value``.
+
+    An index past the end of ``values`` goes to ``overflow(index, value)``.
+    This is the client's hot path for a gathered map: it reads each field of
+    an item once and builds no object per element but the value itself.
+    """
+    for item in items:
+        value = item.value
+        # The orchestrator sends a skipped element without a value, and any
+        # other with a non-empty one (no encoded JSON or MessagePack value is
+        # empty), so `skipped` need only be read for an empty value.
+        if value:
+            try:
+                value = decode(value, serializer)
+            except PayloadError:
+                decode(value, serializer, what=f"result {item.index}")  # raises, naming it
+                raise
+        else:
+            value = _empty_result(item, serializer)
+        try:
+            values[item.index] = value
+        except IndexError:
+            overflow(item.index, value)
+
+
+def _empty_result(item: pb.IndexedResult, serializer: Serializer) -> Any:
+    if item.skipped:
+        return Skipped(item.index, item.error)
+    # No serializer accepts empty bytes: this raises, naming the element.
+    return decode(b"", serializer, what=f"result {item.index}")
+
+
+def directive_event(
+    message: pb.DirectiveEvent, serializer: Serializer, items_to: ItemSink | None = None
+) -> DirectiveEvent | None:
+    """Decode one event; None for an event kind this SDK does not know yet.
+
+    With ``items_to``, an item event is handed to it (which decodes the
+    items) and gives None too.
+    """
     kind = message.WhichOneof("kind")
     if kind == "items":
+        if items_to is not None:
+            items_to(message.items.items)
+            return None
         return ItemBatch(tuple(_items(message.items.items, serializer)))
     if kind == "progress":
         return progress(message.progress)
