@@ -236,6 +236,9 @@ class ExecutionOk(_message.Message):
 
     OUTPUT_FIELD_NUMBER: _builtins.int
     output: _builtins.bytes
+    """The encoded value, never empty (an encoded value is at least one byte;
+    the orchestrator reads an empty output as "look for an error").
+    """
     def __init__(
         self,
         *,
@@ -1039,6 +1042,9 @@ class IndexedResult(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     value: _builtins.bytes
+    """The encoded value, never empty for an element that was not skipped; a
+    skipped element has no value (clients read `skipped` only then).
+    """
     skipped: _builtins.bool
     """the element failed with FATAL_STRATEGY_IGNORE"""
     error: _builtins.str
