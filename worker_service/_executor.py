@@ -18,13 +18,12 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from squire._ops import Registry
-from squire.api.v1 import squire_pb2 as pb
 
 from worker_service import _child
 from worker_service._abort import NEVER_ABORTED, AbortFlag
 from worker_service._errors import OpsLoadError
-from worker_service._execute import run_task
-from worker_service._model import Outcome, TaskSpec
+from worker_service._execute import Prepared, prepare, run_task
+from worker_service._model import Failure, Outcome, TaskSpec
 
 log = logging.getLogger("worker_service.executor")
 
@@ -45,12 +44,12 @@ class InlineExecutor:
             task.operands, task.serializer, NEVER_ABORTED, retry,
         )
 
-    def run_wire(self, t: pb.Task, operation: str, kind: int) -> Outcome:
-        """A task's first run, read straight from its wire message."""
-        return run_task(
-            self._registry, kind, operation, t.params, t.input,
-            t.operands if kind else (), t.serializer, NEVER_ABORTED, 1,
-        )
+    def prepare(
+        self, kind: int, operation: str, params: bytes, serializer: int
+    ) -> Prepared | Failure:
+        """Resolve once what a run of tasks with these fields shares; run
+        each with ``Prepared.run(..., NEVER_ABORTED, retry)``."""
+        return prepare(self._registry, kind, operation, params, serializer)
 
     async def start(self) -> None:
         return None

@@ -66,6 +66,13 @@ def always_transient(x: Any) -> None:
     raise TransientError("still flaky", retry=Immediate(2))
 
 
+@operation("append_to")
+def append_to(x: Any, *, items: list[Any]) -> list[Any]:
+    """Mutates its parameter: each task must still get the params it was sent."""
+    items.append(x)
+    return items
+
+
 @operation("ignored")
 def ignored(x: Any) -> None:
     raise FatalError("skip this element", strategy=FatalStrategy.IGNORE)

@@ -1,4 +1,4 @@
-"""run_task: the pure execution function shared by every executor."""
+"""prepare / Prepared.run / run_task: the pure execution shared by every executor."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from squire import Registry
 from squire._retry import FatalStrategy
 from squire._serde import Serializer, decode, encode
 
+from worker_service import _execute
 from worker_service._abort import NEVER_ABORTED, AbortFlag, AbortMemory
-from worker_service._execute import run_task
+from worker_service._execute import Prepared, prepare, run_task
 from worker_service._model import APPLY, COMBINE, ErrorKind, Failure, Transient
 
 from . import ops_for_tests
@@ -144,6 +145,70 @@ def test_transient_error_reports_the_next_delay(tmp_path: Any) -> None:
     assert out == Transient("TransientError", "still flaky", 0.0)
     out = apply("always_transient", None, retry=3)  # Immediate(2): exhausted
     assert out == Transient("TransientError", "still flaky", None)
+
+
+def prepared(
+    kind: int, name: str, params: dict[str, Any] | None = None, ser: Serializer = JSON
+) -> Prepared:
+    p = prepare(REGISTRY, kind, name, encode(params, ser) if params is not None else b"",
+                ser.value)
+    assert isinstance(p, Prepared), p
+    return p
+
+
+def test_a_prepared_operation_runs_many_tasks_like_run_task() -> None:
+    add = prepared(APPLY, "add", {"n": 2})
+    for x in (1, 40, -3):
+        assert add.run(encode(x), (), NEVER_ABORTED) == apply("add", x, {"n": 2})
+    join = prepared(COMBINE, "join", {"sep": "+"})
+    assert join.run(b"", [b'"a"', b'"b"'], NEVER_ABORTED) == b'"a+b"'
+    assert join.run(b"", [], NEVER_ABORTED) == b'""'
+
+
+def test_prepare_fails_for_what_every_task_of_the_run_shares() -> None:
+    assert failure(prepare(REGISTRY, APPLY, "nope", b"", 1)).kind is ErrorKind.UNKNOWN_OPERATION
+    assert failure(prepare(REGISTRY, COMBINE, "echo", b"", 1)).kind is ErrorKind.UNKNOWN_OPERATION
+    assert failure(prepare(REGISTRY, APPLY, "echo", b"", 9)).kind is ErrorKind.BAD_PAYLOAD
+    assert failure(prepare(REGISTRY, 7, "echo", b"", 1)).kind is ErrorKind.BAD_PAYLOAD
+
+
+def test_scalar_params_are_decoded_once_per_prepared_run(monkeypatch: Any) -> None:
+    calls: list[bytes] = []
+    real = _execute.decode_params
+
+    def counting(data: bytes, ser: Serializer) -> dict[str, Any]:
+        calls.append(data)
+        return real(data, ser)
+
+    monkeypatch.setattr(_execute, "decode_params", counting)
+    add = prepared(APPLY, "add", {"n": 1})
+    assert [add.run(encode(x), (), NEVER_ABORTED) for x in range(3)] == [b"1", b"2", b"3"]
+    assert calls == [b'{"n":1}']
+
+
+def test_mutable_params_are_fresh_for_every_task() -> None:
+    # The operation appends to its parameter: a shared list would carry
+    # the first task's value into the second task's result.
+    run = prepared(APPLY, "append_to", {"items": [0]}).run
+    assert decode(run(b"1", (), NEVER_ABORTED)) == [0, 1]
+    assert decode(run(b"2", (), NEVER_ABORTED)) == [0, 2]
+
+
+def test_bad_params_fail_each_task_after_its_input() -> None:
+    # As with run_task, a task whose input and params are both bad is
+    # reported for its input.
+    run = prepare(REGISTRY, APPLY, "add", b"{bad", JSON.value)
+    assert isinstance(run, Prepared)
+    assert failure(run.run(b"{oops", (), NEVER_ABORTED)).message.startswith("input")
+    for _ in range(2):
+        f = failure(run.run(b"1", (), NEVER_ABORTED))
+        assert (f.kind, f.message.startswith("params")) == (ErrorKind.BAD_PAYLOAD, True)
+
+
+def test_a_prepared_run_retries_with_the_given_number() -> None:
+    run = prepared(APPLY, "always_transient").run
+    assert run(b"null", (), NEVER_ABORTED, 2) == Transient("TransientError", "still flaky", 0.0)
+    assert run(b"null", (), NEVER_ABORTED, 3) == Transient("TransientError", "still flaky", None)
 
 
 def test_abort_memory_forgets_after_its_time() -> None:

@@ -128,6 +128,81 @@ async def test_errors_on_the_wire(orchestrator: FakeOrchestrator) -> None:
         assert err(session.result(5)).kind == pb.ERROR_KIND_BAD_PAYLOAD
 
 
+async def test_inline_batch_mixing_operations_params_and_kinds(
+    orchestrator: FakeOrchestrator,
+) -> None:
+    # Runs of tasks sharing operation, kind, params and serializer are
+    # prepared once each; every change starts a new run.
+    mp = Serializer.MSGPACK
+    async with WorkerRuntime(config(orchestrator)):
+        session = await orchestrator.session()
+        session.send_tasks(
+            task("add", 1, task_id=1, params={"n": 1}),
+            task("add", 2, task_id=2, params={"n": 1}),
+            task("add", 3, task_id=3, params={"n": 10}),  # the next stage's params
+            task("add", 4, task_id=4, params={"n": 10}, serializer=mp),
+            task("echo", 5, task_id=5),
+            combine("sum", [1, 2], task_id=6),
+            task("sum", 7, task_id=7),  # a monoid's name as an operation
+            combine("join", ["a", "b"], task_id=8, params={"sep": "/"}),
+            combine("join", ["a", "b"], task_id=9, params={"sep": "-"}),
+            task("add", 10, task_id=10, params={"n": 1}),
+            task("append_to", 11, task_id=11, params={"items": [0]}),
+            task("append_to", 12, task_id=12, params={"items": [0]}),
+        )
+        await session.wait_results(12)
+        assert [ok(session.result(i)) for i in (1, 2, 3)] == [2, 3, 13]
+        assert ok(session.result(4), mp) == 14
+        assert ok(session.result(5)) == 5
+        assert ok(session.result(6)) == 3
+        assert err(session.result(7)).kind == pb.ERROR_KIND_UNKNOWN_OPERATION
+        assert ok(session.result(8)) == "a/b"
+        assert ok(session.result(9)) == "a-b"
+        assert ok(session.result(10)) == 11
+        # A parameter the operation mutates is still fresh for every task.
+        assert [ok(session.result(i)) for i in (11, 12)] == [[0, 11], [0, 12]]
+
+
+async def test_inline_batch_with_failures_in_the_middle_of_a_run(
+    orchestrator: FakeOrchestrator,
+) -> None:
+    async with WorkerRuntime(config(orchestrator)) as worker:
+        session = await orchestrator.session()
+        session.send_tasks(
+            task("add", 1, task_id=1, params={"n": 1}, metadata=b"m1", lease_id=11),
+            task("add", "x", task_id=2, params={"n": 1}, metadata=b"m2", lease_id=12),
+            pb.Task(routing_key="rk", task_id=3, operation="add", input=b"{oops",
+                    params=b'{"n":1}', serializer=1, attempt=2, lease_id=13),
+            task("add", 4, task_id=4, params={"n": 1}, attempt=3, lease_id=14),
+            task("missing", 5, task_id=5),
+            task("missing", 6, task_id=6),
+            task("add", 7, task_id=7, params={"n": 1}),
+        )
+        results = await session.wait_results(7)
+        assert len(results) == 7  # each exactly once
+        first = session.result(1)
+        assert (ok(first), first.metadata, first.lease_id) == (2, b"m1", 11)
+        e = session.result(2)
+        assert (e.metadata, e.lease_id, err(e).error_type) == (b"m2", 12, "TypeError")
+        bad = session.result(3)
+        assert (bad.attempt, bad.lease_id) == (2, 13)
+        assert err(bad).kind == pb.ERROR_KIND_BAD_PAYLOAD
+        after = session.result(4)
+        assert (ok(after), after.attempt, after.lease_id) == (5, 3, 14)
+        for i in (5, 6):
+            assert err(session.result(i)).kind == pb.ERROR_KIND_UNKNOWN_OPERATION
+        assert ok(session.result(7)) == 8
+        assert worker.metrics is not None
+        text = generate_latest(worker.metrics.registry).decode()
+        assert 'squire_worker_tasks_total{operation="add",outcome="ok"} 3.0' in text
+        assert 'squire_worker_tasks_total{operation="add",outcome="error"} 1.0' in text
+        assert 'squire_worker_tasks_total{operation="add",outcome="bad_payload"} 1.0' in text
+        assert 'squire_worker_tasks_total{operation="unknown",outcome="unknown_operation"} 2.0' \
+            in text
+        # Every task that ran ok or raised is in the execution histogram.
+        assert 'squire_worker_execution_seconds_count{operation="add"} 4.0' in text
+
+
 async def test_transient_errors_are_retried_by_the_worker(
     orchestrator: FakeOrchestrator, tmp_path: Path
 ) -> None:
@@ -235,6 +310,21 @@ async def test_aborted_keys_are_forgotten_after_abort_memory(
         session.send_tasks(task("echo", 2, key="k", task_id=2))
         await session.wait_results(2)
         assert ok(session.result(2, "k")) == 2
+
+
+async def test_inline_batch_checks_every_task_for_an_aborted_key(
+    orchestrator: FakeOrchestrator,
+) -> None:
+    async with WorkerRuntime(config(orchestrator)):
+        session = await orchestrator.session()
+        session.send_ipc(pb.WorkerIpc(abort=pb.Abort(routing_key="k")))
+        session.send_tasks(*(
+            task("echo", i, key="k" if i % 2 else "j", task_id=i) for i in range(1, 7)
+        ))
+        await session.wait_results(6)
+        for i in (1, 3, 5):
+            assert err(session.result(i, "k")).kind == pb.ERROR_KIND_ABORTED
+        assert [ok(session.result(i, "j")) for i in (2, 4, 6)] == [2, 4, 6]
 
 
 async def test_never_more_than_concurrency_running(orchestrator: FakeOrchestrator) -> None:
