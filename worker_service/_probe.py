@@ -44,6 +44,11 @@ from worker_service._model import ErrorKind, Failure
 DEFAULT_METRICS_PORT = 9465
 COMBINE = 1
 
+EXECUTION_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300)
+# Every execution up to this long lands in the histogram's first bucket, so
+# a batch of such tasks can be observed in one call, as their mean.
+FIRST_EXECUTION_BUCKET = EXECUTION_BUCKETS[0]
+
 _OUTCOME = {kind: kind.name.lower() for kind in ErrorKind}
 _OUTCOME[ErrorKind.OPERATION] = "error"
 
@@ -68,7 +73,7 @@ class WorkerMetrics:
         self.execution = HistogramFamily(
             "squire_worker_execution_seconds", "Task execution time, by operation.",
             ["operation"],
-            buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300),
+            buckets=EXECUTION_BUCKETS,
         )
         self.retries = CounterFamily(
             "squire_worker_retries", "Transient-error retries, by operation.", ["operation"],

@@ -35,7 +35,7 @@ from worker_service import _wire
 from worker_service._abort import NEVER_ABORTED, AbortMemory
 from worker_service._executor import Executor, InlineExecutor, ProcessExecutor, Submitted
 from worker_service._model import ErrorKind, Failure, Outcome, TaskSpec, Transient
-from worker_service._probe import WorkerMetrics
+from worker_service._probe import FIRST_EXECUTION_BUCKET, WorkerMetrics
 
 log = logging.getLogger("worker_service.session")
 
@@ -242,15 +242,18 @@ class Session:
         metrics = self._metrics
         clock = time.perf_counter
         # The current run: its fields, how its tasks run (or the failure
-        # every one of them gets), its ok count and metric series.
+        # every one of them gets), and its metrics. Its ok results are
+        # counted once, and so are its executions that fall in the
+        # histogram's first bucket, observed as their mean.
         run_operation: str | None = None
         run_kind = run_serializer = -1
         run_params = b""
         run: Callable[[bytes, Sequence[bytes], AbortSignal, int], Outcome] | None = None
         failure: Failure | None = None
-        ok_count = 0
         ok: CounterChild | None = None
         execution: HistogramChild | None = None
+        ok_count = fast_count = 0
+        fast_seconds = 0.0
         for t in tasks:
             key = t.routing_key
             if check_aborted and aborted.is_aborted(key):
@@ -272,9 +275,9 @@ class Session:
                     run, failure = prepared.run, None
                 if metrics is not None:
                     if ok_count:
-                        assert ok is not None
-                        ok.value += ok_count
-                        ok_count = 0
+                        _count_oks(ok, execution, ok_count, fast_count, fast_seconds)
+                        ok_count = fast_count = 0
+                        fast_seconds = 0.0
                     _, ok, execution = metrics.series(operation, kind)
             if run is not None:
                 start = clock()
@@ -286,7 +289,11 @@ class Session:
                     add_ok(key, t.task_id, t.attempt, t.lease_id, t.metadata, outcome, took)
                     if execution is not None:
                         ok_count += 1
-                        execution.observe(took)
+                        if took <= FIRST_EXECUTION_BUCKET:
+                            fast_count += 1
+                            fast_seconds += took
+                        else:
+                            execution.observe(took)
                     continue
             else:
                 assert failure is not None  # set whenever run is not
@@ -296,8 +303,7 @@ class Session:
             if self._settle_inline(job, outcome, took):
                 self._run_inline(executor, job)
         if ok_count:
-            assert ok is not None
-            ok.value += ok_count
+            _count_oks(ok, execution, ok_count, fast_count, fast_seconds)
         self._wake_writer.set()
 
     def _on_ipc(self, ipc: pb.WorkerIpc) -> None:
@@ -609,6 +615,23 @@ class Session:
                 await self._ended.wait()
         except TimeoutError:
             self._finish(SessionEnd.DRAINED, "the orchestrator did not close its side in time")
+
+
+def _count_oks(
+    ok: CounterChild | None,
+    execution: HistogramChild | None,
+    ok_count: int,
+    fast_count: int,
+    fast_seconds: float,
+) -> None:
+    """Add a run's ok results to its metrics: ``fast_count`` of them, taking
+    ``fast_seconds`` in all, were in the first bucket and not observed yet."""
+    assert ok is not None and execution is not None
+    ok.value += ok_count
+    if fast_count:
+        # The mean of values in the first bucket is in it too: one
+        # observation of it ``fast_count`` times gives the same count and sum.
+        execution.observe(fast_seconds / fast_count, fast_count)
 
 
 def _timed_out(task: TaskSpec) -> Failure:

@@ -312,6 +312,27 @@ async def test_aborted_keys_are_forgotten_after_abort_memory(
         assert ok(session.result(2, "k")) == 2
 
 
+async def test_inline_batch_observes_every_execution(orchestrator: FakeOrchestrator) -> None:
+    # A run's fast executions are observed together, a slow one on its own:
+    # the histogram still holds every task, with the reported durations.
+    async with WorkerRuntime(config(orchestrator)) as worker:
+        session = await orchestrator.session()
+        session.send_tasks(
+            *(task("slow", {"max": 0}, task_id=i) for i in (1, 2)),
+            task("slow", {"max": 0.02}, task_id=3),
+            *(task("slow", {"max": 0}, task_id=i) for i in (4, 5)),
+        )
+        results = await session.wait_results(5)
+        assert all(ok(r) == "finished" for r in results)
+        assert worker.metrics is not None
+        histogram = worker.metrics.execution.labels("slow")
+        assert sum(histogram.counts) == 5
+        assert sum(histogram.counts[:4]) == 4  # all but the slow one within 5 ms
+        assert histogram.sum == pytest.approx(sum(r.execution_seconds for r in results))
+        text = generate_latest(worker.metrics.registry).decode()
+        assert 'squire_worker_tasks_total{operation="slow",outcome="ok"} 5.0' in text
+
+
 async def test_inline_batch_checks_every_task_for_an_aborted_key(
     orchestrator: FakeOrchestrator,
 ) -> None:
