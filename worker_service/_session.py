@@ -231,8 +231,8 @@ class Session:
 
         Consecutive tasks nearly always share kind, operation, params and
         serializer. Such a run of tasks is prepared once (the registry
-        lookup, the params, the serializer) and its ok results are counted
-        once; per task there is left decode, call, encode, and the result.
+        lookup, the params, the serializer) and its metrics are updated
+        once; what is left per task is decode, call, encode and the result.
         """
         aborted = self._aborted
         # Aborts arrive as IPC, which waits for the loop this batch holds: an
@@ -281,8 +281,9 @@ class Session:
                     _, ok, execution = metrics.series(operation, kind)
             if run is not None:
                 start = clock()
-                # Only a combine reads its operands (an empty repeated field
-                # still costs an object); inline runs cannot be aborted.
+                # Only a combine (a non-zero kind that prepare accepted) reads
+                # its operands: an empty repeated field still costs an object.
+                # Nothing can abort an inline run.
                 outcome = run(t.input, t.operands if kind else (), NEVER_ABORTED, 1)
                 took = clock() - start
                 if type(outcome) is bytes and not 0 < t.timeout_seconds < took:
