@@ -3,6 +3,8 @@ module of the orchestrator that knows both."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from squire._errors import PayloadError
 from squire._serde import Serializer, decode_params
 from squire._wire import fill_execution_err
@@ -230,13 +232,13 @@ def _check_params(data: bytes, serializer: int, where: str) -> None:
         raise RouterError(Code.INVALID_ARGUMENT, str(exc)) from exc
 
 
-def items_to_pb(items: Items) -> list[pb.DirectiveEvent]:
-    """Item events of at most ``MAX_ITEMS_PER_MESSAGE`` items each."""
-    events: list[pb.DirectiveEvent] = []
+def add_items(new_event: Callable[[], pb.DirectiveEvent], items: Items) -> None:
+    """Item events of at most ``MAX_ITEMS_PER_MESSAGE`` items each, built in
+    place in the events ``new_event`` returns (``add`` of a repeated field,
+    or a factory of messages to write)."""
     indexes, values = items.indexes, items.values
     for lo in range(0, len(indexes), MAX_ITEMS_PER_MESSAGE):
-        event = pb.DirectiveEvent()
-        add = event.items.items.add
+        add = new_event().items.items.add
         for index, value in zip(
             indexes[lo : lo + MAX_ITEMS_PER_MESSAGE], values[lo : lo + MAX_ITEMS_PER_MESSAGE],
             strict=True,
@@ -244,36 +246,45 @@ def items_to_pb(items: Items) -> list[pb.DirectiveEvent]:
             msg = add()
             msg.index = index
             msg.value = value
-        events.append(event)
     skipped = items.skipped
     for lo in range(0, len(skipped), MAX_ITEMS_PER_MESSAGE):
-        event = pb.DirectiveEvent()
-        add = event.items.items.add
+        add = new_event().items.items.add
         for index, error in skipped[lo : lo + MAX_ITEMS_PER_MESSAGE]:
             msg = add()
             msg.index = index
             msg.skipped = True
             msg.error = error
-        events.append(event)
-    return events
 
 
-def final_events(directive: Directive) -> list[pb.DirectiveEvent]:
+def add_final_events(new_event: Callable[[], pb.DirectiveEvent], directive: Directive) -> None:
     """The last events of a directive that is done: progress, then the fold value."""
-    events = [pb.DirectiveEvent(progress=progress_to_pb(directive.progress()))]
+    fill_progress(new_event().progress, directive.progress())
     if directive.fold_value is not None:
-        events.append(pb.DirectiveEvent(fold=pb.FoldValue(value=directive.fold_value)))
-    return events
+        new_event().fold.value = directive.fold_value
+
+
+class EventsToWrite(list[pb.DirectiveEvent]):
+    """Events as separate messages, for RunDirective, which writes each:
+    pass ``new`` where an ``add_*`` function takes ``new_event``."""
+
+    def new(self) -> pb.DirectiveEvent:
+        event = pb.DirectiveEvent()
+        self.append(event)
+        return event
+
+
+def fill_progress(msg: pb.Progress, p: ProgressSnapshot) -> None:
+    msg.received = p.received
+    msg.completed = p.completed
+    msg.skipped = p.skipped
+    msg.total = p.total
+    msg.queued = p.queued
+    msg.running = p.running
+    msg.retries = p.retries
+    msg.tasks_done = p.tasks_done
 
 
 def progress_to_pb(p: ProgressSnapshot) -> pb.Progress:
-    return pb.Progress(
-        received=p.received,
-        completed=p.completed,
-        skipped=p.skipped,
-        total=p.total,
-        queued=p.queued,
-        running=p.running,
-        retries=p.retries,
-        tasks_done=p.tasks_done,
-    )
+    msg = pb.Progress()
+    fill_progress(msg, p)
+    return msg

@@ -18,8 +18,8 @@ Invariants (asserted by the unit tests):
 from __future__ import annotations
 
 import itertools
+import os
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -128,9 +128,10 @@ class Channel:
             fifo = self.fifos[key] = deque()
             # fold tasks (stage < 0) outrank every map stage
             self._priority[key] = stage if stage >= 0 else 1 << 30
-            self.fifos = dict(
-                sorted(self.fifos.items(), key=lambda kv: -self._priority[kv[0]])
-            )
+            if len(self.fifos) > 1:
+                self.fifos = dict(
+                    sorted(self.fifos.items(), key=lambda kv: -self._priority[kv[0]])
+                )
         return fifo
 
     def push(self, task: TaskRecord, *, front: bool = False) -> None:
@@ -362,7 +363,9 @@ class Router:
 
     def lease_channel(self) -> Channel:
         self._check_accepting()
-        channel = Channel(uuid.uuid4().hex, self.clock())
+        # 128 random bits, as hex: the id is the capability to use the
+        # channel (uuid4().hex is the same, five times slower).
+        channel = Channel(os.urandom(16).hex(), self.clock())
         self.channels[channel.id] = channel
         return channel
 

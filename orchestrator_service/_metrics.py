@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from squire._fastmetrics import FamiliesCollector, HistogramChild, HistogramFamily
@@ -151,14 +151,14 @@ class OrchestratorMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                      5, 10, 30, 60, 300),
         )
-        self.registry.register(FamiliesCollector([self.task_latency]))
-        self.directive_duration = Histogram(
+        # Observed once per directive: on a small directive's latency path.
+        self.directive_duration = HistogramFamily(
             "squire_directive_duration_seconds",
             "Directive duration from start to end, by outcome (done, failed, cancelled).",
             ["outcome"],
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
-            registry=self.registry,
         )
+        self.registry.register(FamiliesCollector([self.task_latency, self.directive_duration]))
         self._router = router
         self._latency_children: dict[tuple[int, str], HistogramChild] = {}
         router.on_tasks_done = self._tasks_done

@@ -291,7 +291,9 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
         last_progress = time.monotonic()
         while True:
             items = directive.take_items()
-            for event in convert.items_to_pb(items):
+            events = convert.EventsToWrite()
+            convert.add_items(events.new, items)
+            for event in events:
                 await context.write(event)
             if items:
                 signal()  # room in the window: let the input reader go on
@@ -335,7 +337,9 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
     async def _finish(self, directive: Directive, context: grpc.aio.ServicerContext) -> None:
         end = directive.end_status()
         if end is None:
-            for event in convert.final_events(directive):
+            events = convert.EventsToWrite()
+            convert.add_final_events(events.new, directive)
+            for event in events:
                 await context.write(event)
             log.debug("directive done", extra={"routing_key": directive.id})
             return

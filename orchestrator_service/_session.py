@@ -159,18 +159,18 @@ class Session:
         if not call.started_sent:
             call.started_sent = True
             events.add().started.directive_id = d.id
-        events.extend(convert.items_to_pb(items))
+        convert.add_items(events.add, items)  # in place: no copy per event
         if items:
             self._signal()  # room in the window for the reader
         if not finished and due:
             call.last_progress = now
-            events.add().progress.CopyFrom(convert.progress_to_pb(d.progress()))
+            convert.fill_progress(events.add().progress, d.progress())
         if finished:
             del self._calls[call.call_id]
             call.slot.release()
             end = d.end_status()
             if end is None:
-                events.extend(convert.final_events(d))
+                convert.add_final_events(events.add, d)
                 message.end.code = 0
             else:
                 message.end.code = _code_number(end[0])
