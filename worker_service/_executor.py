@@ -13,7 +13,7 @@ import concurrent.futures
 import logging
 import multiprocessing
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -217,15 +217,23 @@ class ProcessExecutor(_PoolExecutor):
         self._context = multiprocessing.get_context("spawn")
         # One abort flag per slot, in shared memory the children inherit.
         self._flags = self._context.RawArray("b", concurrency)
+        # Each pool's process table, kept past shutdown() (which drops the
+        # pool's own reference to it): the only handle on its children.
+        self._children: weakref.WeakKeyDictionary[
+            concurrent.futures.ProcessPoolExecutor, MutableMapping[int, Any]
+        ] = weakref.WeakKeyDictionary()
         self._pool = self._new_pool()
 
     def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
-        return concurrent.futures.ProcessPoolExecutor(
+        pool = concurrent.futures.ProcessPoolExecutor(
             self.concurrency,
             mp_context=self._context,
             initializer=_child.init_child,
             initargs=(self._modules, self._flags),
         )
+        # The pool adds each child it spawns to this very dict.
+        self._children[pool] = pool._processes
+        return pool
 
     async def start(self) -> None:
         """Spawn every child now and check it can import the ops modules.
@@ -272,6 +280,12 @@ class ProcessExecutor(_PoolExecutor):
             return
         log.error("a process-pool child died; starting a new pool")
         pool.shutdown(wait=False, cancel_futures=True)
+        # Every future of the broken pool has failed, so nothing its other
+        # children still run can be reported: kill them now. Left alone they
+        # would hold CPU beyond the concurrency limit, and the pool's own
+        # clean-up (SIGTERM, which children ignore, then join) would wait for
+        # them -- at interpreter exit, forever if one never finishes.
+        self._kill_children(pool)
         self._pool = self._new_pool()
 
     async def close(self, grace: float) -> None:
@@ -281,19 +295,17 @@ class ProcessExecutor(_PoolExecutor):
         pool.shutdown(wait=False, cancel_futures=True)
         if not await self._wait_idle(grace):
             log.warning("killing process-pool children still running after %.1fs", grace)
-            _kill_children(pool)
+            self._kill_children(pool)
+        elif pool in self._break_sizes:
+            # It broke and nobody replaced it yet: its survivors may still run
+            # tasks nobody awaits (see replace_broken).
+            self._kill_children(pool)
 
-
-def _kill_children(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    terminate = getattr(pool, "kill_workers", None)  # Python 3.14+
-    if terminate is not None:
-        terminate()
-        return
-    # Before 3.14 the pool offers no way to stop a running child; its process
-    # table is the only handle. SIGKILL because children ignore SIGTERM.
-    processes: dict[int, Any] = getattr(pool, "_processes", None) or {}
-    for process in list(processes.values()):
-        process.kill()
+    def _kill_children(self, pool: concurrent.futures.ProcessPoolExecutor) -> None:
+        # SIGKILL because children ignore SIGTERM. (Python 3.14's
+        # kill_workers() does nothing once the pool is shut down.)
+        for process in list(self._children.get(pool, {}).values()):
+            process.kill()  # a no-op for a child already reaped
 
 
 Executor = InlineExecutor | ThreadExecutor | ProcessExecutor

@@ -47,6 +47,16 @@ def slow(x: dict[str, Any], *, abort: Any) -> str:
     return "finished"
 
 
+@operation("stubborn")
+def stubborn(x: dict[str, Any]) -> str:
+    """Append this process's pid to ``pids`` then sleep ``max`` seconds,
+    deaf to the abort signal (like a C extension in a long call)."""
+    with open(x["pids"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(x["max"])
+    return "finished"
+
+
 @operation("flaky")
 def flaky(x: dict[str, Any]) -> int:
     """Fail transiently ``fail`` times (counted in the file ``counter``), then succeed."""

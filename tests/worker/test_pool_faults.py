@@ -9,12 +9,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+import pytest
 from squire._serde import decode
 from squire.api.v1 import squire_pb2 as pb
 
 from worker_service import ExecutorKind, WorkerRuntime
+from worker_service._executor import ProcessExecutor
+from worker_service._wire import task_from_wire
 
 from .fakes import FakeOrchestrator, config, task, wait_for
 
@@ -54,6 +58,58 @@ async def test_a_crash_alone_in_the_pool_is_reported_at_once(
         session.send_tasks(task("crash", None, task_id=1))
         [result] = await session.wait_results(1, timeout=10)
         assert result.err.kind == pb.ERROR_KIND_CRASHED
+
+
+def _pids(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+async def test_survivors_of_a_broken_pool_are_killed_and_drain_kills_the_rest(
+    orchestrator: FakeOrchestrator, tmp_path: Path
+) -> None:
+    # Regression: a broken pool's other children ran on unseen (their futures
+    # had failed), and its clean-up waited for them after SIGTERM, which
+    # children ignore: the worker (and a test run) hung at interpreter exit.
+    # The drain deadline's SIGKILL also missed them: the pool forgets its
+    # process table on shutdown().
+    pids = tmp_path / "pids"
+    cfg = config(
+        orchestrator, executor=ExecutorKind.PROCESS, concurrency=2, prefetch=0, drain_grace=0.3
+    )
+    async with WorkerRuntime(cfg):
+        session = await orchestrator.session()
+        session.send_tasks(task("stubborn", {"pids": str(pids), "max": 120}, key="a", task_id=1))
+        await wait_for(lambda: len(_pids(pids)) == 1, 10, "the stubborn task running")
+        [survivor] = _pids(pids)
+        session.send_tasks(task("crash", None, key="poison", task_id=1))
+        # The pool breaks; the stubborn task runs again alone in a new pool ...
+        await wait_for(lambda: len(_pids(pids)) == 2, 10, "the stubborn task running again")
+        rerun = _pids(pids)[1]
+        # ... and its first run's child is gone, though it had 120 s to go.
+        await wait_for(lambda: _gone(survivor), 10, f"the broken pool's child {survivor} killed")
+        assert not _gone(rerun)
+    # The drain deadline kills the child still running past it.
+    await wait_for(lambda: _gone(rerun), 10, f"child {rerun} killed at the drain deadline")
+    assert session.result(1, "a").err.kind == pb.ERROR_KIND_RETURNED  # handed back, not lost
+
+
+async def test_closing_an_executor_whose_pool_broke_kills_its_survivors(tmp_path: Path) -> None:
+    # The worker may close right as its pool breaks, before any session has
+    # replaced it: every slot is free then, yet a child still runs.
+    pids = tmp_path / "pids"
+    executor = ProcessExecutor(["worker.ops_for_tests"], 2)
+    await executor.start()
+    try:
+        stubborn = executor.submit(task_from_wire(task("stubborn", {"pids": str(pids), "max": 120})), 0)
+        await wait_for(lambda: _pids(pids), 10, "the stubborn task running")
+        [survivor] = _pids(pids)
+        crash = executor.submit(task_from_wire(task("crash", None)), 0)
+        for submitted in (crash, stubborn):
+            with pytest.raises(BrokenProcessPool):
+                await submitted.future
+    finally:
+        await executor.close(grace=0.1)
+    await wait_for(lambda: _gone(survivor), 10, f"the broken pool's child {survivor} killed")
 
 
 _PARENT = textwrap.dedent("""

@@ -7,9 +7,10 @@ import socket
 import urllib.error
 import urllib.request
 
-from worker_service import WorkerRuntime
+from worker_service import ExecutorKind, WorkerRuntime
 
 from .fakes import FakeOrchestrator, config, task, until, wait_for
+from .ops_for_tests import GATE
 
 
 def free_port() -> int:
@@ -58,8 +59,12 @@ async def test_readyz_flips_when_the_orchestrator_goes_away_and_on_drain(
     orchestrator: FakeOrchestrator,
 ) -> None:
     port = free_port()
-    cfg = config(orchestrator, metrics_port=port, metrics_host="127.0.0.1", drain_grace=5)
+    cfg = config(
+        orchestrator, metrics_port=port, metrics_host="127.0.0.1", drain_grace=5,
+        executor=ExecutorKind.THREAD,
+    )
     worker = WorkerRuntime(cfg)
+    GATE.reset()
     async with asyncio.TaskGroup() as tg:
         run = tg.create_task(worker.run())
         await orchestrator.session()
@@ -70,14 +75,16 @@ async def test_readyz_flips_when_the_orchestrator_goes_away_and_on_drain(
         assert (await fetch(port, "/readyz"))[0] == 503
         assert (await fetch(port, "/healthz"))[0] == 200  # alive: reconnecting
         await orchestrator.start()  # back on the same port
-        await orchestrator.session(2)
+        session = await orchestrator.session(2)
         await wait_for(lambda: worker.ready, what="ready again")
         assert (await fetch(port, "/readyz"))[0] == 200
+        # A running task holds the drain open, so the endpoint is still up.
+        session.send_tasks(task("gated", 1, task_id=1))
+        await wait_for(lambda: GATE.running == 1, what="the gated task running")
         worker.request_drain()
         assert not worker.ready  # the probe reads this attribute
-        try:
-            code = (await fetch(port, "/readyz"))[0]
-        except urllib.error.URLError:
-            code = None  # the drain already finished and the endpoint closed with the worker
-        assert code in (503, None)
+        assert (await fetch(port, "/readyz"))[0] == 503
+        assert (await fetch(port, "/healthz"))[0] == 200  # draining is alive
+        GATE.release.set()
         await until(run)
+    await session.wait_results(1)  # the task finished within the grace
