@@ -1,30 +1,50 @@
-"""Guards for the whole suite."""
+"""Guards for the whole suite: a leak fails the run instead of hanging it."""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
 import time
 
 import pytest
 
+_GRACE = 10.0  # seconds for children and threads that are stopping to end
+_hung = False
+
+
+def _lingering_threads() -> list[threading.Thread]:
+    main = threading.main_thread()
+    return [t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
+
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run, rather than hang it, when tests leave child processes.
-
-    Interpreter exit joins every process pool's children, so one that never
-    ends (a process-pool child ignores SIGTERM) would hold the run until CI's
-    deadline. Children a pool is still stopping get a few seconds to exit.
-    """
-    deadline = time.monotonic() + 10
-    while (left := multiprocessing.active_children()) and time.monotonic() < deadline:
-        left[0].join(0.1)
-    if not left:
-        return
-    for child in left:
+    """Interpreter exit joins every process pool's children and every
+    non-daemon thread, so one that never ends (a process-pool child ignores
+    SIGTERM; a thread cannot be stopped) would hold the run until CI's
+    deadline. Report it as a failure instead."""
+    global _hung
+    deadline = time.monotonic() + _GRACE
+    while (children := multiprocessing.active_children()) and time.monotonic() < deadline:
+        children[0].join(0.1)
+    for child in children:
         child.kill()
+    while (threads := _lingering_threads()) and time.monotonic() < deadline:
+        threads[0].join(0.1)
+    leaks = [f"child process {c.name} (pid {c.pid}), killed" for c in children]
+    leaks += [f"thread {t.name}" for t in threads]
+    if not leaks:
+        return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.ensure_newline()
-        names = ", ".join(f"{child.name} (pid {child.pid})" for child in left)
-        reporter.write_line(f"ERROR: child processes outlived the tests, killed: {names}", red=True)
+        reporter.write("\n")
+        for leak in leaks:
+            reporter.write_line(f"ERROR: outlived the tests: {leak}", red=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    _hung = bool(threads)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _hung:  # exit would wait for those threads forever
+        os._exit(pytest.ExitCode.TESTS_FAILED)
