@@ -100,7 +100,8 @@ async def test_closing_an_executor_whose_pool_broke_kills_its_survivors(tmp_path
     executor = ProcessExecutor(["worker.ops_for_tests"], 2)
     await executor.start()
     try:
-        stubborn = executor.submit(task_from_wire(task("stubborn", {"pids": str(pids), "max": 120})), 0)
+        stubborn_task = task("stubborn", {"pids": str(pids), "max": 120})
+        stubborn = executor.submit(task_from_wire(stubborn_task), 0)
         await wait_for(lambda: _pids(pids), 10, "the stubborn task running")
         [survivor] = _pids(pids)
         crash = executor.submit(task_from_wire(task("crash", None)), 0)

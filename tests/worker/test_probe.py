@@ -7,6 +7,8 @@ import socket
 import urllib.error
 import urllib.request
 
+from squire._serde import decode
+
 from worker_service import ExecutorKind, WorkerRuntime
 
 from .fakes import FakeOrchestrator, config, task, until, wait_for
@@ -87,4 +89,5 @@ async def test_readyz_flips_when_the_orchestrator_goes_away_and_on_drain(
         assert (await fetch(port, "/healthz"))[0] == 200  # draining is alive
         GATE.release.set()
         await until(run)
-    await session.wait_results(1)  # the task finished within the grace
+    await session.wait_results(1)
+    assert decode(session.result(1).ok.output) == 1  # it finished within the grace
