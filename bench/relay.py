@@ -23,9 +23,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-from squire import _loop
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
+
+from squire_kernel import loop as _loop
 
 OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),

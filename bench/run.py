@@ -34,9 +34,11 @@ import grpc  # noqa: E402
 import squire  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from squire import IndexedStream, _loop  # noqa: E402
+from squire import IndexedStream  # noqa: E402
 from squire.api.v1 import squire_pb2 as pb  # noqa: E402
 from squire.api.v1 import squire_pb2_grpc as pb_grpc  # noqa: E402
+
+from squire_kernel import loop as _loop  # noqa: E402
 
 # Trivial operations: each worker's credit window must hold several batches,
 # or every worker idles while its one batch of results travels back (with

@@ -15,9 +15,6 @@ import signal
 import sys
 from pathlib import Path
 
-from squire import _loop as event_loop
-from squire._logging import configure_logging
-
 from orchestrator_service._metrics import DEFAULT_METRICS_PORT
 from orchestrator_service._model import RouterConfig
 from orchestrator_service._security import (
@@ -27,6 +24,8 @@ from orchestrator_service._security import (
     security_from_args,
 )
 from orchestrator_service._server import Orchestrator, OrchestratorConfig
+from squire_kernel import loop as event_loop
+from squire_kernel.logs import configure_logging
 
 DEFAULT_PORT = 50051
 

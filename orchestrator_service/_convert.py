@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from squire._errors import PayloadError
-from squire._serde import Serializer, decode_params
-from squire._wire import fill_execution_err
 from squire.api.v1 import squire_pb2 as pb
 
 from orchestrator_service._core import IpcMessage
@@ -27,6 +24,9 @@ from orchestrator_service._model import (
     TaskRecord,
     WorkerHello,
 )
+from squire_kernel.errors import PayloadError
+from squire_kernel.serde import Serializer, decode_params
+from squire_kernel.wire import fill_execution_err
 
 # Stream messages stay well below gRPC's 64 MiB limit: tasks and items go out
 # in messages bounded in count and in payload bytes (one larger task or

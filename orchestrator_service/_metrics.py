@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from squire._fastmetrics import FamiliesCollector, HistogramChild, HistogramFamily
 
 from orchestrator_service._core import Router, Stats
 from orchestrator_service._model import QueueKey, TaskRecord, queue_label
+from squire_kernel.metrics import FamiliesCollector, HistogramChild, HistogramFamily
 
 DEFAULT_METRICS_PORT = 9464
 
@@ -143,7 +143,7 @@ class OrchestratorMetrics:
     def __init__(self, router: Router, loop: asyncio.AbstractEventLoop) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(RouterCollector(router, loop))
-        # Observed once per task: a lock-free family (see squire._fastmetrics).
+        # Observed once per task: a lock-free family (see squire_kernel.metrics).
         self.task_latency = HistogramFamily(
             "squire_task_latency_seconds",
             "Task end-to-end latency, published to result, by operation.",

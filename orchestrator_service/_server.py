@@ -16,7 +16,6 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from squire import __version__
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
@@ -36,6 +35,7 @@ from orchestrator_service._servicer import (
     StatusServicer,
     WorkerServicer,
 )
+from squire_kernel import __version__
 
 log = logging.getLogger("squire.orchestrator")
 

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/gen_proto.sh --check
-ruff check orchestrator_service worker_service clients/python/squire examples tests bench
-mypy orchestrator_service worker_service clients/python/squire
+ruff check squire_kernel orchestrator_service worker_service clients/python/squire examples tests bench
+mypy squire_kernel orchestrator_service worker_service clients/python/squire

@@ -15,8 +15,7 @@ import signal
 import threading
 from collections.abc import MutableSequence, Sequence
 
-from squire._ops import Registry
-
+from squire_kernel.operations import Registry
 from worker_service._abort import SlotSignal
 from worker_service._execute import run_task
 from worker_service._model import Outcome

@@ -7,9 +7,8 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
-from squire import _loop as event_loop
-from squire._logging import configure_logging as shared_configure_logging
-
+from squire_kernel import loop as event_loop
+from squire_kernel.logs import configure_logging as shared_configure_logging
 from worker_service import _credentials
 from worker_service._config import (
     ExecutorKind,

@@ -15,10 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from squire._errors import FatalError, PayloadError, TransientError
-from squire._ops import AbortSignal, Registry
-from squire._serde import MAX_PAYLOAD_BYTES, Serializer, decode, decode_params, encode
-
+from squire_kernel.errors import FatalError, PayloadError, TransientError
+from squire_kernel.operations import AbortSignal, Registry
+from squire_kernel.serde import MAX_PAYLOAD_BYTES, Serializer, decode, decode_params, encode
 from worker_service._model import APPLY, COMBINE, ErrorKind, Failure, Outcome, Transient
 
 # An output must fit in one gRPC message next to its result envelope.

@@ -17,8 +17,7 @@ from collections.abc import Callable, MutableMapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from squire._ops import Registry
-
+from squire_kernel.operations import Registry
 from worker_service import _child
 from worker_service._abort import NEVER_ABORTED, AbortFlag
 from worker_service._errors import OpsLoadError

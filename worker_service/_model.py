@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from squire._retry import FatalStrategy
+from squire_kernel.retry import FatalStrategy
 
 APPLY = 0  # squire.api.v1.TaskKind
 COMBINE = 1

@@ -31,14 +31,14 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
-from squire._fastmetrics import (
+
+from squire_kernel.metrics import (
     CounterChild,
     CounterFamily,
     FamiliesCollector,
     HistogramChild,
     HistogramFamily,
 )
-
 from worker_service._model import ErrorKind, Failure
 
 DEFAULT_METRICS_PORT = 9465
@@ -65,7 +65,7 @@ class WorkerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._known = known
-        # Updated once per task: lock-free families (see squire._fastmetrics).
+        # Updated once per task: lock-free families (see squire_kernel.metrics).
         self.tasks = CounterFamily(
             "squire_worker_tasks", "Tasks reported by this worker, by operation and outcome.",
             ["operation", "outcome"],

@@ -20,11 +20,11 @@ import random
 from types import TracebackType
 
 import grpc
-from squire import __version__
-from squire._ops import Registry
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
+from squire_kernel import __version__
+from squire_kernel.operations import Registry
 from worker_service import _credentials, _wire
 from worker_service._abort import AbortMemory
 from worker_service._config import ExecutorKind, WorkerConfig

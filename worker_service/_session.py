@@ -26,11 +26,11 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 import grpc
-from squire._fastmetrics import CounterChild, HistogramChild
-from squire._ops import AbortSignal
-from squire._retry import FatalStrategy
 from squire.api.v1 import squire_pb2 as pb
 
+from squire_kernel.metrics import CounterChild, HistogramChild
+from squire_kernel.operations import AbortSignal
+from squire_kernel.retry import FatalStrategy
 from worker_service import _wire
 from worker_service._abort import NEVER_ABORTED, AbortMemory
 from worker_service._executor import Executor, InlineExecutor, ProcessExecutor, Submitted
@@ -73,7 +73,7 @@ _RETURNED = Failure(ErrorKind.RETURNED, "Returned", "the worker is draining")
 
 
 def _context(task: TaskSpec) -> dict[str, object]:
-    """Structured log fields of a task (see squire._logging)."""
+    """Structured log fields of a task (see squire_kernel.logs)."""
     return {"routing_key": task.routing_key, "task_id": task.task_id, "operation": task.operation}
 
 

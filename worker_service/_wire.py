@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from squire._wire import fill_execution_err
 from squire.api.v1 import squire_pb2 as pb
 
+from squire_kernel.wire import fill_execution_err
 from worker_service._model import Failure, TaskSpec
 
 # Results go out in messages of at most this many payload bytes, well below

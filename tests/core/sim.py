@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any
 
 from squire import FatalError, Registry
-from squire._serde import Serializer, decode, decode_params, encode
 
 from orchestrator_service._core import Router, Worker
 from orchestrator_service._model import (
@@ -18,6 +17,7 @@ from orchestrator_service._model import (
     TaskRecord,
     WorkerHello,
 )
+from squire_kernel.serde import Serializer, decode, decode_params, encode
 
 REGISTRY = Registry.from_modules(["squire_examples.ops"])
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 from squire import FatalError, FatalStrategy
-from squire._serde import Serializer, decode, encode
 
 from orchestrator_service._core import Router
 from orchestrator_service._directive import DirectiveState
@@ -23,6 +22,7 @@ from orchestrator_service._model import (
     StageSpec,
     TaskRecord,
 )
+from squire_kernel.serde import Serializer, decode, encode
 
 from .sim import Clock, Sim, execute, hello
 

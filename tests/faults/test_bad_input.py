@@ -21,9 +21,10 @@ import grpc
 import pytest
 import squire
 from procs import Cluster, cluster, wait_until
-from squire._serde import encode
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
+
+from squire_kernel.serde import encode
 
 from .support import (
     Figures,

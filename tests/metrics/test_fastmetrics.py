@@ -1,11 +1,12 @@
-"""squire._fastmetrics renders what prometheus_client's own families render."""
+"""squire_kernel.metrics renders what prometheus_client's own families render."""
 
 from __future__ import annotations
 
 import random
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from squire._fastmetrics import CounterFamily, FamiliesCollector, HistogramFamily
+
+from squire_kernel.metrics import CounterFamily, FamiliesCollector, HistogramFamily
 
 BUCKETS = (0.0001, 0.001, 0.01, 0.1, 1, 10)
 

@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import pytest
 from squire import Registry
-from squire._serde import Serializer, decode, decode_params, encode
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from orchestrator_service._model import RouterConfig
 from orchestrator_service._server import Orchestrator, OrchestratorConfig
+from squire_kernel.serde import Serializer, decode, decode_params, encode
 
 REGISTRY = Registry.from_modules(["squire_examples.ops"])
 

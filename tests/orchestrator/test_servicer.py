@@ -8,11 +8,11 @@ import json
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from squire._serde import encode
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from orchestrator_service._server import Orchestrator
+from squire_kernel.serde import encode
 
 from .conftest import WireWorker, wait_for
 
@@ -67,7 +67,8 @@ async def test_map_fold_and_chain(channel, workers) -> None:  # type: ignore[no-
 
 async def test_msgpack_round_trip(channel, workers) -> None:  # type: ignore[no-untyped-def]
     import msgpack
-    from squire._serde import Serializer
+
+    from squire_kernel.serde import Serializer
     items = [msgpack.packb(i) for i in range(1, 11)]
     events = await run(channel, plan(("map", "fib_at", {}), ("fold", "sum", {}),
                                      serializer=int(Serializer.MSGPACK)), items)

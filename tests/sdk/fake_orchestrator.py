@@ -18,9 +18,10 @@ from typing import Any
 import grpc
 import grpc.aio
 from squire import Registry
-from squire._serde import Serializer, decode, decode_params, encode
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
+
+from squire_kernel.serde import Serializer, decode, decode_params, encode
 
 REGISTRY = Registry.from_modules(["squire_examples.ops"])
 

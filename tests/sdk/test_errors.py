@@ -20,7 +20,7 @@ from squire import (
     RpcError,
     Unavailable,
 )
-from squire._client import translate_rpc_error
+from squire._errors import translate_rpc_error
 
 from .fake_orchestrator import FakeServer
 

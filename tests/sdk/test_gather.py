@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 from squire import IndexedStream, PayloadError, Skipped, SquireError
 from squire._model import ItemBatch
-from squire._serde import Serializer, encode
 from squire._stream import _Collector
 from squire._wire import directive_event
 from squire.api.v1 import squire_pb2 as pb
+
+from squire_kernel.serde import Serializer, encode
 
 MAP = IndexedStream.from_iterable([]).map("fib_at")
 

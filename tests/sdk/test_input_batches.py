@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 from squire import PayloadError
-from squire._serde import Serializer, decode
 from squire._wire import MAX_BATCH_BYTES, MAX_BATCH_ITEMS, InputBatcher
+
+from squire_kernel.serde import Serializer, decode
 
 
 class _Source:

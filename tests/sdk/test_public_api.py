@@ -67,6 +67,6 @@ def test_all_is_sorted_and_importable() -> None:
 
 def test_translation_stays_private() -> None:
     assert "translate_rpc_error" not in squire.__all__
-    from squire._client import translate_rpc_error
+    from squire._errors import translate_rpc_error
 
     assert callable(translate_rpc_error)

@@ -8,8 +8,9 @@ import json
 import math
 
 import pytest
-from squire._errors import PayloadError
-from squire._serde import Serializer, decode, encode
+
+from squire_kernel.errors import PayloadError
+from squire_kernel.serde import Serializer, decode, encode
 
 VALUES = [
     0, -1, 2**63 - 1, 2**64, -(2**70), 1.5, 1e300, "", "é", "\u2028", None, True,
@@ -70,7 +71,7 @@ def test_msgpack_round_trips() -> None:
 
 @pytest.mark.parametrize("serializer", list(Serializer))
 def test_nesting_is_refused_past_max_depth_and_only_there(serializer: Serializer) -> None:
-    from squire._serde import MAX_DEPTH
+    from squire_kernel.serde import MAX_DEPTH
 
     def nested(depth: int) -> object:
         value: object = 0

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
-from squire._serde import encode
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
@@ -18,6 +17,7 @@ from orchestrator_service._interceptor import SecurityInterceptor, acquire_direc
 from orchestrator_service._model import RouterConfig, RouterError
 from orchestrator_service._security import Limits, SecurityConfig
 from orchestrator_service._server import Orchestrator
+from squire_kernel.serde import encode
 from worker_service._runtime import WorkerRuntime
 
 from .conftest import (

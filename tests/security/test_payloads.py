@@ -17,11 +17,11 @@ import msgpack
 import procs
 import pytest
 from squire import Registry
-from squire._serde import encode
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from orchestrator_service._server import Orchestrator
+from squire_kernel.serde import encode
 from worker_service._runtime import WorkerRuntime
 
 from . import record_ops

@@ -14,10 +14,10 @@ from dataclasses import replace
 from typing import Any
 
 import grpc
-from squire._serde import Serializer, encode
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
+from squire_kernel.serde import Serializer, encode
 from worker_service import ExecutorKind, WorkerConfig
 
 OPS = "worker.ops_for_tests"

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from squire._logging import JsonFormatter
-from squire._serde import decode
 from squire.api.v1 import squire_pb2 as pb
 
+from squire_kernel.logs import JsonFormatter
+from squire_kernel.serde import decode
 from worker_service import ExecutorKind, LogFormat
 from worker_service._cli import parse_config
 
@@ -178,7 +178,7 @@ def test_json_log_format() -> None:
 def test_json_logs_carry_the_worker_id() -> None:
     import io
 
-    from squire._logging import configure_logging as configure
+    from squire_kernel.logs import configure_logging as configure
 
     stream = io.StringIO()
     configure("INFO", "json", {"worker_id": "w-7"})

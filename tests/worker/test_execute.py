@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 from squire import Registry
-from squire._retry import FatalStrategy
-from squire._serde import Serializer, decode, encode
 
+from squire_kernel.retry import FatalStrategy
+from squire_kernel.serde import Serializer, decode, encode
 from worker_service import _execute
 from worker_service._abort import NEVER_ABORTED, AbortFlag, AbortMemory
 from worker_service._execute import Prepared, prepare, run_task

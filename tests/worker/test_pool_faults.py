@@ -13,9 +13,9 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
-from squire._serde import decode
 from squire.api.v1 import squire_pb2 as pb
 
+from squire_kernel.serde import decode
 from worker_service import ExecutorKind, WorkerRuntime
 from worker_service._executor import ProcessExecutor
 from worker_service._wire import task_from_wire

@@ -7,8 +7,7 @@ import socket
 import urllib.error
 import urllib.request
 
-from squire._serde import decode
-
+from squire_kernel.serde import decode
 from worker_service import ExecutorKind, WorkerRuntime
 
 from .fakes import FakeOrchestrator, config, task, until, wait_for

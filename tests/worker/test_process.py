@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from squire._serde import decode
 from squire.api.v1 import squire_pb2 as pb
 
+from squire_kernel.serde import decode
 from worker_service import ExecutorKind, WorkerRuntime
 
 from .fakes import FakeOrchestrator, combine, config, task, wait_for

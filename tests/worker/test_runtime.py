@@ -10,10 +10,10 @@ import grpc
 import pytest
 import squire
 from prometheus_client import generate_latest
-from squire._serde import Serializer, decode
 from squire.api.v1 import squire_pb2 as pb
 
 import worker_service
+from squire_kernel.serde import Serializer, decode
 from worker_service import (
     ExecutorKind,
     HelloRejected,

@@ -53,12 +53,11 @@ from squire._model import (
     TaskFailure,
     TaskOutcome,
 )
-from squire._ops import AbortSignal, Monoid, Operation, Registry, monoid, operation
-from squire._retry import After, Exponential, FatalStrategy, Immediate, RetryStrategy
-from squire._serde import Serializer
 from squire._stream import IndexedStream
-
-__version__ = "0.1.0"
+from squire_kernel import __version__
+from squire_kernel.operations import AbortSignal, Monoid, Operation, Registry, monoid, operation
+from squire_kernel.retry import After, Exponential, FatalStrategy, Immediate, RetryStrategy
+from squire_kernel.serde import Serializer
 
 __all__ = [
     "AbortSignal",

@@ -17,12 +17,11 @@ import grpc.aio
 
 from squire._bridge import call_soon
 from squire._channel import Publisher
-from squire._client import translate_rpc_error
-from squire._errors import Cancelled
+from squire._errors import Cancelled, translate_rpc_error
 from squire._model import TaskOutcome
-from squire._serde import Serializer
 from squire._wire import task_outcome
 from squire.api.v1 import squire_pb2 as pb
+from squire_kernel.serde import Serializer
 
 if TYPE_CHECKING:
     from typing import Self

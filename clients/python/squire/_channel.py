@@ -30,12 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from squire._client import translate_rpc_error
-from squire._errors import SquireError
+from squire._errors import SquireError, translate_rpc_error
 from squire._model import TaskOutcome
-from squire._serde import Serializer
 from squire._wire import task_outcome, task_spec
 from squire.api.v1 import squire_pb2 as pb
+from squire_kernel.serde import Serializer
 
 if TYPE_CHECKING:
     from typing import Self

@@ -2,7 +2,7 @@
 
 Every call the SDK makes starts from one of these two classes (directive runs
 and channel handles get their stubs from them), and every gRPC error becomes
-a :class:`squire.RpcError` subclass in one place, :func:`translate_rpc_error`.
+a :class:`squire.RpcError` subclass in one place, :func:`squire._errors.translate_rpc_error`.
 """
 
 from __future__ import annotations
@@ -16,74 +16,22 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 import grpc.aio
 
+from squire._async_channel import AsyncChannelHandle, AsyncLease
+from squire._channel import ChannelHandle
 from squire._credentials import Credentials, PemSource
-from squire._errors import (
-    AccessDenied,
-    AlreadyExists,
-    Cancelled,
-    DirectiveFailed,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    RpcError,
-    SquireError,
-    Unavailable,
-)
+from squire._directive import AsyncDirectiveRun, DirectiveRun
+from squire._errors import SquireError, translate_rpc_error
 from squire._model import Plan
-from squire._serde import Serializer
+from squire._session import SESSION_MAX_ITEMS, DirectiveSession, SessionRun
 from squire._wire import ItemSink, status_dict
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
+from squire_kernel.serde import Serializer
 
 if TYPE_CHECKING:
     from typing import Self
 
-    from squire._async_channel import AsyncChannelHandle, AsyncLease
-    from squire._channel import ChannelHandle
-    from squire._directive import AsyncDirectiveRun, DirectiveRun
-    from squire._session import DirectiveSession, SessionRun
-
-# The directive and channel modules build on translate_rpc_error, so the
-# clients import them where they construct them rather than at the top.
-
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-_ERROR_BY_CODE: dict[str, type[RpcError]] = {
-    "INVALID_ARGUMENT": InvalidArgument,
-    "NOT_FOUND": NotFound,
-    "ALREADY_EXISTS": AlreadyExists,
-    "FAILED_PRECONDITION": FailedPrecondition,
-    "RESOURCE_EXHAUSTED": ResourceExhausted,
-    "UNAVAILABLE": Unavailable,
-    "ABORTED": DirectiveFailed,
-    "CANCELLED": Cancelled,
-    "DEADLINE_EXCEEDED": Cancelled,
-    "UNAUTHENTICATED": AccessDenied,
-    "PERMISSION_DENIED": AccessDenied,
-}
-
-
-def translate_rpc_error(exc: grpc.RpcError) -> RpcError:
-    """The squire exception for a failed gRPC call; use as ``raise ... from exc``.
-
-    ``.code`` keeps the status name (e.g. ``"ABORTED"``) and the message is
-    the status details. Codes without a dedicated class (UNKNOWN, INTERNAL,
-    UNIMPLEMENTED, ...) give a plain :class:`RpcError`.
-    """
-    # grpc.RpcError itself has no accessors; the raised objects are also grpc.Call.
-    code_of = getattr(exc, "code", None)
-    status = code_of() if callable(code_of) else None
-    name = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
-    details_of = getattr(exc, "details", None)
-    details = details_of() if callable(details_of) else None
-    message = details or f"the orchestrator answered {name} without details"
-    return rpc_error(name, message)
-
-
-def rpc_error(name: str, message: str) -> RpcError:
-    """The squire exception for a gRPC status ``name`` (e.g. ``"ABORTED"``)."""
-    return _ERROR_BY_CODE.get(name, RpcError)(message, name)
 
 
 def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
@@ -189,8 +137,6 @@ class Client:
         self._check_open()
         if isinstance(inputs, AsyncIterable) and not isinstance(inputs, Iterable):
             raise TypeError("Client needs a plain iterable; use AsyncClient for async iterables")
-        from squire._directive import DirectiveRun
-        from squire._session import SESSION_MAX_ITEMS, DirectiveSession, SessionRun
 
         if (
             self._use_session
@@ -206,7 +152,6 @@ class Client:
     def lease_channel(self, *, serializer: str | Serializer = "json") -> ChannelHandle:
         """Lease a fresh result channel; see :class:`ChannelHandle` for its life cycle."""
         self._check_open()
-        from squire._channel import ChannelHandle
 
         try:
             response = self._channels.LeaseChannel(pb.LeaseChannelRequest())
@@ -320,20 +265,17 @@ class AsyncClient:
     ) -> AsyncDirectiveRun:
         # IndexedStream.run_async passes ``items_to`` to gather map results itself.
         self._check_open()
-        from squire._directive import AsyncDirectiveRun
 
         return AsyncDirectiveRun(self._blocking_directives, plan, inputs, items_to=items_to)
 
     def lease_channel(self, *, serializer: str | Serializer = "json") -> AsyncLease:
         """Lease a result channel: ``await`` it, or use ``async with`` to release on exit."""
         self._check_open()
-        from squire._async_channel import AsyncLease
 
         parsed = Serializer.parse(serializer)
         return AsyncLease(lambda: self._lease(parsed))
 
     async def _lease(self, serializer: Serializer) -> AsyncChannelHandle:
-        from squire._async_channel import AsyncChannelHandle
 
         try:
             response = await self._channels.LeaseChannel(pb.LeaseChannelRequest())

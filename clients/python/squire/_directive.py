@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from squire._bridge import BlockingInputs, call_soon
-from squire._client import translate_rpc_error
+from squire._errors import translate_rpc_error
 from squire._model import DirectiveEvent, DirectiveStarted, Plan, Progress
 from squire._wire import InputBatcher, ItemSink, directive_event, plan_request
 from squire.api.v1 import squire_pb2 as pb

@@ -16,56 +16,42 @@
         ├── Cancelled             CANCELLED / DEADLINE_EXCEEDED
         └── AccessDenied          UNAUTHENTICATED / PERMISSION_DENIED
 
-gRPC errors become RpcError subclasses in exactly one place,
-``squire._client.translate_rpc_error``.
+The first four live in :mod:`squire_kernel.errors` (workers raise them too)
+and are re-exported here. gRPC errors become RpcError subclasses in exactly
+one place, :func:`translate_rpc_error`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import grpc
 
-if TYPE_CHECKING:
-    from squire._retry import FatalStrategy, RetryStrategy
+from squire_kernel.errors import (
+    FatalError,
+    OperationError,
+    PayloadError,
+    SquireError,
+    TransientError,
+)
 
-
-class SquireError(Exception):
-    """Base of every exception Squire raises."""
-
-
-class OperationError(SquireError):
-    """Raised inside an operation to say how its failure is handled."""
-
-
-class TransientError(OperationError):
-    """A failure worth retrying (a flaky dependency, a busy resource).
-
-    The worker retries the task following ``retry``; when retries run out the
-    failure becomes fatal with ``FatalStrategy.TERMINATE``.
-    """
-
-    def __init__(self, message: str, retry: RetryStrategy | None = None) -> None:
-        from squire._retry import Immediate
-
-        super().__init__(message)
-        self.retry: RetryStrategy = retry if retry is not None else Immediate(3)
-
-
-class FatalError(OperationError):
-    """A failure that retrying cannot fix.
-
-    ``strategy`` decides what happens to the directive: TERMINATE (default)
-    fails it; IGNORE skips the element and goes on.
-    """
-
-    def __init__(self, message: str, strategy: FatalStrategy | None = None) -> None:
-        from squire._retry import FatalStrategy
-
-        super().__init__(message)
-        self.strategy: FatalStrategy = strategy if strategy is not None else FatalStrategy.TERMINATE
-
-
-class PayloadError(SquireError, ValueError):
-    """A value cannot be encoded, or bytes cannot be decoded."""
+__all__ = [
+    "AccessDenied",
+    "AlreadyExists",
+    "Cancelled",
+    "DirectiveFailed",
+    "FailedPrecondition",
+    "FatalError",
+    "InvalidArgument",
+    "NotFound",
+    "OperationError",
+    "PayloadError",
+    "ResourceExhausted",
+    "RpcError",
+    "SquireError",
+    "TransientError",
+    "Unavailable",
+    "rpc_error",
+    "translate_rpc_error",
+]
 
 
 class RpcError(SquireError):
@@ -111,3 +97,40 @@ class Cancelled(RpcError):
 
 class AccessDenied(RpcError):
     pass
+
+
+_ERROR_BY_CODE: dict[str, type[RpcError]] = {
+    "INVALID_ARGUMENT": InvalidArgument,
+    "NOT_FOUND": NotFound,
+    "ALREADY_EXISTS": AlreadyExists,
+    "FAILED_PRECONDITION": FailedPrecondition,
+    "RESOURCE_EXHAUSTED": ResourceExhausted,
+    "UNAVAILABLE": Unavailable,
+    "ABORTED": DirectiveFailed,
+    "CANCELLED": Cancelled,
+    "DEADLINE_EXCEEDED": Cancelled,
+    "UNAUTHENTICATED": AccessDenied,
+    "PERMISSION_DENIED": AccessDenied,
+}
+
+
+def translate_rpc_error(exc: grpc.RpcError) -> RpcError:
+    """The squire exception for a failed gRPC call; use as ``raise ... from exc``.
+
+    ``.code`` keeps the status name (e.g. ``"ABORTED"``) and the message is
+    the status details. Codes without a dedicated class (UNKNOWN, INTERNAL,
+    UNIMPLEMENTED, ...) give a plain :class:`RpcError`.
+    """
+    # grpc.RpcError itself has no accessors; the raised objects are also grpc.Call.
+    code_of = getattr(exc, "code", None)
+    status = code_of() if callable(code_of) else None
+    name = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+    details_of = getattr(exc, "details", None)
+    details = details_of() if callable(details_of) else None
+    message = details or f"the orchestrator answered {name} without details"
+    return rpc_error(name, message)
+
+
+def rpc_error(name: str, message: str) -> RpcError:
+    """The squire exception for a gRPC status ``name`` (e.g. ``"ABORTED"``)."""
+    return _ERROR_BY_CODE.get(name, RpcError)(message, name)

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from squire._retry import FatalStrategy
-from squire._serde import Serializer
+from squire_kernel.retry import FatalStrategy
+from squire_kernel.serde import Serializer
 
 # ------------------------------------------------------------------- plans
 

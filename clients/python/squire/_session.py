@@ -25,12 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from squire._client import rpc_error, translate_rpc_error
-from squire._errors import RpcError, Unavailable
+from squire._errors import RpcError, Unavailable, rpc_error, translate_rpc_error
 from squire._model import DirectiveEvent, DirectiveStarted, Plan, Progress
-from squire._serde import encode
 from squire._wire import ItemSink, directive_event, plan_request
 from squire.api.v1 import squire_pb2 as pb
+from squire_kernel.serde import encode
 
 if TYPE_CHECKING:
     from typing import Self

@@ -31,8 +31,8 @@ from squire._model import (
     Plan,
     Stage,
 )
-from squire._serde import Serializer
 from squire._wire import gather_items
+from squire_kernel.serde import Serializer
 
 if TYPE_CHECKING:
     from squire._client import AsyncClient, Client

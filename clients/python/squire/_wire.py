@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
-from typing import Any, Protocol, TypeAlias
+from typing import Any, TypeAlias
 
 from google.protobuf import json_format
 
@@ -25,9 +25,9 @@ from squire._model import (
     TaskFailure,
     TaskOutcome,
 )
-from squire._retry import FatalStrategy
-from squire._serde import Serializer, decode, encode
 from squire.api.v1 import squire_pb2 as pb
+from squire_kernel.retry import FatalStrategy
+from squire_kernel.serde import Serializer, decode, encode
 
 # An input batch is cut at whichever limit comes first: small messages keep
 # latency low, bounded ones keep a single message far below the 64 MiB limit.
@@ -56,33 +56,6 @@ def plan_request(plan: Plan) -> pb.DirectiveRequest:
             task_timeout_seconds=plan.task_timeout or 0.0,
         )
     )
-
-
-class ErrorFields(Protocol):
-    """What an ExecutionErr carries: the worker's Failure, the orchestrator's ErrorInfo."""
-
-    @property
-    def error_type(self) -> str: ...
-    @property
-    def message(self) -> str: ...
-    @property
-    def strategy(self) -> int: ...
-    @property
-    def retries_exhausted(self) -> bool: ...
-    @property
-    def retries(self) -> int: ...
-    @property
-    def kind(self) -> int: ...
-
-
-def fill_execution_err(err: pb.ExecutionErr, error: ErrorFields) -> None:
-    """Set ``err`` in place (both services build results with ``add()``)."""
-    err.error_type = error.error_type
-    err.message = error.message
-    err.strategy = pb.FatalStrategy.ValueType(error.strategy)
-    err.retries_exhausted = error.retries_exhausted
-    err.retries = error.retries
-    err.kind = pb.ErrorKind.ValueType(error.kind)
 
 
 def inputs_request(items: list[bytes]) -> pb.DirectiveRequest:

@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 import orjson
 
-from squire._errors import PayloadError
+from squire_kernel.errors import PayloadError
 
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 256
