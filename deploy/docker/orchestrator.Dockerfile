@@ -30,6 +30,7 @@ COPY clients/python/squire ./clients/python/squire
 COPY examples ./examples
 COPY orchestrator_service ./orchestrator_service
 COPY worker_service ./worker_service
+COPY squire_kernel ./squire_kernel
 
 # Wheels for squire and all its dependencies, then a virtualenv installed from
 # those wheels only (--no-index: what was built is exactly what ships).

@@ -29,6 +29,7 @@ COPY clients/python/squire ./clients/python/squire
 COPY examples ./examples
 COPY orchestrator_service ./orchestrator_service
 COPY worker_service ./worker_service
+COPY squire_kernel ./squire_kernel
 
 RUN pip wheel --wheel-dir /wheels . \
  && python -m venv /opt/venv \

@@ -203,7 +203,8 @@ def test_builder_context_builds_a_wheel_with_the_entry_point(
         text = archive.read(entry_points).decode()
         assert f"{ENTRY_POINTS[name]} = " in text
         packages = {n.split("/")[0] for n in archive.namelist()}
-    assert {"squire", "squire_examples", "orchestrator_service", "worker_service"} <= packages
+    assert {"squire", "squire_examples", "squire_kernel", "orchestrator_service",
+            "worker_service"} <= packages
 
 
 def _setuptools_is_recent() -> bool:
