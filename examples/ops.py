@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from squire import monoid, operation
 
 
@@ -22,6 +24,16 @@ def multiply_by(x: int, *, factor: int) -> int:
 @operation("length")
 def length(s: str) -> int:
     return len(s)
+
+
+@operation("sleep")
+def sleep(seconds: float) -> float:
+    """Sleep ``seconds`` (at most 60) and return them: a stand-in for an
+    expensive operation, for trying timeouts, draining and latency."""
+    if not 0 <= seconds <= 60:
+        raise ValueError(f"sleep takes 0 to 60 seconds, not {seconds!r}")
+    time.sleep(seconds)
+    return seconds
 
 
 @monoid("sum", empty=0)

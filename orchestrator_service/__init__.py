@@ -1,14 +1,17 @@
 """The Squire orchestrator service: the Runtime.
 
-- ``Router`` (``_core``): the I/O-free routing core — channels, queues,
-  leases, credit-based dispatch — and ``Directive`` (``_directive``), the
+- ``Router`` (``_core``): the sans-io routing core,
+  ``handle(*events) -> instructions`` (``_events``): workers, leases,
+  channels, credit-based dispatch, and ``Directive`` (``_directive``), the
   server-side evaluation of map, fold and chains.
-- ``Orchestrator`` (``_server``): the ``grpc.aio`` server around it.
+- ``Hub`` (``_hub``) executes the instructions on the streams of the
+  ``grpc.aio`` servicers (``_servicer``, ``_session``).
+- ``Orchestrator`` (``_server``): the process around them.
 """
 
 from __future__ import annotations
 
 from orchestrator_service._core import Router
-from orchestrator_service._model import PlanSpec, RouterConfig, StageSpec
+from orchestrator_service._model import FoldStage, MapStage, PlanSpec, RouterConfig
 
-__all__ = ["PlanSpec", "Router", "RouterConfig", "StageSpec"]
+__all__ = ["FoldStage", "MapStage", "PlanSpec", "Router", "RouterConfig"]

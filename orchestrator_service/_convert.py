@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from squire.api.v1 import squire_pb2 as pb
 
-from orchestrator_service._core import IpcMessage
-from orchestrator_service._directive import Directive, Items, ProgressSnapshot
+from orchestrator_service._events import EndCall, IpcMessage, WorkerResult
+from orchestrator_service._items import Items
 from orchestrator_service._model import (
     APPLY,
     COMBINE,
@@ -16,11 +16,12 @@ from orchestrator_service._model import (
     Code,
     ErrorInfo,
     ErrorKind,
-    OkResult,
+    FoldStage,
+    MapStage,
     PlanSpec,
-    ResultEvent,
+    ProgressSnapshot,
     RouterError,
-    StageSpec,
+    Stage,
     TaskRecord,
     WorkerHello,
 )
@@ -122,31 +123,28 @@ def ipc_to_pb(ipc: IpcMessage) -> pb.OrchestratorMessage:
     return pb.OrchestratorMessage(ipc=msg)
 
 
-def results_from_pb(batch: pb.ResultBatch) -> tuple[list[ResultEvent], list[OkResult]]:
-    """A worker's results: everything but plain successes as events, plain
-    successes (ExecutionOk, no retries) as ``OkResult`` tuples."""
-    # The hot path: each field is read once and only where needed (not the
-    # routing key: the lease id names the dispatch). An output is never
-    # empty (an encoded value is at least one byte), so an empty one is the
-    # sign to look for an error.
-    events: list[ResultEvent] = []
-    outputs: list[OkResult] = []
-    append = outputs.append
+def results_from_pb(batch: pb.ResultBatch) -> list[WorkerResult]:
+    """A worker's results as the core takes them (see ``WorkerResult``)."""
+    # The hot path: each field is read once (not the routing key: the lease
+    # id names the dispatch). An output is never empty (an encoded value is
+    # at least one byte), so an empty one is the sign to look for an error.
+    results: list[WorkerResult] = []
+    append = results.append
     for r in batch.results:
         output = r.ok.output
-        retries = r.retries
-        if output and not retries:
-            append((r.lease_id, r.task_id, output))
+        if output:
+            append((r.lease_id, r.task_id, output, None, r.retries, r.execution_seconds))
         elif r.HasField("err"):
             e = r.err
             error = ErrorInfo(
                 e.error_type, e.message, e.strategy, e.retries_exhausted, e.retries,
                 _error_kind(e.kind),
             )
-            events.append(ResultEvent(r.task_id, r.lease_id, b"", error, max(retries, e.retries)))
+            retries = max(r.retries, e.retries)
+            append((r.lease_id, r.task_id, b"", error, retries, r.execution_seconds))
         else:
-            events.append(ResultEvent(r.task_id, r.lease_id, output, None, retries))
-    return events, outputs
+            append((r.lease_id, r.task_id, output, None, r.retries, r.execution_seconds))
+    return results
 
 
 def _error_kind(value: int) -> ErrorKind:
@@ -167,6 +165,7 @@ def results_to_pb(results: list[ChannelResult]) -> pb.ResultBatch:
             metadata=task.metadata,
             attempt=task.attempt,
             lease_id=task.lease_id,
+            execution_seconds=r.execution_seconds,
         )
         error = r.error
         if error is None:
@@ -198,13 +197,14 @@ def spec_to_record(spec: pb.TaskSpec, position: int) -> TaskRecord:
 
 def plan_from_pb(plan: pb.Plan) -> PlanSpec:
     serializer = check_serializer(plan.serializer, "plan")
-    stages = []
+    stages: list[Stage] = []
     for position, stage in enumerate(plan.stages):
         kind = stage.WhichOneof("kind")
+        spec: Stage
         if kind == "map":
-            spec = StageSpec(stage.map.operation, stage.map.params)
+            spec = MapStage(stage.map.operation, stage.map.params)
         elif kind == "fold":
-            spec = StageSpec(stage.fold.monoid, stage.fold.params, fold=True)
+            spec = FoldStage(stage.fold.monoid, stage.fold.params)
         else:
             raise RouterError(
                 Code.INVALID_ARGUMENT, f"plan stage {position} is neither map nor fold"
@@ -256,11 +256,11 @@ def add_items(new_event: Callable[[], pb.DirectiveEvent], items: Items) -> None:
             msg.error = error
 
 
-def add_final_events(new_event: Callable[[], pb.DirectiveEvent], directive: Directive) -> None:
+def add_final_events(new_event: Callable[[], pb.DirectiveEvent], end: EndCall) -> None:
     """The last events of a directive that is done: progress, then the fold value."""
-    fill_progress(new_event().progress, directive.progress())
-    if directive.fold_value is not None:
-        new_event().fold.value = directive.fold_value
+    fill_progress(new_event().progress, end.progress)
+    if end.fold_value is not None:
+        new_event().fold.value = end.fold_value
 
 
 class EventsToWrite(list[pb.DirectiveEvent]):
@@ -279,7 +279,7 @@ def fill_progress(msg: pb.Progress, p: ProgressSnapshot) -> None:
     msg.skipped = p.skipped
     msg.total = p.total
     msg.queued = p.queued
-    msg.running = p.running
+    msg.running = p.leased
     msg.retries = p.retries
     msg.tasks_done = p.tasks_done
 

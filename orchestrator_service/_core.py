@@ -1,513 +1,347 @@
-"""The routing core: channels, task queues, worker leases, dispatch. No I/O.
+"""The routing core: workers, leases, channels, directives, dispatch. No I/O.
 
-The servicer feeds it events (a worker connected, results arrived, a client
-published tasks, time passed) and drains its outputs: each ``Worker`` has an
-outbox of tasks and worker IPC, each ``Channel`` a deque of results, each
-``Directive`` its emitted items. When a public method adds output to one of
-them it calls that object's ``notify`` hook (the servicer sets it to wake the
-coroutine that writes the stream). Time comes from the injected ``clock``.
+``Router.handle(*events) -> list[Instruction]`` is the whole interface (see
+``_events``): the servicers feed it what happened and execute what it
+returns. Time comes from the injected ``clock``; ids come in the events.
+This module holds the event handlers; the state they change and the moves
+they are built from are ``_state.RouterState``; dispatch is ``_dispatch``,
+matching results to leases ``_outcomes``, evaluating a directive
+``_directive``. Everything else on the Router is state the servicers and
+metrics may read.
 
-Invariants (asserted by the unit tests):
-- a task is in exactly one place: a queue, one worker's lease table, or done;
-- a worker holds at most ``window`` unreported tasks (credit flow control);
+Invariants (``validate()`` asserts them; the simulator calls it after every
+step):
+- a task is in exactly one place: one channel FIFO, one worker's lease
+  table, or done; queue depths, channel counters and the ready set agree;
+- a worker is sent tasks only while it holds fewer than ``window``
+  unreported ones (credit flow control);
 - a task goes only to a worker that offers its operation (or monoid);
 - a result is accepted once, from the worker holding the task's lease;
-  anything else is dropped and counted as a duplicate.
+  anything else is dropped and counted as a duplicate;
+- a finished directive leaves nothing behind: no channel, no queued task.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-import time
-from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 
-from orchestrator_service._directive import MAX_TAKE_BYTES, Directive, DirectiveState
+from orchestrator_service import _admission as admission
+from orchestrator_service._channel import Channel
+from orchestrator_service._directive import Directive
+from orchestrator_service._dispatch import Worker
+from orchestrator_service._events import (
+    AcceptingStopped,
+    ChannelClosed,
+    ChannelLeased,
+    ChannelReleased,
+    CloseWorker,
+    CreditChanged,
+    DirectiveCancelled,
+    DirectiveSubmitted,
+    DrainRequested,
+    EmitItems,
+    EndCall,
+    EndChannel,
+    Event,
+    GrantCredit,
+    HeartbeatReceived,
+    InputEnded,
+    InputsAccepted,
+    Instruction,
+    IpcMessage,
+    Refused,
+    ResultsArrived,
+    ResultsTaken,
+    TasksCompleted,
+    TasksPublished,
+    Tick,
+    WorkerConnected,
+    WorkerDisconnected,
+)
+from orchestrator_service._items import Items
 from orchestrator_service._model import (
-    APPLY,
     COMBINE,
-    ChannelResult,
     Code,
+    DirectiveState,
     ErrorInfo,
     ErrorKind,
-    OkResult,
-    PlanSpec,
     QueueKey,
-    ResultEvent,
     RouterConfig,
-    RouterError,
     TaskRecord,
-    WorkerHello,
 )
-
-Notify = Callable[[], None]
-
-
-@dataclass(frozen=True, slots=True)
-class IpcMessage:
-    kind: str  # "execution_failed" | "abort" | "abort_all" | "drain"
-    routing_key: str = ""
-    message: str = ""
+from orchestrator_service._outcomes import Outcomes, sort_results
+from orchestrator_service._state import RouterState
 
 
-@dataclass(slots=True)
-class Stats:
-    """Monotonic counters; the metrics collector reads them when scraped."""
+class Router(RouterState):
+    """The orchestrator's Runtime core: ``handle(events) -> instructions``."""
 
-    published: int = 0
-    dispatched: int = 0
-    ok: int = 0
-    fatal: int = 0
-    ignored: int = 0
-    requeued: int = 0
-    returned: int = 0
-    crashed: int = 0
-    duplicates: int = 0
-    late: int = 0  # results for a released channel
-    dropped: int = 0  # queued tasks dropped by terminate, cancel or release
-    ipc_sent: int = 0
-    poison: int = 0
-    retries: int = 0  # transient-error retries workers made
-    timeouts: int = 0  # tasks re-queued after running past their timeout
-    cancelled: int = 0  # directives cancelled by their client
+    def __init__(self, config: RouterConfig, clock: Callable[[], float]) -> None:
+        super().__init__(config, clock)
+        self._handlers: dict[type, Callable[[Event], None]] = {
+            WorkerConnected: self._worker_connected,  # type: ignore[dict-item]
+            WorkerDisconnected: self._worker_disconnected,  # type: ignore[dict-item]
+            HeartbeatReceived: self._heartbeat,  # type: ignore[dict-item]
+            CreditChanged: self._credit_changed,  # type: ignore[dict-item]
+            ResultsArrived: self._results_arrived,  # type: ignore[dict-item]
+            ChannelLeased: self._channel_leased,  # type: ignore[dict-item]
+            TasksPublished: self._tasks_published,  # type: ignore[dict-item]
+            ChannelClosed: self._channel_closed,  # type: ignore[dict-item]
+            ChannelReleased: self._channel_released,  # type: ignore[dict-item]
+            ResultsTaken: self._results_taken,  # type: ignore[dict-item]
+            DirectiveSubmitted: self._directive_submitted,  # type: ignore[dict-item]
+            InputsAccepted: self._inputs_accepted,  # type: ignore[dict-item]
+            InputEnded: self._input_ended,  # type: ignore[dict-item]
+            DirectiveCancelled: self._directive_cancelled,  # type: ignore[dict-item]
+            Tick: self._tick,  # type: ignore[dict-item]
+            DrainRequested: self._drain_requested,  # type: ignore[dict-item]
+            AcceptingStopped: self._accepting_stopped,  # type: ignore[dict-item]
+        }
 
+    def handle(self, *events: Event) -> list[Instruction]:
+        handlers = self._handlers
+        for event in events:
+            handlers[type(event)](event)
+        if self._touched:
+            self._flush_directives()
+        if self._dispatch_needed:
+            self._pump()
+        if self._done:
+            self._out.append(TasksCompleted(self._done, self.clock()))
+            self._done = []
+        out, self._out = self._out, []
+        return out
 
-class Worker:
-    """One connected worker stream (a reconnect is a new Worker)."""
+    # ============================================================ workers
 
-    def __init__(self, hello: WorkerHello, now: float) -> None:
-        self.hello = hello
-        self.id = hello.worker_id
-        self.window = hello.capacity + hello.prefetch
-        self.supports: frozenset[QueueKey] = frozenset(
-            [(APPLY, op) for op in hello.operations] + [(COMBINE, m) for m in hello.monoids]
-        )
-        # lease id -> task, in dispatch order: the worker runs FIFO, so the
-        # first `capacity` entries are the ones executing. Lease ids are
-        # unique per orchestrator, so one names one dispatch of one task.
-        self.leases: dict[int, TaskRecord] = {}
-        self.outbox: list[TaskRecord] = []
-        self.ipc: list[IpcMessage] = []
-        self.connected_at = now
-        self.last_seen = now
-        self.completed = 0
-        self.lost = False  # the core gave up on it; the servicer must end the stream
-        self.notify: Notify | None = None
-
-    @property
-    def free(self) -> int:
-        return self.window - len(self.leases)
-
-
-class Channel:
-    """A result channel; its id is the routing key of every task published to it."""
-
-    def __init__(self, channel_id: str, now: float) -> None:
-        self.id = channel_id
-        self.created_at = now
-        self.directive: Directive | None = None
-        self.sender_closed = False
-        self.published = 0
-        self.completed = 0
-        self.queued = 0
-        self.in_flight = 0
-        self.next_task_id = 0
-        self.pending_ids: set[int] = set()  # external channels: ids without a result yet
-        self.results: deque[ChannelResult] = deque()
-        # Queued tasks by (kind, operation), served latest directive stage
-        # first: finishing elements beats starting new ones (memory, latency).
-        self.fifos: dict[QueueKey, deque[TaskRecord]] = {}
-        self._priority: dict[QueueKey, int] = {}
-        self.notify: Notify | None = None
-
-    def _fifo(self, key: QueueKey, stage: int) -> deque[TaskRecord]:
-        fifo = self.fifos.get(key)
-        if fifo is None:
-            fifo = self.fifos[key] = deque()
-            # fold tasks (stage < 0) outrank every map stage
-            self._priority[key] = stage if stage >= 0 else 1 << 30
-            if len(self.fifos) > 1:
-                self.fifos = dict(
-                    sorted(self.fifos.items(), key=lambda kv: -self._priority[kv[0]])
-                )
-        return fifo
-
-    def push(self, task: TaskRecord, *, front: bool = False) -> None:
-        fifo = self._fifo(task.queue_key, task.stage)
-        if front:
-            fifo.appendleft(task)
-        else:
-            fifo.append(task)
-        self.queued += 1
-
-    def push_many(self, key: QueueKey, tasks: list[TaskRecord]) -> None:
-        """Tasks of one key and one stage, to the back of their fifo."""
-        self._fifo(key, tasks[0].stage).extend(tasks)
-        self.queued += len(tasks)
-
-    def take(
-        self, supports: frozenset[QueueKey], n: int, depths: dict[QueueKey, OpDepth]
-    ) -> list[TaskRecord]:
-        """Up to ``n`` queued tasks a worker supports; ``depths`` is kept in step."""
-        taken: list[TaskRecord] = []
-        for key, fifo in self.fifos.items():
-            if fifo and key in supports:
-                k = min(n - len(taken), len(fifo))
-                if k == len(fifo):
-                    taken.extend(fifo)
-                    fifo.clear()
-                else:
-                    popleft = fifo.popleft
-                    taken.extend([popleft() for _ in range(k)])
-                depths[key].depth -= k
-                if len(taken) >= n:
-                    break
-        self.queued -= len(taken)
-        return taken
-
-    def drop_queued(self) -> dict[QueueKey, int]:
-        dropped = {key: len(fifo) for key, fifo in self.fifos.items() if fifo}
-        self.fifos.clear()
-        self.queued = 0
-        return dropped
-
-    @property
-    def drained(self) -> bool:
-        """The sender is closed and every published task's result was taken."""
-        return self.sender_closed and self.completed == self.published and not self.results
-
-    def wake(self) -> None:
-        if self.notify is not None:
-            self.notify()
-
-
-class OpDepth:
-    """Queued tasks of one (kind, operation) across channels, and since when
-    no connected worker offers it."""
-
-    __slots__ = ("depth", "unserved_since")
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.unserved_since: float | None = None
-
-
-class Router:
-    """The orchestrator's Runtime core: feed it events, drain its outboxes."""
-
-    def __init__(
-        self, config: RouterConfig | None = None, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.config = config or RouterConfig()
-        self.clock = clock
-        self.workers: dict[str, Worker] = {}
-        self.channels: dict[str, Channel] = {}
-        self.queues: dict[QueueKey, OpDepth] = {}
-        # channels with queued tasks, in round-robin order
-        self._ready: dict[str, Channel] = {}
-        self.stats = Stats()
-        self.accepting = True
-        # Optional observer of the tasks that reached their outcome, with the
-        # time they did (metrics); called once per batch of results.
-        self.on_tasks_done: Callable[[list[TaskRecord], float], None] | None = None
-        self._lease_ids = itertools.count(1)
-        self._dispatch_needed = False
-        self._worker_rotation = 0
-
-    # ============================================================= workers
-
-    def connect_worker(self, hello: WorkerHello) -> Worker:
-        if not hello.worker_id:
-            raise RouterError(Code.INVALID_ARGUMENT, "worker hello has an empty worker_id")
-        if not hello.operations and not hello.monoids:
-            raise RouterError(
-                Code.INVALID_ARGUMENT,
-                f"worker {hello.worker_id!r} offers no operations and no monoids",
-            )
-        if hello.capacity < 1:
-            raise RouterError(
-                Code.INVALID_ARGUMENT, f"worker {hello.worker_id!r} has capacity 0"
-            )
-        if hello.worker_id in self.workers:
-            raise RouterError(
-                Code.ALREADY_EXISTS, f"a worker with id {hello.worker_id!r} is already connected"
-            )
-        if len(self.workers) >= self.config.max_workers:
-            raise RouterError(
-                Code.RESOURCE_EXHAUSTED,
-                f"max_workers limit reached ({self.config.max_workers} connected)",
-            )
-        worker = Worker(hello, self.clock())
+    def _worker_connected(self, event: WorkerConnected) -> None:
+        refused = admission.check_hello(event.hello, self.workers, self.config)
+        if refused is not None:
+            self._out.append(refused)
+            return
+        worker = Worker(event.hello, self.clock())
         self.workers[worker.id] = worker
         self._dispatch_needed = True
-        self._pump()
-        return worker
 
-    def disconnect_worker(self, worker: Worker) -> None:
-        """The worker's stream ended (or it was declared lost): re-queue its leases."""
-        if self.workers.get(worker.id) is not worker:
+    def _worker_disconnected(self, event: WorkerDisconnected) -> None:
+        worker = self.workers.pop(event.worker_id, None)
+        if worker is None:
             return
-        del self.workers[worker.id]
         running = worker.hello.capacity
         for position, task in enumerate(worker.leases.values()):
             channel = self.channels.get(task.routing_key)
             if channel is None:
                 continue
-            channel.in_flight -= 1
             # Only the first `capacity` tasks were executing; count the loss
             # against them, so a task that keeps killing workers becomes poison.
             if position < running:
                 task.crashes += 1
                 if task.crashes >= self.config.poison_threshold:
+                    channel.leased -= 1
                     self._poison(channel, task)
                     continue
             self._requeue(channel, task)
         worker.leases.clear()
-        worker.outbox.clear()
         self._dispatch_needed = True
-        self._pump()
 
-    def heartbeat(self, worker: Worker) -> None:
-        worker.last_seen = self.clock()
+    def _heartbeat(self, event: HeartbeatReceived) -> None:
+        worker = self.workers.get(event.worker_id)
+        if worker is not None:
+            worker.last_seen = self.clock()
 
-    def set_window(self, worker: Worker, window: int) -> None:
-        worker.last_seen = self.clock()
-        worker.window = window
-        self._dispatch_needed = True
-        self._pump()
+    def _credit_changed(self, event: CreditChanged) -> None:
+        worker = self.workers.get(event.worker_id)
+        if worker is not None:
+            worker.last_seen = self.clock()
+            worker.window = event.window
+            worker.held_at_resize = len(worker.leases)
+            self._dispatch_needed = True
 
-    def drain_workers(self, grace_seconds: float) -> None:
+    def _drain_requested(self, event: DrainRequested) -> None:
+        ipc = IpcMessage("drain", message=f"{event.grace_seconds:g}")
         for worker in self.workers.values():
-            self._send_ipc(worker, IpcMessage("drain", message=f"{grace_seconds:g}"))
+            self._send_ipc(worker.id, ipc)
 
-    def on_results(
-        self,
-        worker: Worker,
-        events: Iterable[ResultEvent] = (),
-        outputs: Iterable[OkResult] = (),
-    ) -> None:
-        """A worker reported results: ``outputs`` are plain successes
-        (``ExecutionOk`` with no retries), ``events`` everything else."""
+    def _results_arrived(self, event: ResultsArrived) -> None:
+        worker = self.workers.get(event.worker_id)
+        if worker is None:  # its leases went back to the queues already
+            self.stats.duplicates += len(event.results)
+            return
         now = worker.last_seen = self.clock()
-        leases = worker.leases
-        pop = leases.pop
-        stats = self.stats
-        touched: dict[str, Directive] = {}
-        # The hot path: successes, grouped by routing key and delivered per
-        # group, so per-task work is a lease lookup and two appends.
-        groups: dict[str, tuple[list[TaskRecord], list[bytes]]] = {}
-        key: str | None = None
-        tasks: list[TaskRecord] = []
-        outs: list[bytes] = []
-        done = 0
-        for lease_id, task_id, output in outputs:
-            task = pop(lease_id, None)
-            if task is None or task.task_id != task_id:
-                if task is not None:  # not this lease's task: keep the live lease
-                    leases[lease_id] = task
-                stats.duplicates += 1
-                continue
-            if task.routing_key is not key:
-                key = task.routing_key
-                group = groups.get(key)
-                if group is None:
-                    group = groups[key] = ([], [])
-                tasks, outs = group
-            tasks.append(task)
-            outs.append(output)
-        for key, (tasks, outs) in groups.items():
-            done += len(tasks)
+        outcomes = sort_results(worker, event.results, self.stats)
+        if outcomes.reports:
+            self._reports(outcomes)
+        done = outcomes.done
+        for key, group in outcomes.groups.items():
             channel = self.channels.get(key)
             if channel is None:
-                stats.late += len(tasks)
+                self.stats.late += len(group.tasks)
                 continue
-            channel.in_flight -= len(tasks)
-            self._deliver_outputs(channel, tasks, outs, now)
-            if channel.directive is not None:
-                touched[key] = channel.directive
-        for event in events:
-            task = pop(event.lease_id, None)
-            if task is None or task.task_id != event.task_id:
-                if task is not None:
-                    leases[event.lease_id] = task
-                stats.duplicates += 1
-                continue
-            done += 1
-            if event.retries:
-                stats.retries += event.retries
-            channel = self.channels.get(task.routing_key)
-            if channel is None:
-                stats.late += 1
-                continue
-            channel.in_flight -= 1
-            error = event.error
-            if error is not None and self._redeliver(channel, task, error):
-                continue
-            if self.on_tasks_done is not None:
-                self.on_tasks_done([task], now)
-            directive = channel.directive
-            if directive is not None:
-                directive.retries += event.retries
-                touched[channel.id] = directive
-            self._deliver(channel, task, event.output, error)
+            channel.leased -= len(group.tasks)
+            self._deliver(channel, group, now)
         if done:
             worker.completed += done
             self._dispatch_needed = True
-        for directive in touched.values():
-            directive.advance()
-        self._pump()
 
-    # ============================================================ channels
+    def _reports(self, outcomes: Outcomes) -> None:
+        """Reports that are not a task's outcome: re-queue, or turn to poison."""
+        for task, error in outcomes.reports:
+            channel = self.channels.get(task.routing_key)
+            if channel is None:
+                self.stats.late += 1
+                continue
+            if not self._redeliver(channel, task, error):
+                channel.leased -= 1
+                outcomes.add(task, b"", error, 0.0)  # it is the task's outcome after all
 
-    def lease_channel(self) -> Channel:
-        self._check_accepting()
-        # 128 random bits, as hex: the id is the capability to use the
-        # channel (uuid4().hex is the same, five times slower).
-        channel = Channel(os.urandom(16).hex(), self.clock())
-        self.channels[channel.id] = channel
-        return channel
+    # =========================================================== channels
 
-    def channel(self, channel_id: str) -> Channel:
-        channel = self.channels.get(channel_id)
-        if channel is None:
-            raise RouterError(
-                Code.NOT_FOUND, f"unknown channel id {channel_id!r} (never leased or released)"
-            )
-        return channel
+    def _channel_leased(self, event: ChannelLeased) -> None:
+        refused = admission.check_accepting(self.accepting)
+        if refused is None and event.channel_id in self.channels:
+            refused = Refused(Code.ALREADY_EXISTS, "channel id already leased")
+        if refused is not None:
+            self._out.append(refused)
+            return
+        self.channels[event.channel_id] = Channel(event.channel_id, self.clock())
 
-    def publish(self, channel_id: str, tasks: list[TaskRecord]) -> None:
-        """Queue client tasks on an external channel; all or none are accepted."""
-        channel = self.channel(channel_id)
-        if channel.directive is not None:
-            raise RouterError(
-                Code.FAILED_PRECONDITION,
-                f"channel {channel_id!r} belongs to a directive; publish through RunDirective",
-            )
-        if channel.sender_closed:
-            raise RouterError(
-                Code.FAILED_PRECONDITION, f"channel {channel_id!r} is closed for publishing"
-            )
-        # A hard cap next to the publish backpressure: results nobody takes
-        # would otherwise pile up without bound.
-        pending = len(channel.pending_ids) + len(channel.results)
-        if pending + len(tasks) > self.config.max_pending_per_channel:
-            raise RouterError(
-                Code.RESOURCE_EXHAUSTED,
-                f"max_pending_per_channel limit reached: channel {channel_id!r} holds {pending} "
-                f"tasks without a taken result and {len(tasks)} more would pass "
-                f"{self.config.max_pending_per_channel}; take results before publishing more",
-            )
-        seen: set[int] = set()
-        for task in tasks:
-            if not task.operation:
-                raise RouterError(
-                    Code.INVALID_ARGUMENT, f"task {task.task_id}: operation is empty"
-                )
-            if task.kind not in (APPLY, COMBINE):
-                raise RouterError(
-                    Code.INVALID_ARGUMENT, f"task {task.task_id}: unknown task kind {task.kind}"
-                )
-            if task.task_id in channel.pending_ids or task.task_id in seen:
-                raise RouterError(
-                    Code.INVALID_ARGUMENT,
-                    f"task id {task.task_id} is already pending on channel {channel_id!r}",
-                )
-            seen.add(task.task_id)
-        channel.pending_ids |= seen
-        for task in tasks:
+    def _tasks_published(self, event: TasksPublished) -> None:
+        channel = self.channels.get(event.channel_id)
+        refused = admission.check_publish(channel, event.channel_id, event.tasks, self.config)
+        if refused is not None:
+            self._out.append(refused)
+            return
+        assert channel is not None
+        now = self.clock()
+        for task in event.tasks:
             task.routing_key = channel.id
-            self.enqueue(channel, task)
-        self._pump()
+            task.published_at = now
+            channel.pending_ids.add(task.task_id)
+        self._enqueue(channel, event.tasks)
 
-    def can_publish(self, channel: Channel) -> bool:
-        return channel.queued < self.config.max_queued_per_channel
-
-    def close_channel(self, channel_id: str) -> None:
-        channel = self.channel(channel_id)
+    def _channel_closed(self, event: ChannelClosed) -> None:
+        channel = self.channels.get(event.channel_id)
+        if channel is None:
+            self._out.append(admission.unknown_channel(event.channel_id))
+            return
         channel.sender_closed = True
-        channel.wake()
+        if channel.drained and not channel.directive:
+            self._out.append(EndChannel(channel.id, released=False))
 
-    def take_results(self, channel: Channel, limit: int) -> list[ChannelResult]:
-        """Up to ``limit`` results and ``MAX_TAKE_BYTES`` of outputs (one larger goes alone)."""
-        out: list[ChannelResult] = []
-        results = channel.results
-        size = 0
-        while results and len(out) < limit:
-            size += len(results[0].output)
-            if size > MAX_TAKE_BYTES and out:
-                break
-            out.append(results.popleft())
-        return out
-
-    def release_channel(self, channel_id: str) -> None:
-        channel = self.channel(channel_id)
-        if channel.directive is not None:
-            self.cancel_directive(channel.directive)
+    def _channel_released(self, event: ChannelReleased) -> None:
+        channel = self.channels.get(event.channel_id)
+        if channel is None:
+            self._out.append(admission.unknown_channel(event.channel_id))
+            return
+        if channel.directive:
+            self._directive_cancelled(DirectiveCancelled(channel.id))
             return
         self._terminate(channel, IpcMessage("abort", channel.id))
-        self._release(channel.id)
-        channel.sender_closed = True
-        channel.results.clear()
-        channel.wake()
+        self._release(channel)
+        self._out.append(EndChannel(channel.id, released=True))
 
-    # ========================================================== directives
+    def _results_taken(self, event: ResultsTaken) -> None:
+        channel = self.channels.get(event.channel_id)
+        if channel is not None:
+            channel.unread -= event.count
 
-    def start_directive(self, plan: PlanSpec) -> Directive:
-        self._validate_plan(plan)
-        channel = self.lease_channel()
-        directive = Directive(self, channel, plan, self.clock())
-        channel.directive = directive
-        return directive
+    # ========================================================= directives
 
-    def directive_inputs(self, directive: Directive, items: list[bytes]) -> None:
-        directive.add_inputs(items, self.clock())
-        directive.advance()
-        self._pump()
-
-    def directive_input_end(self, directive: Directive) -> None:
-        directive.end_input()
-        directive.advance()
-        self._pump()
-
-    def cancel_directive(self, directive: Directive) -> None:
-        """The client went away or cancelled: drop, abort, release."""
-        if directive.finished:
-            self._release(directive.id)
+    def _directive_submitted(self, event: DirectiveSubmitted) -> None:
+        refused = admission.check_accepting(self.accepting) or admission.check_plan(
+            event.plan, self.workers
+        )
+        if refused is None and event.directive_id in self.channels:
+            refused = Refused(Code.ALREADY_EXISTS, "directive id already in use")
+        if refused is not None:
+            self._out.append(refused)
             return
-        directive.cancel()
-        self.stats.cancelled += 1
-        channel = self.channels.get(directive.id)
-        if channel is not None:
-            self._terminate(channel, IpcMessage("abort", directive.id))
-
-    def fail_directive(self, directive: Directive, code: Code, message: str) -> None:
-        directive.fail(code, message)
-        channel = self.channels.get(directive.id)
-        if channel is not None:
-            self.stats.fatal += 1
-            self._terminate(channel, IpcMessage("execution_failed", directive.id, message))
-
-    def directive_finished(self, directive: Directive) -> None:
-        """Called by a directive that produced its last result."""
-        if directive.state is DirectiveState.DONE:
-            self._release(directive.id)
-
-    # ================================================================ time
-
-    def tick(self) -> list[Worker]:
-        """Expire silent workers and unservable queues; returns the workers
-        declared lost, whose streams the servicer must end."""
         now = self.clock()
-        lost = [
-            w for w in self.workers.values() if now - w.last_seen > self.config.lease_timeout
-        ]
-        for worker in lost:
-            worker.lost = True
-            self.disconnect_worker(worker)
-            if worker.notify is not None:
-                worker.notify()
+        key = event.directive_id
+        self.channels[key] = Channel(key, now, directive=True)
+        directive = Directive(
+            key, event.plan, max_fold_operands=self.config.max_fold_operands, now=now
+        )
+        self.directives[key] = directive
+        self._out.append(GrantCredit(key, self.config.directive_window))
+
+    def _inputs_accepted(self, event: InputsAccepted) -> None:
+        directive = self.directives.get(event.directive_id)
+        if directive is None:  # it ended already: late inputs change nothing
+            return
+        if directive.input_closed:
+            self._out.append(Refused(Code.INVALID_ARGUMENT, "inputs after end_input"))
+            return
+        tasks = directive.add_inputs(event.items, self.clock())
+        if tasks:
+            self._enqueue(self.channels[directive.id], tasks)
+        self._touched[directive.id] = directive
+
+    def _input_ended(self, event: InputEnded) -> None:
+        directive = self.directives.get(event.directive_id)
+        if directive is not None:
+            directive.end_input()
+            self._touched[directive.id] = directive
+
+    def _directive_cancelled(self, event: DirectiveCancelled) -> None:
+        directive = self.directives.get(event.directive_id)
+        if directive is not None and not directive.finished:
+            directive.cancel()
+            self._touched[directive.id] = directive
+
+    def _flush_directives(self) -> None:
+        """After the events: what each touched directive wants done next."""
+        now = self.clock()
+        touched, self._touched = self._touched, {}
+        for directive in touched.values():
+            tasks = directive.advance(now)
+            if tasks:
+                self._enqueue(self.channels[directive.id], tasks)
+            if directive.items:
+                self._out.append(EmitItems(directive.id, directive.items))
+                directive.items = Items()
+            if directive.finished:
+                self._end_directive(directive, now)
+                continue
+            credit = directive.take_credit()
+            if credit:
+                self._out.append(GrantCredit(directive.id, credit))
+
+    def _end_directive(self, directive: Directive, now: float) -> None:
+        channel = self.channels[directive.id]
+        if directive.state is DirectiveState.FAILED:
+            self.stats.fatal += 1
+            assert directive.failure is not None
+            self._terminate(
+                channel, IpcMessage("execution_failed", directive.id, directive.failure[1])
+            )
+        elif directive.state is DirectiveState.CANCELLED:
+            self.stats.directives_cancelled += 1
+            self._terminate(channel, IpcMessage("abort", directive.id))
+        progress = directive.progress(channel.queued, channel.leased)
+        self._release(channel)
+        del self.directives[directive.id]
+        end = directive.end_status()
+        self._out.append(
+            EndCall(
+                directive.id, directive.state, end[0] if end else None, end[1] if end else "",
+                directive.fold_value, progress, now - directive.started_at,
+            )
+        )
+
+    # =============================================================== time
+
+    def _tick(self, event: Tick) -> None:
+        now = self.clock()
+        timeout = self.config.lease_timeout
+        for worker in [w for w in self.workers.values() if now - w.last_seen > timeout]:
+            self._out.append(
+                CloseWorker(
+                    worker.id,
+                    f"no heartbeat within {timeout:g} s; this worker's tasks were re-queued",
+                )
+            )
+            self._worker_disconnected(WorkerDisconnected(worker.id))
         for key, queue in list(self.queues.items()):
             if not queue.depth or any(key in w.supports for w in self.workers.values()):
                 queue.unserved_since = None
@@ -515,99 +349,13 @@ class Router:
             if queue.unserved_since is None:
                 queue.unserved_since = now
             elif now - queue.unserved_since >= self.config.no_worker_timeout:
-                self._fail_unserved(key)
-        self._pump()
-        return lost
+                self._fail_unserved(key, now)
 
-    # ============================================================ internal
-
-    def enqueue(self, channel: Channel, task: TaskRecord) -> None:
-        task.published_at = self.clock()
-        self._push(channel, task)
-        channel.published += 1
-        self.stats.published += 1
-        self._dispatch_needed = True
-
-    def enqueue_many(self, channel: Channel, key: QueueKey, tasks: list[TaskRecord]) -> None:
-        """``enqueue`` for tasks of one queue key and one stage, in one go
-        (their ``published_at`` already set)."""
-        if not tasks:
-            return
-        channel.push_many(key, tasks)
-        queue = self.queues.get(key)
-        if queue is None:
-            queue = self.queues[key] = OpDepth()
-        queue.depth += len(tasks)
-        if channel.id not in self._ready:
-            self._ready[channel.id] = channel
-        channel.published += len(tasks)
-        self.stats.published += len(tasks)
-        self._dispatch_needed = True
-
-    def _pump(self) -> None:
-        """Fill every worker's free credit, serving channels round-robin
-        (``fairness_quantum`` tasks per turn) so directives share fairly."""
-        if not self._dispatch_needed:
-            return
-        self._dispatch_needed = False
-        workers = list(self.workers.values())
-        if not workers or not self._ready:
-            return
-        # Rotate who is served first so equal workers share a small backlog.
-        self._worker_rotation = (self._worker_rotation + 1) % len(workers)
-        workers = workers[self._worker_rotation :] + workers[: self._worker_rotation]
-        quantum = self.config.fairness_quantum
-        ready = self._ready
-        for worker in workers:
-            free = worker.free
-            if free <= 0 or worker.lost:
-                continue
-            sent = 0
-            progressed = True
-            while free > 0 and progressed and ready:
-                progressed = False
-                # With one channel ready there is nobody to be fair to.
-                turn = quantum if len(ready) > 1 else free
-                for channel in list(ready.values()):
-                    tasks = channel.take(worker.supports, min(free, turn), self.queues)
-                    if not tasks:
-                        continue
-                    progressed = True
-                    del ready[channel.id]
-                    if channel.queued:
-                        ready[channel.id] = channel  # to the back of the round
-                    self._lease(worker, channel, tasks)
-                    sent += len(tasks)
-                    free -= len(tasks)
-                    if free <= 0:
-                        break
-            if sent:
-                self.stats.dispatched += sent
-                if worker.notify is not None:
-                    worker.notify()
-
-    def _lease(self, worker: Worker, channel: Channel, tasks: list[TaskRecord]) -> None:
-        lease_ids = self._lease_ids
-        leases = worker.leases
-        for task in tasks:
-            task.attempt += 1
-            lease_id = task.lease_id = next(lease_ids)
-            leases[lease_id] = task
-        worker.outbox.extend(tasks)
-        channel.in_flight += len(tasks)
-
-    def _push(self, channel: Channel, task: TaskRecord, *, front: bool = False) -> None:
-        channel.push(task, front=front)
-        queue = self.queues.get(task.queue_key)
-        if queue is None:
-            queue = self.queues[task.queue_key] = OpDepth()
-        queue.depth += 1
-        if channel.id not in self._ready:
-            self._ready[channel.id] = channel
-        self._dispatch_needed = True
+    def _accepting_stopped(self, event: AcceptingStopped) -> None:
+        self.accepting = False
 
     def _redeliver(self, channel: Channel, task: TaskRecord, error: ErrorInfo) -> bool:
-        """Handle reports that are not the task's outcome; True if handled."""
+        """Handle a report that is not the task's outcome; True if handled."""
         if error.kind is ErrorKind.RETURNED:
             self.stats.returned += 1
             self._requeue(channel, task, count=False)
@@ -616,6 +364,7 @@ class Router:
             self.stats.crashed += 1
             task.crashes += 1
             if task.crashes >= self.config.poison_threshold:
+                channel.leased -= 1
                 self._poison(channel, task)
             else:
                 self._requeue(channel, task)
@@ -630,94 +379,13 @@ class Router:
                 return True
             return False  # delivered as the task's (fatal) outcome
         if error.kind is ErrorKind.ABORTED:
-            # The worker dropped it on our IPC; the channel may still be
-            # alive only for an abort_all during shutdown: run it elsewhere.
-            if channel.directive is None or not channel.directive.finished:
-                self._requeue(channel, task, count=False)
+            # The worker dropped it on our IPC; the channel is still alive
+            # only after an abort_all during shutdown: run it elsewhere.
+            self._requeue(channel, task, count=False)
             return True
         return False
 
-    def _deliver(
-        self, channel: Channel, task: TaskRecord, output: bytes, error: ErrorInfo | None
-    ) -> None:
-        if error is None:
-            self.stats.ok += 1
-        elif error.strategy == 1:
-            self.stats.ignored += 1
-        channel.completed += 1
-        directive = channel.directive
-        if directive is not None:
-            directive.on_result(task, output, error)
-        else:
-            channel.pending_ids.discard(task.task_id)
-            channel.results.append(ChannelResult(task, output, error))
-            channel.wake()
-
-    def _deliver_outputs(
-        self, channel: Channel, tasks: list[TaskRecord], outputs: list[bytes], now: float
-    ) -> None:
-        """``_deliver`` for a batch of successes of one channel."""
-        self.stats.ok += len(tasks)
-        channel.completed += len(tasks)
-        if self.on_tasks_done is not None:
-            self.on_tasks_done(tasks, now)
-        directive = channel.directive
-        if directive is not None:
-            directive.on_outputs(tasks, outputs)
-            return
-        pending = channel.pending_ids
-        results = channel.results
-        for task, output in zip(tasks, outputs, strict=True):
-            pending.discard(task.task_id)
-            results.append(ChannelResult(task, output, None))
-        channel.wake()
-
-    def _requeue(self, channel: Channel, task: TaskRecord, *, count: bool = True) -> None:
-        task.lease_id = 0
-        self._push(channel, task, front=True)  # first in line: it has waited longest
-        if count:
-            self.stats.requeued += 1
-        self._dispatch_needed = True
-
-    def _poison(self, channel: Channel, task: TaskRecord) -> None:
-        self.stats.poison += 1
-        message = (
-            f"poison task: task {task.task_id} ({task.operation!r}) killed its worker "
-            f"{task.crashes} times"
-        )
-        self._deliver(
-            channel,
-            task,
-            b"",
-            ErrorInfo("PoisonTask", message, kind=ErrorKind.CRASHED),
-        )
-
-    def _terminate(self, channel: Channel, ipc: IpcMessage) -> None:
-        """Drop the channel's queued tasks and tell every worker to abort its key."""
-        self._drop_queued(channel)
-        for worker in self.workers.values():
-            self._send_ipc(worker, ipc)
-        if channel.directive is not None:
-            self._release(channel.id)
-
-    def _release(self, channel_id: str) -> None:
-        channel = self.channels.pop(channel_id, None)
-        if channel is not None:
-            self._drop_queued(channel)
-
-    def _drop_queued(self, channel: Channel) -> None:
-        for key, n in channel.drop_queued().items():
-            self.queues[key].depth -= n
-            self.stats.dropped += n
-        self._ready.pop(channel.id, None)
-
-    def _send_ipc(self, worker: Worker, ipc: IpcMessage) -> None:
-        worker.ipc.append(ipc)
-        self.stats.ipc_sent += 1
-        if worker.notify is not None:
-            worker.notify()
-
-    def _fail_unserved(self, key: QueueKey) -> None:
+    def _fail_unserved(self, key: QueueKey, now: float) -> None:
         kind, name = key
         what = "monoid" if kind == COMBINE else "operation"
         message = (
@@ -726,46 +394,15 @@ class Router:
         )
         error = ErrorInfo("UnknownOperation", message, kind=ErrorKind.UNKNOWN_OPERATION)
         for channel in [c for c in self._ready.values() if c.fifos.get(key)]:
-            if channel.directive is not None:
-                self.fail_directive(channel.directive, Code.FAILED_PRECONDITION, message)
+            if channel.directive:
+                directive = self.directives[channel.id]
+                directive.fail(Code.FAILED_PRECONDITION, message)
+                self._touched[directive.id] = directive
                 continue
-            fifo = channel.fifos.pop(key)
-            channel.queued -= len(fifo)
-            self.queues[key].depth -= len(fifo)
+            group = Outcomes.Group()
+            for task in channel.take_key(key, self.queues):
+                group.add(task, b"", error, 0.0)
             if not channel.queued:
                 del self._ready[channel.id]
-            for task in fifo:
-                self._deliver(channel, task, b"", error)
+            self._deliver(channel, group, now)
         self.queues[key].unserved_since = None
-
-    def _validate_plan(self, plan: PlanSpec) -> None:
-        self._check_accepting()
-        if not plan.stages:
-            raise RouterError(Code.INVALID_ARGUMENT, "plan has no stages")
-        for position, stage in enumerate(plan.stages):
-            if not stage.operation:
-                raise RouterError(
-                    Code.INVALID_ARGUMENT, f"plan stage {position} names no operation"
-                )
-            if stage.fold and position != len(plan.stages) - 1:
-                raise RouterError(
-                    Code.INVALID_ARGUMENT,
-                    f"plan stage {position}: fold({stage.operation}) must be the last stage",
-                )
-        fold = plan.fold
-        if fold is not None and self.workers:
-            workers = self.workers.values()
-            offered_as_monoid = any(fold.operation in w.hello.monoids for w in workers)
-            offered_as_op = any(fold.operation in w.hello.operations for w in workers)
-            if offered_as_op and not offered_as_monoid:
-                raise RouterError(
-                    Code.INVALID_ARGUMENT,
-                    f"fold({fold.operation}): {fold.operation!r} is an operation, not a monoid",
-                )
-
-    def _check_accepting(self) -> None:
-        if not self.accepting:
-            raise RouterError(
-                Code.UNAVAILABLE, "the orchestrator is shutting down and takes no new work"
-            )
-

@@ -210,7 +210,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
         limits = self._limits
         channels = self._router.channels
         # External channels only: a directive's channel counts as a directive.
-        open_total = sum(1 for c in channels.values() if c.directive is None)
+        open_total = sum(1 for c in channels.values() if not c.directive)
         if open_total >= limits.max_channels:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

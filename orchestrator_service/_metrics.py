@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from orchestrator_service._core import Router, Stats
-from orchestrator_service._model import QueueKey, TaskRecord, queue_label
+from orchestrator_service._core import Router
+from orchestrator_service._model import QueueKey, Stats, TaskRecord, queue_label
 from squire_kernel.metrics import FamiliesCollector, HistogramChild, HistogramFamily
 
 DEFAULT_METRICS_PORT = 9464
@@ -29,13 +29,13 @@ OUTCOMES = {
     "ok": ("ok", "the operation returned a value"),
     "fatal": ("fatal", "a directive failed on a fatal (Terminate) error"),
     "ignored": ("ignored", "a fatal error with the Ignore strategy skipped the element"),
-    "retried": ("retries", "a transient error was retried by the worker"),
+    "retried": ("retried", "a transient error was retried by the worker"),
     "requeued": ("requeued", "re-queued after its worker was lost or its executor crashed"),
     "timeout": ("timeouts", "ran past its task timeout and was re-queued"),
     "returned": ("returned", "handed back unstarted by a draining worker"),
     "duplicate": ("duplicates", "a late or repeated result dropped by task id and lease"),
     "late": ("late", "a result for a directive that had already ended"),
-    "cancelled": ("dropped", "queued tasks dropped by cancel, terminate or release"),
+    "cancelled": ("cancelled", "queued tasks dropped by cancel, terminate or release"),
     "poison": ("poison", "a task failed for killing its worker too often"),
 }
 
@@ -63,8 +63,8 @@ def snapshot(router: Router) -> Snapshot:
         in_flight=sum(len(w.leases) for w in router.workers.values()),
         workers=len(router.workers),
         capacity=sum(w.hello.capacity for w in router.workers.values()),
-        channels=sum(1 for c in router.channels.values() if c.directive is None),
-        directives=sum(1 for c in router.channels.values() if c.directive is not None),
+        channels=sum(1 for c in router.channels.values() if not c.directive),
+        directives=len(router.directives),
     )
 
 
@@ -104,7 +104,7 @@ class RouterCollector(Collector):
         )
         yield CounterMetricFamily(
             "squire_directives_cancelled", "Directives cancelled by their client.",
-            value=s.cancelled,
+            value=s.directives_cancelled,
         )
         yield GaugeMetricFamily(
             "squire_queue_depth_total", "Tasks waiting for a worker.",
@@ -159,12 +159,10 @@ class OrchestratorMetrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
         )
         self.registry.register(FamiliesCollector([self.task_latency, self.directive_duration]))
-        self._router = router
         self._latency_children: dict[tuple[int, str], HistogramChild] = {}
-        router.on_tasks_done = self._tasks_done
         self._server: object | None = None
 
-    def _tasks_done(self, tasks: list[TaskRecord], now: float) -> None:
+    def tasks_done(self, tasks: list[TaskRecord], now: float) -> None:
         # Per batch of results, not per task: the tasks of a batch mostly
         # share their queue and were published together (one input
         # message), so each run of equal (queue, published_at) is one

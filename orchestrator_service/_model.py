@@ -101,27 +101,6 @@ class ErrorInfo:
     kind: ErrorKind = ErrorKind.OPERATION
 
 
-# Per-task values on the hot path are plain slotted dataclasses: a frozen
-# dataclass's __init__ goes through object.__setattr__ and costs twice as much.
-@dataclass(slots=True)
-class ResultEvent:
-    """A worker's report for one task: ``error`` is None for ExecutionOk.
-
-    The lease id names the dispatch (it is unique per orchestrator), the
-    task id must match it."""
-
-    task_id: int
-    lease_id: int
-    output: bytes = b""
-    error: ErrorInfo | None = None
-    retries: int = 0
-
-
-# A worker's plain success -- ExecutionOk, no retries -- as the core takes it
-# on the hot path: (lease id, task id, output). A tuple, not an object.
-OkResult = tuple[int, int, bytes]
-
-
 @dataclass(frozen=True, slots=True)
 class ChannelResult:
     """A result as delivered to a channel's subscriber."""
@@ -129,6 +108,26 @@ class ChannelResult:
     task: TaskRecord
     output: bytes
     error: ErrorInfo | None
+    execution_seconds: float = 0.0
+
+
+class DirectiveState(enum.Enum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressSnapshot:
+    received: int
+    completed: int
+    skipped: int
+    total: int
+    queued: int
+    leased: int  # tasks at workers (executing or buffered there)
+    retries: int
+    tasks_done: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,31 +142,43 @@ class WorkerHello:
 
 
 @dataclass(frozen=True, slots=True)
-class StageSpec:
-    """A map stage (``fold`` False) or the final fold stage."""
-
+class MapStage:
     operation: str
     params: bytes = b""
-    fold: bool = False
 
     def describe(self) -> str:
-        return f"{'fold' if self.fold else 'map'}({self.operation})"
+        return f"map({self.operation})"
+
+
+@dataclass(frozen=True, slots=True)
+class FoldStage:
+    """The last stage of a plan: a tree reduction with ``monoid``."""
+
+    monoid: str
+    params: bytes = b""
+
+    def describe(self) -> str:
+        return f"fold({self.monoid})"
+
+
+Stage = MapStage | FoldStage
 
 
 @dataclass(frozen=True, slots=True)
 class PlanSpec:
-    stages: tuple[StageSpec, ...]
+    stages: tuple[Stage, ...]
     serializer: int = 1
     expected_items: int = 0
     task_timeout_seconds: float = 0.0
 
     @property
-    def maps(self) -> tuple[StageSpec, ...]:
-        return self.stages[:-1] if self.fold is not None else self.stages
+    def maps(self) -> tuple[MapStage, ...]:
+        return tuple(stage for stage in self.stages if isinstance(stage, MapStage))
 
     @property
-    def fold(self) -> StageSpec | None:
-        return self.stages[-1] if self.stages and self.stages[-1].fold else None
+    def fold(self) -> FoldStage | None:
+        last = self.stages[-1] if self.stages else None
+        return last if isinstance(last, FoldStage) else None
 
     def describe(self) -> str:
         return " -> ".join(stage.describe() for stage in self.stages)
@@ -189,3 +200,25 @@ class RouterConfig:
     fairness_quantum: int = 16  # tasks one channel gets before the next is served
     max_fold_operands: int = 64
     max_workers: int = 1_000
+
+
+@dataclass(slots=True)
+class Stats:
+    """Monotonic counters; the metrics collector reads them when scraped."""
+
+    published: int = 0
+    dispatched: int = 0
+    ok: int = 0
+    fatal: int = 0
+    ignored: int = 0
+    requeued: int = 0
+    returned: int = 0
+    crashed: int = 0
+    duplicates: int = 0
+    late: int = 0  # results for a released channel
+    cancelled: int = 0  # queued tasks dropped by terminate, cancel or release
+    ipc_sent: int = 0
+    poison: int = 0
+    retried: int = 0  # transient-error retries workers made
+    timeouts: int = 0  # tasks re-queued after running past their timeout
+    directives_cancelled: int = 0  # directives cancelled by their caller

@@ -20,6 +20,8 @@ from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from orchestrator_service._core import Router
+from orchestrator_service._events import AcceptingStopped, DrainRequested, Tick
+from orchestrator_service._hub import Hub
 from orchestrator_service._interceptor import SecurityInterceptor
 from orchestrator_service._metrics import OrchestratorMetrics
 from orchestrator_service._model import RouterConfig
@@ -73,7 +75,8 @@ class Orchestrator:
 
     def __init__(self, config: OrchestratorConfig | None = None) -> None:
         self.config = config or OrchestratorConfig()
-        self.router = Router(self.config.router)
+        self.router = Router(self.config.router, time.monotonic)
+        self.hub = Hub(self.router)
         self.state = State.STARTING
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -100,16 +103,18 @@ class Orchestrator:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(self.router), server)
-        pb_grpc.add_ChannelServiceServicer_to_server(ChannelServicer(self.router), server)
+        pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(self.hub), server)
+        pb_grpc.add_ChannelServiceServicer_to_server(ChannelServicer(self.hub), server)
         self.metrics = OrchestratorMetrics(self.router, asyncio.get_running_loop())
+        self.hub.on_tasks_done = self.metrics.tasks_done
+        self.hub.on_directive_end = self.metrics.directive_ended
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
         pb_grpc.add_DirectiveServiceServicer_to_server(
-            DirectiveServicer(self.router, self.metrics.directive_ended), server
+            DirectiveServicer(self.hub), server
         )
         pb_grpc.add_StatusServiceServicer_to_server(
-            StatusServicer(self.router, lambda: self.state.value, __version__), server
+            StatusServicer(self.hub, lambda: self.state.value, __version__), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -143,14 +148,14 @@ class Orchestrator:
             return
         grace = self.config.grace if grace is None else grace
         self.state = State.DRAINING
-        self.router.accepting = False
+        self.hub.handle(AcceptingStopped())
         await self._set_serving(False)
         log.info("orchestrator draining", extra={"grace": grace})
         deadline = time.monotonic() + grace
         # Polling: the core has no "all channels gone" event, and this runs once.
         while self.router.channels and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        self.router.drain_workers(max(0.0, deadline - time.monotonic()))
+        self.hub.handle(DrainRequested(max(0.0, deadline - time.monotonic())))
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -201,8 +206,4 @@ class Orchestrator:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.config.tick_interval)
-            for worker in self.router.tick():
-                log.warning(
-                    "worker silent past its lease timeout; its tasks were re-queued",
-                    extra={"worker_id": worker.id},
-                )
+            self.hub.handle(Tick())

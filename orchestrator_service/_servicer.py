@@ -1,5 +1,6 @@
-"""gRPC servicers: they translate messages into Router events and Router
-outputs into stream writes. No routing decision is made here."""
+"""gRPC servicers: they translate messages into core events (through the
+:class:`Hub`) and write what the hub's boxes hold. No routing decision is
+made here."""
 
 from __future__ import annotations
 
@@ -14,8 +15,25 @@ from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from orchestrator_service import _convert as convert
-from orchestrator_service._core import Router, Worker
-from orchestrator_service._directive import Directive, DirectiveState
+from orchestrator_service._events import (
+    ChannelClosed,
+    ChannelLeased,
+    ChannelReleased,
+    CreditChanged,
+    DirectiveCancelled,
+    DirectiveSubmitted,
+    EndCall,
+    HeartbeatReceived,
+    InputEnded,
+    InputsAccepted,
+    ResultsArrived,
+    ResultsTaken,
+    TasksPublished,
+    WorkerConnected,
+    WorkerDisconnected,
+)
+from orchestrator_service._hub import CallBox, ChannelBox, Hub, WorkerLink
+from orchestrator_service._items import take_bounded
 from orchestrator_service._model import Code, RouterError, queue_label
 from orchestrator_service._session import Session
 from orchestrator_service._signal import Signal
@@ -31,8 +49,8 @@ async def abort(context: grpc.aio.ServicerContext, error: RouterError) -> NoRetu
 
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
-    def __init__(self, router: Router) -> None:
-        self._router = router
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
 
     # Stream handlers write through context.write and return None, which the
     # generated stubs (typed for generator handlers) do not describe.
@@ -41,114 +59,120 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         request_iterator: AsyncIterator[pb.WorkerMessage],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        router = self._router
+        hub = self._hub
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("hello"):
             await abort(
                 context,
                 RouterError(Code.INVALID_ARGUMENT, "the first worker message must be a hello"),
             )
+        hello = convert.hello_from_pb(first.hello, context.peer())
+        if hello.worker_id in hub.workers:
+            await abort(
+                context,
+                RouterError(
+                    Code.ALREADY_EXISTS,
+                    f"a worker with id {hello.worker_id!r} is already connected",
+                ),
+            )
+        # The link first: the core may dispatch to the worker at once.
+        link = hub.workers[hello.worker_id] = WorkerLink(hello.worker_id)
         try:
-            worker = router.connect_worker(convert.hello_from_pb(first.hello, context.peer()))
+            hub.handle(WorkerConnected(hello))
         except RouterError as exc:
+            del hub.workers[hello.worker_id]
             await abort(context, exc)
-        signal = Signal()
-        worker.notify = signal
         log.info(
             "worker connected",
-            extra={"worker_id": worker.id, "capacity": worker.hello.capacity},
+            extra={"worker_id": link.worker_id, "capacity": hello.capacity,
+                   "version": hello.version},
         )
-        reader = asyncio.create_task(self._read(worker, request_iterator))
+        reader = asyncio.create_task(self._read(link, request_iterator))
         try:
             await context.write(
                 pb.OrchestratorMessage(
                     welcome=pb.Welcome(
-                        session_id=f"{worker.id}@{id(worker):x}",
-                        heartbeat_interval_seconds=router.config.heartbeat_interval,
-                        lease_timeout_seconds=router.config.lease_timeout,
+                        session_id=f"{link.worker_id}@{id(link):x}",
+                        heartbeat_interval_seconds=hub.router.config.heartbeat_interval,
+                        lease_timeout_seconds=hub.router.config.lease_timeout,
                     )
                 )
             )
-            await self._write(worker, signal, reader, context)
+            await self._write(link, reader, context)
         finally:
             # Bookkeeping first, awaiting last: if this handler is cancelled
             # again while awaiting, the state must already be right.
             reader.cancel()
-            router.disconnect_worker(worker)
-            log.info("worker disconnected", extra={"worker_id": worker.id})
+            if hub.workers.get(link.worker_id) is link:
+                del hub.workers[link.worker_id]
+                hub.handle(WorkerDisconnected(link.worker_id))
+            log.info("worker disconnected", extra={"worker_id": link.worker_id})
             await asyncio.gather(reader, return_exceptions=True)
 
-    async def _read(self, worker: Worker, requests: AsyncIterator[pb.WorkerMessage]) -> None:
-        router = self._router
+    async def _read(self, link: WorkerLink, requests: AsyncIterator[pb.WorkerMessage]) -> None:
+        hub = self._hub
+        worker_id = link.worker_id
         async for msg in requests:
             kind = msg.WhichOneof("kind")
             if kind == "results":
-                router.on_results(worker, *convert.results_from_pb(msg.results))
+                hub.handle(ResultsArrived(worker_id, convert.results_from_pb(msg.results)))
             elif kind == "heartbeat":
-                router.heartbeat(worker)
+                hub.handle(HeartbeatReceived(worker_id))
             elif kind == "credit":
-                router.set_window(worker, msg.credit.window)
+                hub.handle(CreditChanged(worker_id, msg.credit.window))
             elif kind == "hello":
                 raise RouterError(Code.FAILED_PRECONDITION, "a worker sends hello only once")
 
     async def _write(
-        self,
-        worker: Worker,
-        signal: Signal,
-        reader: asyncio.Task[None],
-        context: grpc.aio.ServicerContext,
+        self, link: WorkerLink, reader: asyncio.Task[None], context: grpc.aio.ServicerContext
     ) -> None:
         while True:
-            if worker.ipc:
-                ipcs, worker.ipc = worker.ipc, []
+            if link.ipc:
+                ipcs, link.ipc = link.ipc, []
                 for ipc in ipcs:
                     await context.write(convert.ipc_to_pb(ipc))
-            if worker.outbox:
-                tasks, worker.outbox = worker.outbox, []
+            if link.tasks:
+                tasks, link.tasks = link.tasks, []
                 for message in convert.tasks_to_pb(tasks):
                     await context.write(message)
                 continue  # more may have arrived while writing
-            if worker.lost:
-                timeout = self._router.config.lease_timeout
-                log.warning("worker silent, leases re-queued", extra={"worker_id": worker.id})
-                await context.abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"no heartbeat within {timeout:g} s; this worker's tasks were re-queued",
-                )
+            if link.closed is not None:
+                log.warning("worker silent, leases re-queued", extra={"worker_id": link.worker_id})
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, link.closed)
             if reader.done():
                 exc = reader.exception()
                 if isinstance(exc, RouterError):
                     await abort(context, exc)
                 return  # the worker closed its side
-            await asyncio.wait((signal.future(), reader), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                (link.signal.future(), reader), return_when=asyncio.FIRST_COMPLETED
+            )
 
 
 class ChannelServicer(pb_grpc.ChannelServiceServicer):
-    def __init__(self, router: Router) -> None:
-        self._router = router
-
-    def _signal(self, channel_id: str) -> Signal:
-        channel = self._router.channel(channel_id)
-        if channel.notify is None:
-            channel.notify = Signal()
-        assert isinstance(channel.notify, Signal)
-        return channel.notify
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
 
     async def LeaseChannel(
         self, request: pb.LeaseChannelRequest, context: grpc.aio.ServicerContext
     ) -> pb.LeaseChannelResponse:
+        hub = self._hub
+        channel_id = hub.new_id()
+        hub.channels[channel_id] = ChannelBox(channel_id)
         try:
-            channel = self._router.lease_channel()
+            hub.handle(ChannelLeased(channel_id))
         except RouterError as exc:
+            del hub.channels[channel_id]
             await abort(context, exc)
-        return pb.LeaseChannelResponse(channel_id=channel.id)
+        return pb.LeaseChannelResponse(channel_id=channel_id)
 
     async def Publish(
         self,
         request_iterator: AsyncIterator[pb.PublishRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.PublishResponse:
-        router = self._router
+        hub = self._hub
+        router = hub.router
         channel_id = ""
         published = 0
         try:
@@ -162,13 +186,11 @@ class ChannelServicer(pb_grpc.ChannelServiceServicer):
                     convert.spec_to_record(spec, published + i)
                     for i, spec in enumerate(request.tasks)
                 ]
-                channel = router.channel(channel_id)
-                signal = self._signal(channel_id)
-                while not router.can_publish(channel):
+                while not router.can_publish(channel_id) and channel_id in hub.channels:
                     # flow control: wait for room (re-checked at least every second)
+                    signal = hub.channels[channel_id].signal
                     await asyncio.wait((signal.future(),), timeout=1.0)
-                    channel = router.channel(channel_id)
-                router.publish(channel_id, tasks)
+                hub.handle(TasksPublished(channel_id, tasks))
                 published += len(tasks)
         except RouterError as exc:
             await abort(context, exc)
@@ -177,26 +199,28 @@ class ChannelServicer(pb_grpc.ChannelServiceServicer):
     async def Subscribe(
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ResultBatch]:
-        router = self._router
-        try:
-            signal = self._signal(request.channel_id)
-            channel = router.channel(request.channel_id)
-        except RouterError as exc:
-            await abort(context, exc)
+        hub = self._hub
+        box = hub.channels.get(request.channel_id)
+        if box is None or request.channel_id not in hub.router.channels:
+            await abort(context, RouterError(
+                Code.NOT_FOUND,
+                f"unknown channel id {request.channel_id!r} (never leased or released)",
+            ))
         while True:
-            results = router.take_results(channel, convert.MAX_ITEMS_PER_MESSAGE)
+            results = take_bounded(box.results, convert.MAX_ITEMS_PER_MESSAGE)
             if results:
+                hub.handle(ResultsTaken(box.channel_id, len(results)))
                 yield convert.results_to_pb(results)
                 continue
-            if channel.drained or router.channels.get(channel.id) is not channel:
+            if box.ended or box.released:
                 return
-            await signal.wait()
+            await box.signal.wait()
 
     async def CloseChannel(
         self, request: pb.CloseChannelRequest, context: grpc.aio.ServicerContext
     ) -> pb.CloseChannelResponse:
         try:
-            self._router.close_channel(request.channel_id)
+            self._hub.handle(ChannelClosed(request.channel_id))
         except RouterError as exc:
             await abort(context, exc)
         return pb.CloseChannelResponse()
@@ -205,115 +229,113 @@ class ChannelServicer(pb_grpc.ChannelServiceServicer):
         self, request: pb.ReleaseChannelRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseChannelResponse:
         try:
-            self._router.release_channel(request.channel_id)
+            self._hub.handle(ChannelReleased(request.channel_id))
         except RouterError as exc:
             await abort(context, exc)
         return pb.ReleaseChannelResponse()
 
 
 class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
-    def __init__(
-        self, router: Router, on_end: Callable[[str, float], None] | None = None
-    ) -> None:
-        self._router = router
-        self._on_end = on_end
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
 
     async def RunDirective(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[pb.DirectiveRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        router = self._router
+        hub = self._hub
         requests = aiter(request_iterator)
         first = await anext(requests, None)
+        directive_id = hub.new_id()
+        box = CallBox(directive_id, Signal())
         try:
             if first is None or not first.HasField("plan"):
                 raise RouterError(
                     Code.INVALID_ARGUMENT, "the first DirectiveRequest must carry the plan"
                 )
-            directive = router.start_directive(convert.plan_from_pb(first.plan))
+            plan = convert.plan_from_pb(first.plan)
+            hub.calls[directive_id] = box
+            hub.handle(DirectiveSubmitted(directive_id, plan))
         except RouterError as exc:
+            hub.calls.pop(directive_id, None)
             await abort(context, exc)
-        signal = Signal()
-        directive.notify = signal
-        log.debug(
-            "directive started",
-            extra={"routing_key": directive.id, "plan": directive.plan.describe()},
-        )
-        reader = asyncio.create_task(self._read_inputs(directive, requests, signal))
+        log.debug("directive started", extra={"routing_key": directive_id, "plan": plan.describe()})
+        reader = asyncio.create_task(self._read_inputs(box, requests))
         try:
             await context.write(
-                pb.DirectiveEvent(started=pb.DirectiveStarted(directive_id=directive.id))
+                pb.DirectiveEvent(started=pb.DirectiveStarted(directive_id=directive_id))
             )
-            await self._write_events(directive, signal, reader, context)
+            await self._write_events(box, reader, context)
         finally:
             # Bookkeeping before the first await: gRPC may cancel this handler
             # task again while it awaits (a client cancel racing a blocked
             # write), and the directive must not outlive its call.
             reader.cancel()
-            if not directive.finished or directive.state is DirectiveState.CANCELLED:
+            if box.end is None:
                 # The client cancelled, disconnected, or its deadline passed.
-                router.cancel_directive(directive)
-                log.info("directive cancelled", extra={"routing_key": directive.id})
-            if self._on_end is not None:
-                self._on_end(directive.state.value, router.clock() - directive.started_at)
+                hub.handle(DirectiveCancelled(directive_id))
+                log.info("directive cancelled", extra={"routing_key": directive_id})
+            hub.calls.pop(directive_id, None)
             await asyncio.gather(reader, return_exceptions=True)
 
     async def _read_inputs(
-        self,
-        directive: Directive,
-        requests: AsyncIterator[pb.DirectiveRequest],
-        signal: Signal,
+        self, box: CallBox, requests: AsyncIterator[pb.DirectiveRequest]
     ) -> None:
-        router = self._router
+        hub = self._hub
+        window = hub.router.config.directive_window
         while True:
-            while not directive.wants_input():
-                if directive.finished:
+            # Backpressure: at most `window` elements in the pipeline (the
+            # core's credit) and as many results not yet written.
+            while box.credit <= 0 or len(box.items) >= window:
+                if box.end is not None:
                     return
-                await signal.wait()
+                await box.signal.wait()
             request = await anext(requests, None)
             if request is None:
-                router.directive_input_end(directive)
+                hub.handle(InputEnded(box.directive_id))
                 return
             if not request.HasField("inputs"):
                 raise RouterError(
                     Code.INVALID_ARGUMENT, "only the first DirectiveRequest may carry a plan"
                 )
-            router.directive_inputs(directive, list(request.inputs.items))
+            items = list(request.inputs.items)
+            box.credit -= len(items)
+            hub.handle(InputsAccepted(box.directive_id, items))
 
     async def _write_events(
-        self,
-        directive: Directive,
-        signal: Signal,
-        reader: asyncio.Task[None],
-        context: grpc.aio.ServicerContext,
+        self, box: CallBox, reader: asyncio.Task[None], context: grpc.aio.ServicerContext
     ) -> None:
         last_progress = time.monotonic()
+        hub = self._hub
         while True:
-            items = directive.take_items()
+            items = box.items.take()
             events = convert.EventsToWrite()
             convert.add_items(events.new, items)
             for event in events:
                 await context.write(event)
             if items:
-                signal()  # room in the window: let the input reader go on
+                box.signal()  # room in the window: let the input reader go on
             if reader.done() and not reader.cancelled():
                 exc = reader.exception()
                 if isinstance(exc, RouterError):
-                    self._router.cancel_directive(directive)
+                    hub.handle(DirectiveCancelled(box.directive_id))
                     await abort(context, exc)
                 elif exc is not None:
                     raise exc
-            if directive.finished and not directive.items:
-                await self._finish(directive, context)
+            if box.end is not None and not box.items:
+                await self._finish(box.end, context)
                 return
             now = time.monotonic()
             if now - last_progress >= PROGRESS_INTERVAL:
                 last_progress = now
-                progress = convert.progress_to_pb(directive.progress())
-                await context.write(pb.DirectiveEvent(progress=progress))
-            if not directive.items and not directive.finished:
-                waits: list[asyncio.Future[None]] = [signal.future()]
+                progress = hub.router.progress(box.directive_id)
+                if progress is not None:
+                    await context.write(
+                        pb.DirectiveEvent(progress=convert.progress_to_pb(progress))
+                    )
+            if not box.items and box.end is None:
+                waits: list[asyncio.Future[None]] = [box.signal.future()]
                 if not reader.done():
                     waits.append(reader)
                 await asyncio.wait(
@@ -325,7 +347,7 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
         request_iterator: AsyncIterator[pb.SessionRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        session = Session(self._router, self._on_end)
+        session = Session(self._hub)
         reader = asyncio.create_task(session.read(request_iterator))
         try:
             await session.write(context, reader)
@@ -334,32 +356,32 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
             session.cancel_all()  # before awaiting: see RunDirective
             await asyncio.gather(reader, return_exceptions=True)
 
-    async def _finish(self, directive: Directive, context: grpc.aio.ServicerContext) -> None:
-        end = directive.end_status()
-        if end is None:
+    async def _finish(self, end: EndCall, context: grpc.aio.ServicerContext) -> None:
+        if end.code is None:
             events = convert.EventsToWrite()
-            convert.add_final_events(events.new, directive)
+            convert.add_final_events(events.new, end)
             for event in events:
                 await context.write(event)
-            log.debug("directive done", extra={"routing_key": directive.id})
+            log.debug("directive done", extra={"routing_key": end.directive_id})
             return
-        log.info("directive ended", extra={"routing_key": directive.id, "error": end[1]})
-        await abort(context, RouterError(*end))
+        log.info("directive ended", extra={"routing_key": end.directive_id, "error": end.message})
+        await abort(context, RouterError(end.code, end.message))
 
 
 class StatusServicer(pb_grpc.StatusServiceServicer):
-    def __init__(self, router: Router, state: Callable[[], str], version: str) -> None:
-        self._router = router
+    def __init__(self, hub: Hub, state: Callable[[], str], version: str) -> None:
+        self._hub = hub
         self._state = state
         self._version = version
 
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetStatusResponse:
-        return status_to_pb(self._router, self._state(), self._version)
+        return status_to_pb(self._hub, self._state(), self._version)
 
 
-def status_to_pb(router: Router, state: str, version: str) -> pb.GetStatusResponse:
+def status_to_pb(hub: Hub, state: str, version: str) -> pb.GetStatusResponse:
+    router = hub.router
     now = router.clock()
     response = pb.GetStatusResponse(state=state, version=version)
     for w in router.workers.values():
@@ -390,18 +412,19 @@ def status_to_pb(router: Router, state: str, version: str) -> pb.GetStatusRespon
                 published=c.published,
                 completed=c.completed,
                 queued=c.queued,
-                in_flight=c.in_flight,
-                directive=c.directive is not None,
+                in_flight=c.leased,
+                directive=c.directive,
             )
         )
-        if c.directive is not None:
-            d = c.directive
-            response.directives.append(
-                pb.DirectiveStatus(
-                    directive_id=d.id,
-                    plan=d.plan.describe(),
-                    progress=convert.progress_to_pb(d.progress()),
-                    age_seconds=now - d.started_at,
-                )
+    for d in router.directives.values():
+        progress = router.progress(d.id)
+        assert progress is not None
+        response.directives.append(
+            pb.DirectiveStatus(
+                directive_id=d.id,
+                plan=d.plan.describe(),
+                progress=convert.progress_to_pb(progress),
+                age_seconds=now - d.started_at,
             )
+        )
     return response

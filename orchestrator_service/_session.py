@@ -1,6 +1,6 @@
 """RunDirectives: many directives multiplexed over one stream.
 
-Each call is an ordinary Directive in the Router; only the transport differs
+Each call is an ordinary directive in the core; only the transport differs
 from RunDirective. The reader turns SessionRequests into Router events; the
 writer sends, per call with news, one SessionEvent holding its events in
 order (``started`` rides with the first batch) and, on the last one, the
@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
 from squire.api.v1 import squire_pb2 as pb
 
 from orchestrator_service import _convert as convert
-from orchestrator_service._core import Router
-from orchestrator_service._directive import Directive
+from orchestrator_service._events import (
+    DirectiveCancelled,
+    DirectiveSubmitted,
+    InputEnded,
+    InputsAccepted,
+)
+from orchestrator_service._hub import CallBox, Hub
 from orchestrator_service._interceptor import DirectiveSlot, acquire_directive_slot
 from orchestrator_service._model import Code, RouterError
 from orchestrator_service._signal import Signal
@@ -38,16 +43,17 @@ def _code_number(code: Code) -> int:
 @dataclass(eq=False)
 class _Call:
     call_id: int
-    directive: Directive
+    box: CallBox
     slot: DirectiveSlot  # counts against --max-directives(-per-client)
+    input_closed: bool = False
     started_sent: bool = False
     last_progress: float = field(default_factory=time.monotonic)
 
 
 class Session:
-    def __init__(self, router: Router, on_end: Callable[[str, float], None] | None) -> None:
-        self._router = router
-        self._on_end = on_end
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self._window = hub.router.config.directive_window
         self._calls: dict[int, _Call] = {}
         self._refused: list[pb.SessionEvent] = []  # calls that never started
         self._signal = Signal()
@@ -55,12 +61,12 @@ class Session:
     # --------------------------------------------------------------- reading
 
     def _in_pipeline(self) -> int:
-        return sum(c.directive.received - c.directive.completed for c in self._calls.values())
+        # A call's credit is its window less what it holds in its pipeline.
+        return sum(self._window - c.box.credit for c in self._calls.values())
 
     async def read(self, requests: AsyncIterator[pb.SessionRequest]) -> None:
-        window = self._router.config.directive_window
         async for request in requests:
-            while self._in_pipeline() >= window:
+            while self._in_pipeline() >= self._window:
                 await self._signal.wait()
             try:
                 self._handle(request)
@@ -68,15 +74,16 @@ class Session:
                 refused = self._calls.pop(request.call_id, None)
                 if refused is not None:
                     refused.slot.release()
+                    self._hub.calls.pop(refused.box.directive_id, None)
                 self._refuse(request.call_id, exc.code, exc.message)
                 self._signal()  # the writer sends the refusal
 
     def _handle(self, request: pb.SessionRequest) -> None:
-        router = self._router
+        hub = self._hub
         call = self._calls.get(request.call_id)
         if request.cancel:
             if call is not None:
-                router.cancel_directive(call.directive)
+                hub.handle(DirectiveCancelled(call.box.directive_id))
             return
         if call is None:
             if not request.HasField("plan"):
@@ -84,28 +91,29 @@ class Session:
                     Code.INVALID_ARGUMENT,
                     f"call {request.call_id}: its first request must carry the plan",
                 )
+            plan = convert.plan_from_pb(request.plan)
             slot = acquire_directive_slot()  # RESOURCE_EXHAUSTED past a limit
-            try:
-                directive = router.start_directive(convert.plan_from_pb(request.plan))
-            except BaseException:
-                slot.release()
-                raise
-            directive.notify = self._signal
-            call = self._calls[request.call_id] = _Call(request.call_id, directive, slot)
+            directive_id = hub.new_id()
+            box = hub.calls[directive_id] = CallBox(directive_id, self._signal)
+            call = self._calls[request.call_id] = _Call(request.call_id, box, slot)
+            hub.handle(DirectiveSubmitted(directive_id, plan))
         elif request.HasField("plan"):
             raise RouterError(
                 Code.INVALID_ARGUMENT, f"call {request.call_id}: the plan was already given"
             )
-        directive = call.directive
+        directive_id = call.box.directive_id
         if request.HasField("inputs"):
-            if directive.input_closed:
-                router.cancel_directive(directive)
+            if call.input_closed:
+                hub.handle(DirectiveCancelled(directive_id))
                 raise RouterError(
                     Code.INVALID_ARGUMENT, f"call {request.call_id}: inputs after end_input"
                 )
-            router.directive_inputs(directive, list(request.inputs.items))
-        if request.end_input and not directive.input_closed:
-            router.directive_input_end(directive)
+            items = list(request.inputs.items)
+            call.box.credit -= len(items)
+            hub.handle(InputsAccepted(directive_id, items))
+        if request.end_input and not call.input_closed:
+            call.input_closed = True
+            hub.handle(InputEnded(directive_id))
 
     def _refuse(self, call_id: int, code: Code, message: str) -> None:
         self._refused.append(
@@ -145,11 +153,11 @@ class Session:
                 )
 
     def _news(self, call: _Call, now: float) -> pb.SessionEvent | None:
-        d = call.directive
-        items = d.take_items()
-        finished = d.finished and not d.items
+        box = call.box
+        items = box.items.take()
+        end = box.end if not box.items else None
         due = now - call.last_progress >= PROGRESS_INTERVAL
-        if not call.started_sent and not (items or finished or due):
+        if not call.started_sent and not (items or end or due):
             # A small directive is often done before anything else is worth
             # a message: its started event goes out with its results and end
             # (one message per call, not two), or on the progress clock.
@@ -158,30 +166,33 @@ class Session:
         events = message.events
         if not call.started_sent:
             call.started_sent = True
-            events.add().started.directive_id = d.id
+            events.add().started.directive_id = box.directive_id
         convert.add_items(events.add, items)  # in place: no copy per event
         if items:
             self._signal()  # room in the window for the reader
-        if not finished and due:
+        if end is None and due:
             call.last_progress = now
-            convert.fill_progress(events.add().progress, d.progress())
-        if finished:
+            progress = self._hub.router.progress(box.directive_id)
+            if progress is not None:
+                convert.fill_progress(events.add().progress, progress)
+        if end is not None:
             del self._calls[call.call_id]
+            self._hub.calls.pop(box.directive_id, None)
             call.slot.release()
-            end = d.end_status()
-            if end is None:
-                convert.add_final_events(events.add, d)
+            if end.code is None:
+                convert.add_final_events(events.add, end)
                 message.end.code = 0
             else:
-                message.end.code = _code_number(end[0])
-                message.end.message = end[1]
-            if self._on_end is not None:
-                self._on_end(d.state.value, self._router.clock() - d.started_at)
+                message.end.code = _code_number(end.code)
+                message.end.message = end.message
         return message if events or message.HasField("end") else None
 
     def cancel_all(self) -> None:
         """The session ended: cancel whatever it still runs."""
+        hub = self._hub
         for call in self._calls.values():
-            self._router.cancel_directive(call.directive)
+            if call.box.end is None:
+                hub.handle(DirectiveCancelled(call.box.directive_id))
+            hub.calls.pop(call.box.directive_id, None)
             call.slot.release()
         self._calls.clear()

@@ -7,9 +7,14 @@ write failed with RESOURCE_EXHAUSTED ("Sent message larger than max").
 
 from __future__ import annotations
 
-from orchestrator_service._core import Router
-from orchestrator_service._directive import MAX_TAKE_BYTES, DirectiveState
-from orchestrator_service._model import ErrorInfo, PlanSpec, StageSpec, TaskRecord
+from orchestrator_service._items import MAX_TAKE_BYTES, Items
+from orchestrator_service._model import (
+    DirectiveState,
+    ErrorInfo,
+    MapStage,
+    PlanSpec,
+    TaskRecord,
+)
 
 from .sim import Sim, hello
 
@@ -21,12 +26,11 @@ def big_output(task: TaskRecord) -> tuple[bytes, ErrorInfo | None]:
 
 
 def test_directive_items_are_taken_in_bounded_slices() -> None:
-    router = Router()
-    sim = Sim(router, execute_fn=big_output)
+    sim = Sim(execute_fn=big_output)
     sim.connect(hello("w", capacity=8, prefetch=8))
-    directive = router.start_directive(PlanSpec(stages=(StageSpec("length"),)))
-    router.directive_inputs(directive, [b"1"] * 100)
-    router.directive_input_end(directive)
+    directive = sim.start(PlanSpec(stages=(MapStage("length"),)))
+    sim.inputs(directive, [b"1"] * 100)
+    sim.end_input(directive)
     sim.run()
     assert directive.state is DirectiveState.DONE
 
@@ -41,36 +45,32 @@ def test_directive_items_are_taken_in_bounded_slices() -> None:
 
 
 def test_one_item_larger_than_the_bound_still_leaves() -> None:
-    router = Router()
-    sim = Sim(router, execute_fn=lambda t: (b'"' + b"y" * (MAX_TAKE_BYTES + 10) + b'"', None))
+    sim = Sim(execute_fn=lambda t: (b'"' + b"y" * (MAX_TAKE_BYTES + 10) + b'"', None))
     sim.connect(hello("w"))
-    directive = router.start_directive(PlanSpec(stages=(StageSpec("length"),)))
-    router.directive_inputs(directive, [b"1", b"2"])
-    router.directive_input_end(directive)
+    directive = sim.start(PlanSpec(stages=(MapStage("length"),)))
+    sim.inputs(directive, [b"1", b"2"])
+    sim.end_input(directive)
     sim.run()
     assert [len(directive.take_items().outcomes()) for _ in range(3)] == [1, 1, 0]
 
 
 def test_channel_results_are_taken_in_bounded_slices() -> None:
-    router = Router()
-    sim = Sim(router, execute_fn=big_output)
+    sim = Sim(execute_fn=big_output)
     sim.connect(hello("w", capacity=8, prefetch=8))
-    channel = router.lease_channel()
-    router.publish(channel.id, [TaskRecord("", i, "length", input=b"1") for i in range(100)])
-    router.close_channel(channel.id)
+    channel = sim.lease()
+    sim.publish(channel.id, [TaskRecord("", i, "length", input=b"1") for i in range(100)])
+    sim.close(channel.id)
     sim.run()
     ids: list[int] = []
     while channel.results:
-        take = router.take_results(channel, 1024)
+        take = sim.take(channel, 1024)
         assert take and sum(len(r.output) for r in take) <= MAX_TAKE_BYTES
         ids.extend(r.task.task_id for r in take)
     assert sorted(ids) == list(range(100))
-    assert channel.drained
+    assert channel.ended and sim.router.channels[channel.id].unread == 0
 
 
 def test_a_take_keeps_values_and_skipped_elements_within_the_bound() -> None:
-    from orchestrator_service._directive import Items
-
     items = Items()
     for i in range(5):
         items.indexes.append(i)

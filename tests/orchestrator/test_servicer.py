@@ -205,7 +205,7 @@ async def test_health_flips_on_shutdown(orchestrator: Orchestrator, channel) -> 
     health = health_pb2_grpc.HealthStub(channel)
     resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
-    orchestrator.router.lease_channel()  # keeps shutdown in its grace period
+    await pb_grpc.ChannelServiceStub(channel).LeaseChannel(pb.LeaseChannelRequest())  # keeps shutdown in its grace period
     stopping = asyncio.create_task(orchestrator.shutdown(grace=1.0))
     await wait_for(lambda: orchestrator.state.value == "draining")
     resp = await health.Check(health_pb2.HealthCheckRequest(service=""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -247,7 +248,7 @@ class SessionLikeDirectives(pb_grpc.DirectiveServiceServicer):
 async def test_servicers_take_directive_slots_through_the_gate() -> None:
     assert acquire_directive_slot() is not None  # outside a handler: limits nothing
     interceptor = SecurityInterceptor(SecurityConfig(), Limits(max_directives_per_client=2),
-                                      Router())
+                                      Router(RouterConfig(), time.monotonic))
     server = grpc.aio.server(interceptors=[interceptor])
     pb_grpc.add_DirectiveServiceServicer_to_server(SessionLikeDirectives(), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from squire.api.v1 import squire_pb2_grpc as pb_grpc
 from orchestrator_service.__main__ import parse_args
 from orchestrator_service._core import Router
 from orchestrator_service._interceptor import SecurityInterceptor
+from orchestrator_service._model import RouterConfig
 from orchestrator_service._security import (
     Limits,
     SecurityConfig,
@@ -288,7 +290,7 @@ async def test_a_service_added_later_needs_a_client_token() -> None:
     async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return request
 
-    interceptor = SecurityInterceptor(secured(), Limits(), Router())
+    interceptor = SecurityInterceptor(secured(), Limits(), Router(RouterConfig(), time.monotonic))
     server = grpc.aio.server(interceptors=[interceptor])
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         "squire.api.v1.FutureService", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})])

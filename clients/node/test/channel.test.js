@@ -110,6 +110,24 @@ test('a failing task is a result with ok: false, not an exception', async () => 
   }
 });
 
+test('executionSeconds is the time the worker spent on the task', async () => {
+  const channel = await client.leaseChannel();
+  try {
+    await channel.publish([0.05, 0.05, 0.05, 0].map((seconds) => ({ operation: 'sleep', input: seconds })));
+    await channel.close();
+    const byId = await resultsById(channel);
+    for (const id of [1, 2, 3]) {
+      const result = byId.get(id);
+      assert.equal(result.ok, true);
+      assert.ok(result.executionSeconds >= 0.05 && result.executionSeconds < 5, `task ${id}: ${result.executionSeconds}`);
+    }
+    const fast = byId.get(4).executionSeconds;
+    assert.ok(fast > 0 && fast < 0.05, `a sleep of 0 took ${fast} s`);
+  } finally {
+    await channel.release();
+  }
+});
+
 test('MessagePack channels', async () => {
   const channel = await client.leaseChannel({ serializer: 'msgpack' });
   try {

@@ -1,0 +1,135 @@
+"""What the routing core refuses, checked before an event changes anything.
+
+Each check returns a :class:`Refused` instruction naming what was wrong, or
+None when the request may go ahead. Pure functions over the core's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from orchestrator_service._channel import Channel
+from orchestrator_service._events import Refused
+from orchestrator_service._model import (
+    APPLY,
+    COMBINE,
+    Code,
+    FoldStage,
+    PlanSpec,
+    RouterConfig,
+    TaskRecord,
+    WorkerHello,
+)
+
+
+class Offers(Protocol):
+    """What admission reads of a connected worker."""
+
+    @property
+    def hello(self) -> WorkerHello: ...
+
+
+def check_hello(
+    hello: WorkerHello, workers: Mapping[str, Offers], config: RouterConfig
+) -> Refused | None:
+    name = hello.worker_id
+    if not name:
+        return Refused(Code.INVALID_ARGUMENT, "worker hello has an empty worker_id")
+    if not hello.operations and not hello.monoids:
+        return Refused(
+            Code.INVALID_ARGUMENT, f"worker {name!r} offers no operations and no monoids"
+        )
+    if hello.capacity < 1:
+        return Refused(Code.INVALID_ARGUMENT, f"worker {name!r} has capacity 0")
+    if name in workers:
+        return Refused(
+            Code.ALREADY_EXISTS, f"a worker with id {name!r} is already connected"
+        )
+    if len(workers) >= config.max_workers:
+        return Refused(
+            Code.RESOURCE_EXHAUSTED,
+            f"max_workers limit reached ({config.max_workers} connected)",
+        )
+    return None
+
+
+def check_accepting(accepting: bool) -> Refused | None:
+    if accepting:
+        return None
+    return Refused(Code.UNAVAILABLE, "the orchestrator is shutting down and takes no new work")
+
+
+def check_plan(plan: PlanSpec, workers: Mapping[str, Offers]) -> Refused | None:
+    if not plan.stages:
+        return Refused(Code.INVALID_ARGUMENT, "plan has no stages")
+    for position, stage in enumerate(plan.stages):
+        name = stage.monoid if isinstance(stage, FoldStage) else stage.operation
+        if not name:
+            what = "monoid" if isinstance(stage, FoldStage) else "operation"
+            return Refused(Code.INVALID_ARGUMENT, f"plan stage {position} names no {what}")
+        if isinstance(stage, FoldStage) and position != len(plan.stages) - 1:
+            return Refused(
+                Code.INVALID_ARGUMENT,
+                f"plan stage {position}: {stage.describe()} must be the last stage",
+            )
+    fold = plan.fold
+    if fold is not None and workers:
+        hellos = [w.hello for w in workers.values()]
+        offered_as_monoid = any(fold.monoid in h.monoids for h in hellos)
+        offered_as_op = any(fold.monoid in h.operations for h in hellos)
+        if offered_as_op and not offered_as_monoid:
+            return Refused(
+                Code.INVALID_ARGUMENT,
+                f"fold({fold.monoid}): {fold.monoid!r} is an operation, not a monoid",
+            )
+    return None
+
+
+def check_publish(
+    channel: Channel | None, channel_id: str, tasks: list[TaskRecord], config: RouterConfig
+) -> Refused | None:
+    if channel is None:
+        return unknown_channel(channel_id)
+    if channel.directive:
+        return Refused(
+            Code.FAILED_PRECONDITION,
+            f"channel {channel_id!r} belongs to a directive; publish through RunDirective",
+        )
+    if channel.sender_closed:
+        return Refused(
+            Code.FAILED_PRECONDITION, f"channel {channel_id!r} is closed for publishing"
+        )
+    # A hard cap next to the publish backpressure: results nobody takes
+    # would otherwise pile up without bound.
+    pending = len(channel.pending_ids) + channel.unread
+    limit = config.max_pending_per_channel
+    if pending + len(tasks) > limit:
+        return Refused(
+            Code.RESOURCE_EXHAUSTED,
+            f"max_pending_per_channel limit reached: channel {channel_id!r} holds {pending} "
+            f"tasks without a taken result and {len(tasks)} more would pass {limit}; "
+            "take results before publishing more",
+        )
+    seen: set[int] = set()
+    for task in tasks:
+        if not task.operation:
+            return Refused(Code.INVALID_ARGUMENT, f"task {task.task_id}: operation is empty")
+        if task.kind not in (APPLY, COMBINE):
+            return Refused(
+                Code.INVALID_ARGUMENT, f"task {task.task_id}: unknown task kind {task.kind}"
+            )
+        if task.task_id in channel.pending_ids or task.task_id in seen:
+            return Refused(
+                Code.INVALID_ARGUMENT,
+                f"task id {task.task_id} is already pending on channel {channel_id!r}",
+            )
+        seen.add(task.task_id)
+    return None
+
+
+def unknown_channel(channel_id: str) -> Refused:
+    return Refused(
+        Code.NOT_FOUND, f"unknown channel id {channel_id!r} (never leased or released)"
+    )
+

@@ -1,0 +1,237 @@
+"""What the routing core takes in (events) and gives out (instructions).
+
+The servicers translate wire messages into events, call
+``Router.handle(*events)``, and execute the instructions it returns: they
+write streams, wake calls, and record metrics. The core never calls back
+into them. A request the core refuses comes back as a :class:`Refused`
+instruction, with nothing else changed by that event.
+
+Events are what a journal records: replaying them into a new core in order
+rebuilds its state (ids come in the events, time from the injected clock).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from orchestrator_service._items import Items
+from orchestrator_service._model import (
+    ChannelResult,
+    Code,
+    DirectiveState,
+    ErrorInfo,
+    PlanSpec,
+    ProgressSnapshot,
+    TaskRecord,
+    WorkerHello,
+)
+
+# A worker's report for one task, as the core takes it on the hot path (a
+# tuple, not an object): (lease id, task id, output, error or None for
+# ExecutionOk, retries, execution seconds). The lease id names the dispatch
+# (unique per orchestrator); the task id must match it.
+WorkerResult = tuple[int, int, bytes, ErrorInfo | None, int, float]
+
+# ------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConnected:
+    hello: WorkerHello
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDisconnected:
+    """The worker's stream ended: its leases go back to the queues."""
+
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReceived:
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CreditChanged:
+    worker_id: str
+    window: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsArrived:
+    worker_id: str
+    results: Sequence[WorkerResult]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelLeased:
+    channel_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TasksPublished:
+    """Client tasks for an external channel; all or none are accepted."""
+
+    channel_id: str
+    tasks: list[TaskRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelClosed:
+    """The channel's sender is done: its result stream ends once drained."""
+
+    channel_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelReleased:
+    channel_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsTaken:
+    """The servicer handed ``count`` of a channel's results to its subscriber."""
+
+    channel_id: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class DirectiveSubmitted:
+    directive_id: str
+    plan: PlanSpec
+
+
+@dataclass(frozen=True, slots=True)
+class InputsAccepted:
+    directive_id: str
+    items: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class InputEnded:
+    directive_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DirectiveCancelled:
+    """The caller cancelled or went away."""
+
+    directive_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: expire silent workers and queues nobody serves."""
+
+
+@dataclass(frozen=True, slots=True)
+class DrainRequested:
+    grace_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptingStopped:
+    """Shutting down: new channels and directives are refused."""
+
+
+Event = (
+    WorkerConnected | WorkerDisconnected | HeartbeatReceived | CreditChanged | ResultsArrived
+    | ChannelLeased | TasksPublished | ChannelClosed | ChannelReleased | ResultsTaken
+    | DirectiveSubmitted | InputsAccepted | InputEnded | DirectiveCancelled
+    | Tick | DrainRequested | AcceptingStopped
+)
+
+# ------------------------------------------------------------ instructions
+
+
+@dataclass(frozen=True, slots=True)
+class IpcMessage:
+    kind: str  # "execution_failed" | "abort" | "abort_all" | "drain"
+    routing_key: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The event was refused as a whole; answer its call with ``code``."""
+
+    code: Code
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendTasks:
+    worker_id: str
+    tasks: list[TaskRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class SendIpc:
+    worker_id: str
+    ipc: IpcMessage
+
+
+@dataclass(frozen=True, slots=True)
+class CloseWorker:
+    """The core gave up on the worker (silent too long): end its stream."""
+
+    worker_id: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class EmitItems:
+    directive_id: str
+    items: Items
+
+
+@dataclass(frozen=True, slots=True)
+class GrantCredit:
+    """The directive takes ``count`` more input elements."""
+
+    directive_id: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndCall:
+    """The directive finished; its items were all emitted before this."""
+
+    directive_id: str
+    state: DirectiveState
+    code: Code | None  # None: OK
+    message: str
+    fold_value: bytes | None
+    progress: ProgressSnapshot
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class EmitResults:
+    channel_id: str
+    results: list[ChannelResult]
+
+
+@dataclass(frozen=True, slots=True)
+class EndChannel:
+    """No more results: the channel drained or was released."""
+
+    channel_id: str
+    released: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TasksCompleted:
+    """Tasks that reached their outcome at ``now`` (metrics)."""
+
+    tasks: list[TaskRecord]
+    now: float
+
+
+Instruction = (
+    Refused | SendTasks | SendIpc | CloseWorker | EmitItems | GrantCredit | EndCall
+    | EmitResults | EndChannel | TasksCompleted
+)
