@@ -279,7 +279,7 @@ def fill_progress(msg: pb.Progress, p: ProgressSnapshot) -> None:
     msg.skipped = p.skipped
     msg.total = p.total
     msg.queued = p.queued
-    msg.running = p.leased
+    msg.leased = p.leased
     msg.retries = p.retries
     msg.tasks_done = p.tasks_done
 

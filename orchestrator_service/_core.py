@@ -148,6 +148,8 @@ class Router(RouterState):
         worker = self.workers.get(event.worker_id)
         if worker is not None:
             worker.last_seen = self.clock()
+            worker.executing = event.executing
+            worker.buffered = event.buffered
 
     def _credit_changed(self, event: CreditChanged) -> None:
         worker = self.workers.get(event.worker_id)

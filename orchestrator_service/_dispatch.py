@@ -32,6 +32,7 @@ class Worker:
         self.connected_at = now
         self.last_seen = now
         self.completed = 0
+        self.executing = self.buffered = 0  # as of the worker's last heartbeat
         # Leases held when the window last changed: a window lowered below
         # them lets them finish, but nothing more is sent until below it.
         self.held_at_resize = 0

@@ -51,6 +51,8 @@ class WorkerDisconnected:
 @dataclass(frozen=True, slots=True)
 class HeartbeatReceived:
     worker_id: str
+    executing: int = 0  # what the worker reports: tasks executing now
+    buffered: int = 0  # and tasks waiting for a free slot there
 
 
 @dataclass(frozen=True, slots=True)

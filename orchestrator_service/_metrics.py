@@ -107,7 +107,7 @@ class RouterCollector(Collector):
             value=s.directives_cancelled,
         )
         yield GaugeMetricFamily(
-            "squire_queue_depth_total", "Tasks waiting for a worker.",
+            "squire_queued_tasks", "Tasks waiting for a worker.",
             value=sum(snap.queue_depth.values()),
         )
         per_op = GaugeMetricFamily(

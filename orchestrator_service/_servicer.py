@@ -94,7 +94,6 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                     welcome=pb.Welcome(
                         session_id=f"{link.worker_id}@{id(link):x}",
                         heartbeat_interval_seconds=hub.router.config.heartbeat_interval,
-                        lease_timeout_seconds=hub.router.config.lease_timeout,
                     )
                 )
             )
@@ -117,7 +116,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             if kind == "results":
                 hub.handle(ResultsArrived(worker_id, convert.results_from_pb(msg.results)))
             elif kind == "heartbeat":
-                hub.handle(HeartbeatReceived(worker_id))
+                beat = msg.heartbeat
+                hub.handle(HeartbeatReceived(worker_id, beat.executing, beat.buffered))
             elif kind == "credit":
                 hub.handle(CreditChanged(worker_id, msg.credit.window))
             elif kind == "hello":
@@ -396,6 +396,9 @@ def status_to_pb(hub: Hub, state: str, version: str) -> pb.GetStatusResponse:
                 completed=w.completed,
                 connected_seconds=now - w.connected_at,
                 peer=w.hello.peer,
+                executing=w.executing,
+                buffered=w.buffered,
+                version=w.hello.version,
             )
         )
     depth = 0

@@ -54,7 +54,7 @@ def credit(window: int) -> pb.WorkerMessage:
 
 
 def heartbeat(running: int, buffered: int) -> pb.WorkerMessage:
-    return pb.WorkerMessage(heartbeat=pb.Heartbeat(running=running, buffered=buffered))
+    return pb.WorkerMessage(heartbeat=pb.Heartbeat(executing=running, buffered=buffered))
 
 
 class ResultBuffer:

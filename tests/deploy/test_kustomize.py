@@ -94,7 +94,7 @@ def test_custom_resources(rendered: Docs, folder: Path) -> None:
                 assert trigger["type"] == "prometheus"
                 meta = trigger["metadata"]
                 assert meta["serverAddress"].startswith("http")
-                assert "squire_queue_depth_total" in meta["query"]
+                assert "squire_queued_tasks" in meta["query"]
                 # KEDA wants the threshold as a string
                 assert isinstance(meta["threshold"], str) and float(meta["threshold"]) > 0
         elif doc["kind"] == "ServiceMonitor":

@@ -363,6 +363,6 @@ def test_the_autoscaling_metric_is_exposed(rendered: Docs, folder: Path,
     names = autoscaler_metrics(rendered[folder])
     if not names:
         return
-    assert "squire_queue_depth_total" in names
+    assert "squire_queued_tasks" in names
     exposed = exposed_series(services.metrics(services.orchestrator_metrics_port))
     assert names <= exposed, f"not in the orchestrator's /metrics: {sorted(names - exposed)}"

@@ -60,7 +60,7 @@ def test_the_services_expose_the_documented_metrics(series: set[str]) -> None:
     documented = {
         "squire_tasks_published_total", "squire_tasks_dispatched_total",
         "squire_task_outcomes_total", "squire_worker_ipc_sent_total",
-        "squire_directives_cancelled_total", "squire_queue_depth_total", "squire_queue_depth",
+        "squire_directives_cancelled_total", "squire_queued_tasks", "squire_queue_depth",
         "squire_tasks_in_flight", "squire_workers_connected", "squire_connected_capacity",
         "squire_channels_active", "squire_directives_active",
         "squire_task_latency_seconds_bucket", "squire_directive_duration_seconds_bucket",
@@ -111,7 +111,7 @@ def test_dashboard_panels(path: Path) -> None:
     assert 'squire_task_outcomes_total{namespace=~"$namespace", outcome="ok"}' in exprs
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}, sum by (le) (rate(squire_task_latency_seconds_bucket" in exprs
-    for name in ("squire_queue_depth_total", "sum by (operation) (squire_queue_depth{",
+    for name in ("squire_queued_tasks", "sum by (operation) (squire_queue_depth{",
                  "squire_workers_connected", "squire_connected_capacity",
                  "squire_worker_busy_slots", 'outcome!="ok"',
                  "squire_directive_duration_seconds_bucket"):

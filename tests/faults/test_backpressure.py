@@ -43,7 +43,7 @@ def _stalled(c: Cluster, directive_id: str) -> tuple[int, int] | None:
     """(received, completed) once the directive's pipeline is full and idle."""
     [d] = [d for d in c.status().directives if d.directive_id == directive_id]
     p = d.progress
-    if p.received and p.queued == 0 and p.running == 0 and p.completed == p.received:
+    if p.received and p.queued == 0 and p.leased == 0 and p.completed == p.received:
         return p.received, p.completed
     return None
 

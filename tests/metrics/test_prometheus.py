@@ -84,7 +84,7 @@ def test_prometheus_sees_completed_tasks_and_queue_depth(stack) -> None:  # type
             lambda: scalar(prom, 'squire_task_outcomes_total{outcome="ok"}') == expected_ok,
             timeout=30, message=f"Prometheus to report {expected_ok} ok tasks",
         )
-        procs.wait_until(lambda: scalar(prom, "squire_queue_depth_total") == 0, timeout=30)
+        procs.wait_until(lambda: scalar(prom, "squire_queued_tasks") == 0, timeout=30)
         worker_ok = 'sum(squire_worker_tasks_total{outcome="ok"})'
         procs.wait_until(lambda: scalar(prom, worker_ok) == expected_ok, timeout=30,
                          message="the worker's own count of ok tasks")
@@ -97,7 +97,7 @@ def test_prometheus_sees_completed_tasks_and_queue_depth(stack) -> None:  # type
                 lambda: scalar(prom, 'squire_queue_depth{operation="nobody_offers_this"}') == 25,
                 timeout=30, message="a queue depth of 25",
             )
-            assert scalar(prom, "squire_queue_depth_total") == 25
+            assert scalar(prom, "squire_queued_tasks") == 25
             assert scalar(prom, "squire_workers_connected") == 1
         finally:
             handle.release()

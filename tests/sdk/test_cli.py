@@ -32,7 +32,7 @@ STATUS = pb.GetStatusResponse(
         pb.DirectiveStatus(
             directive_id="chan-9",
             plan="map(fib_at) -> fold(sum)",
-            progress=pb.Progress(completed=8, total=20, queued=12, running=2),
+            progress=pb.Progress(completed=8, total=20, queued=12, leased=2),
             age_seconds=3.5,
         )
     ],

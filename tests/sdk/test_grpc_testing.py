@@ -65,6 +65,9 @@ def test_status(channel: Any, pool: ThreadPoolExecutor) -> None:
             "completed": 0,
             "connected_seconds": 0.0,
             "peer": "",
+            "executing": 0,
+            "buffered": 0,
+            "version": "",
         }
     ]
     assert status["directives"][0]["progress"]["total"] == 9

@@ -12,9 +12,9 @@ from squire._progress import ProgressBar
 
 EVENTS: list[DirectiveEvent] = [
     DirectiveStarted("5e1f00d2c9a84c55"),
-    Progress(received=10, completed=3, queued=5, running=2),
+    Progress(received=10, completed=3, queued=5, leased=2),
     ItemBatch(((0, 1), (1, 1), (2, 2), (3, 3))),
-    Progress(received=10, completed=8, skipped=2, retries=1, total=10, queued=0, running=2),
+    Progress(received=10, completed=8, skipped=2, retries=1, total=10, queued=0, leased=2),
     Progress(received=10, completed=10, skipped=2, retries=1, total=10, tasks_done=19),
 ]
 

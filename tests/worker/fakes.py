@@ -178,7 +178,6 @@ class FakeOrchestrator(pb_grpc.WorkerServiceServicer):
             await context.write(pb.OrchestratorMessage(welcome=pb.Welcome(
                 session_id=f"s{len(self.sessions)}",
                 heartbeat_interval_seconds=self.heartbeat_interval,
-                lease_timeout_seconds=30.0,
             )))
             reader = asyncio.create_task(self._read(context, session))
             try:

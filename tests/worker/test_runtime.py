@@ -405,13 +405,13 @@ async def test_heartbeats_report_running_and_buffered(orchestrator: FakeOrchestr
         session = await orchestrator.session()
         session.send_tasks(*(task("gated", i, task_id=i) for i in range(1, 4)))
         await wait_for(
-            lambda: any((h.running, h.buffered) == (1, 2) for h in session.heartbeats),
+            lambda: any((h.executing, h.buffered) == (1, 2) for h in session.heartbeats),
             what="a busy heartbeat",
         )
         GATE.release.set()
         await session.wait_results(3)
         await wait_for(
-            lambda: (session.heartbeats[-1].running, session.heartbeats[-1].buffered) == (0, 0),
+            lambda: (session.heartbeats[-1].executing, session.heartbeats[-1].buffered) == (0, 0),
             what="an idle heartbeat",
         )
 

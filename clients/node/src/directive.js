@@ -43,7 +43,7 @@ export class Skipped {
  * @property {number} skipped
  * @property {number} total known total, or 0 while the input is open
  * @property {number} queued tasks waiting for a worker
- * @property {number} running tasks at workers
+ * @property {number} leased tasks at workers (executing or buffered there)
  * @property {number} retries
  * @property {number} tasksDone every finished task, fold combines included
  *

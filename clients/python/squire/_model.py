@@ -108,9 +108,14 @@ class Progress:
     skipped: int = 0
     total: int = 0
     queued: int = 0  # tasks waiting for a worker
-    running: int = 0  # tasks at workers
+    leased: int = 0  # tasks at workers (executing or buffered there)
     retries: int = 0
     tasks_done: int = 0  # every finished task, fold combines included
+
+    @property
+    def running(self) -> int:
+        """Deprecated name of :attr:`leased` (tasks at workers, not only executing)."""
+        return self.leased
 
 
 @dataclass(frozen=True)

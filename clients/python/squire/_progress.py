@@ -136,8 +136,8 @@ class ProgressBar:
                 parts.append(f"[yellow]skipped {progress.skipped}[/]")
             if progress.retries:
                 parts.append(f"[yellow]retries {progress.retries}[/]")
-            if progress.queued or progress.running:
-                parts.append(f"queued {progress.queued} · running {progress.running}")
+            if progress.queued or progress.leased:
+                parts.append(f"queued {progress.queued} · at workers {progress.leased}")
         if self._directive:
             parts.append(f"[dim]{self._directive[:8]}[/]")
         return " · ".join(parts)

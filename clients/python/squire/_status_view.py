@@ -33,6 +33,8 @@ def render_status(status: Mapping[str, Any], *, target: str = "") -> RenderableT
 _COUNTS = {
     "capacity",
     "in flight",
+    "leased",
+    "exec/buf",
     "completed",
     "depth",
     "published",
@@ -43,15 +45,21 @@ _COUNTS = {
 }
 
 
+_IDS = {"worker", "channel", "directive"}  # cut short rather than wrapped
+
+
 def _table(title: str, *columns: str) -> Table:
     table = Table(title=title, title_justify="left")
     for column in columns:
-        table.add_column(column, justify="right" if column in _COUNTS else "left")
+        table.add_column(column, justify="right" if column in _COUNTS else "left",
+                         no_wrap=column in _IDS)
     return table
 
 
 def _workers(workers: list[Mapping[str, Any]]) -> Table:
-    table = _table("workers", "worker", "operations", "capacity", "in flight", "completed", "peer")
+    # leased = executing + buffered at the worker + results on their way back
+    table = _table("workers", "worker", "operations", "capacity", "leased", "exec/buf",
+                   "completed", "peer")
     for w in workers:
         offered = [*w.get("operations", []), *(f"{m} (monoid)" for m in w.get("monoids", []))]
         table.add_row(
@@ -59,6 +67,7 @@ def _workers(workers: list[Mapping[str, Any]]) -> Table:
             ", ".join(offered),
             str(w.get("capacity", 0)),
             str(w.get("in_flight", 0)),
+            f'{w.get("executing", 0)}/{w.get("buffered", 0)}',
             str(w.get("completed", 0)),
             w.get("peer", ""),
         )
@@ -97,7 +106,7 @@ def _channels(channels: list[Mapping[str, Any]]) -> Table:
 
 def _directives(directives: list[Mapping[str, Any]]) -> Table:
     table = _table(
-        "directives", "directive", "plan", "progress", "skipped", "queued", "running", "age"
+        "directives", "directive", "plan", "progress", "skipped", "queued", "leased", "age"
     )
     for d in directives:
         p = d.get("progress", {})
@@ -109,7 +118,7 @@ def _directives(directives: list[Mapping[str, Any]]) -> Table:
             shown,
             str(p.get("skipped", 0)),
             str(p.get("queued", 0)),
-            str(p.get("running", 0)),
+            str(p.get("leased", 0)),
             f"{d.get('age_seconds', 0.0):.1f}s",
         )
     if not directives:

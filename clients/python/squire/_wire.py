@@ -194,7 +194,7 @@ def progress(message: pb.Progress) -> Progress:
         skipped=message.skipped,
         total=message.total,
         queued=message.queued,
-        running=message.running,
+        leased=message.leased,
         retries=message.retries,
         tasks_done=message.tasks_done,
     )

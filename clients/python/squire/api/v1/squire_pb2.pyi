@@ -3,7 +3,7 @@
 isort:skip_file
 The Squire contract: tasks, results, worker IPC, channels, directives, status.
 
-Vocabulary (see DESIGN.md):
+Vocabulary (README.md, "Concepts"; one name per concept, proto to metrics):
   operation   a named computation input -> output, registered by workers.
   monoid      an operation with an associative combine(a, b) and empty().
   task        one invocation of an operation; the payload that travels.
@@ -428,21 +428,25 @@ Global___Credit: _TypeAlias = Credit  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
+    """Sent every heartbeat_interval_seconds; shown per worker in GetStatus."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    RUNNING_FIELD_NUMBER: _builtins.int
+    EXECUTING_FIELD_NUMBER: _builtins.int
     BUFFERED_FIELD_NUMBER: _builtins.int
-    running: _builtins.int
+    executing: _builtins.int
+    """tasks executing now (at most capacity)"""
     buffered: _builtins.int
+    """tasks received and waiting for a free slot"""
     def __init__(
         self,
         *,
-        running: _builtins.int = ...,
+        executing: _builtins.int = ...,
         buffered: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffered", b"buffered", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffered", b"buffered", "executing", b"executing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -488,20 +492,17 @@ class Welcome(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
-    LEASE_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     heartbeat_interval_seconds: _builtins.float
-    lease_timeout_seconds: _builtins.float
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         heartbeat_interval_seconds: _builtins.float = ...,
-        lease_timeout_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds", "lease_timeout_seconds", b"lease_timeout_seconds", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1094,7 +1095,7 @@ class Progress(_message.Message):
     SKIPPED_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
     QUEUED_FIELD_NUMBER: _builtins.int
-    RUNNING_FIELD_NUMBER: _builtins.int
+    LEASED_FIELD_NUMBER: _builtins.int
     RETRIES_FIELD_NUMBER: _builtins.int
     TASKS_DONE_FIELD_NUMBER: _builtins.int
     received: _builtins.int
@@ -1106,8 +1107,8 @@ class Progress(_message.Message):
     """known total, or 0 while the input is open"""
     queued: _builtins.int
     """tasks of this directive waiting for a worker"""
-    running: _builtins.int
-    """tasks of this directive at workers"""
+    leased: _builtins.int
+    """tasks of this directive at workers (executing or buffered)"""
     retries: _builtins.int
     tasks_done: _builtins.int
     """every finished task, fold combines included"""
@@ -1119,13 +1120,13 @@ class Progress(_message.Message):
         skipped: _builtins.int = ...,
         total: _builtins.int = ...,
         queued: _builtins.int = ...,
-        running: _builtins.int = ...,
+        leased: _builtins.int = ...,
         retries: _builtins.int = ...,
         tasks_done: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "queued", b"queued", "received", b"received", "retries", b"retries", "running", b"running", "skipped", b"skipped", "tasks_done", b"tasks_done", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "leased", b"leased", "queued", b"queued", "received", b"received", "retries", b"retries", "skipped", b"skipped", "tasks_done", b"tasks_done", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1311,13 +1312,23 @@ class WorkerStatus(_message.Message):
     COMPLETED_FIELD_NUMBER: _builtins.int
     CONNECTED_SECONDS_FIELD_NUMBER: _builtins.int
     PEER_FIELD_NUMBER: _builtins.int
+    EXECUTING_FIELD_NUMBER: _builtins.int
+    BUFFERED_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     capacity: _builtins.int
     window: _builtins.int
     in_flight: _builtins.int
+    """tasks leased to this worker and not yet reported"""
     completed: _builtins.int
     connected_seconds: _builtins.float
     peer: _builtins.str
+    executing: _builtins.int
+    """from the worker's last heartbeat"""
+    buffered: _builtins.int
+    """from the worker's last heartbeat"""
+    version: _builtins.str
+    """the worker's WorkerHello.version"""
     @_builtins.property
     def operations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1334,10 +1345,13 @@ class WorkerStatus(_message.Message):
         completed: _builtins.int = ...,
         connected_seconds: _builtins.float = ...,
         peer: _builtins.str = ...,
+        executing: _builtins.int = ...,
+        buffered: _builtins.int = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "completed", b"completed", "connected_seconds", b"connected_seconds", "in_flight", b"in_flight", "monoids", b"monoids", "operations", b"operations", "peer", b"peer", "window", b"window", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffered", b"buffered", "capacity", b"capacity", "completed", b"completed", "connected_seconds", b"connected_seconds", "executing", b"executing", "in_flight", b"in_flight", "monoids", b"monoids", "operations", b"operations", "peer", b"peer", "version", b"version", "window", b"window", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,7 +3,7 @@
 isort:skip_file
 The Squire contract: tasks, results, worker IPC, channels, directives, status.
 
-Vocabulary (see DESIGN.md):
+Vocabulary (README.md, "Concepts"; one name per concept, proto to metrics):
   operation   a named computation input -> output, registered by workers.
   monoid      an operation with an associative combine(a, b) and empty().
   task        one invocation of an operation; the payload that travels.
