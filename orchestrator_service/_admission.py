@@ -6,7 +6,8 @@ None when the request may go ahead. Pure functions over the core's state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Mapping, Set
 from typing import Protocol
 
 from orchestrator_service._channel import Channel
@@ -17,6 +18,7 @@ from orchestrator_service._model import (
     Code,
     FoldStage,
     PlanSpec,
+    QueueKey,
     RouterConfig,
     TaskRecord,
     WorkerHello,
@@ -133,3 +135,23 @@ def unknown_channel(channel_id: str) -> Refused:
         Code.NOT_FOUND, f"unknown channel id {channel_id!r} (never leased or released)"
     )
 
+
+def unserved(key: QueueKey, offered: Set[QueueKey], timeout: float, *, failed: bool) -> str:
+    """Why tasks of ``key`` wait (or failed): no connected worker offers it.
+
+    When no worker ever offered the name but one offered a close name of the
+    same kind, the message asks "did you mean ...?" (a typo in a plan waits
+    the whole timeout otherwise, in silence).
+    """
+    kind, name = key
+    what = "monoid" if kind == COMBINE else "operation"
+    if failed:
+        text = f"no connected worker offers {what} {name!r} (waited {timeout:g} s)"
+    else:
+        text = f"waiting for a worker that offers {what} {name!r} (fails after {timeout:g} s)"
+    if key not in offered:
+        names = sorted(n for k, n in offered if k == kind)
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        if close:
+            text += f"; did you mean {close[0]!r}?"
+    return text

@@ -282,6 +282,8 @@ def fill_progress(msg: pb.Progress, p: ProgressSnapshot) -> None:
     msg.leased = p.leased
     msg.retries = p.retries
     msg.tasks_done = p.tasks_done
+    if p.waiting:
+        msg.waiting = p.waiting
 
 
 def progress_to_pb(p: ProgressSnapshot) -> pb.Progress:

@@ -49,6 +49,7 @@ from orchestrator_service._events import (
     InputsAccepted,
     Instruction,
     IpcMessage,
+    QueueUnserved,
     Refused,
     ResultsArrived,
     ResultsTaken,
@@ -60,7 +61,6 @@ from orchestrator_service._events import (
 )
 from orchestrator_service._items import Items
 from orchestrator_service._model import (
-    COMBINE,
     Code,
     DirectiveState,
     ErrorInfo,
@@ -68,6 +68,7 @@ from orchestrator_service._model import (
     QueueKey,
     RouterConfig,
     TaskRecord,
+    queue_label,
 )
 from orchestrator_service._outcomes import Outcomes, sort_results
 from orchestrator_service._state import RouterState
@@ -121,6 +122,7 @@ class Router(RouterState):
             return
         worker = Worker(event.hello, self.clock())
         self.workers[worker.id] = worker
+        self.offered |= worker.supports
         self._dispatch_needed = True
 
     def _worker_disconnected(self, event: WorkerDisconnected) -> None:
@@ -350,6 +352,10 @@ class Router(RouterState):
                 continue
             if queue.unserved_since is None:
                 queue.unserved_since = now
+                message = admission.unserved(
+                    key, self.offered, self.config.no_worker_timeout, failed=False
+                )
+                self._out.append(QueueUnserved(queue_label(key), message))
             elif now - queue.unserved_since >= self.config.no_worker_timeout:
                 self._fail_unserved(key, now)
 
@@ -388,11 +394,8 @@ class Router(RouterState):
         return False
 
     def _fail_unserved(self, key: QueueKey, now: float) -> None:
-        kind, name = key
-        what = "monoid" if kind == COMBINE else "operation"
-        message = (
-            f"no connected worker offers {what} {name!r} "
-            f"(waited {self.config.no_worker_timeout:g} s)"
+        message = admission.unserved(
+            key, self.offered, self.config.no_worker_timeout, failed=True
         )
         error = ErrorInfo("UnknownOperation", message, kind=ErrorKind.UNKNOWN_OPERATION)
         for channel in [c for c in self._ready.values() if c.fifos.get(key)]:

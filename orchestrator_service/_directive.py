@@ -67,7 +67,7 @@ class Directive:
     def finished(self) -> bool:
         return self.state is not DirectiveState.RUNNING
 
-    def progress(self, queued: int, leased: int) -> ProgressSnapshot:
+    def progress(self, queued: int, leased: int, waiting: str = "") -> ProgressSnapshot:
         return ProgressSnapshot(
             received=self.received,
             completed=self.completed,
@@ -77,6 +77,7 @@ class Directive:
             leased=leased,
             retries=self.retries,
             tasks_done=self.tasks_done,
+            waiting=waiting,
         )
 
     def end_status(self) -> tuple[Code, str] | None:

@@ -226,6 +226,14 @@ class EndChannel:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueUnserved:
+    """Tasks of ``queue`` wait and no connected worker offers it (log it)."""
+
+    queue: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class TasksCompleted:
     """Tasks that reached their outcome at ``now`` (metrics)."""
 
@@ -235,5 +243,5 @@ class TasksCompleted:
 
 Instruction = (
     Refused | SendTasks | SendIpc | CloseWorker | EmitItems | GrantCredit | EndCall
-    | EmitResults | EndChannel | TasksCompleted
+    | EmitResults | EndChannel | QueueUnserved | TasksCompleted
 )

@@ -10,6 +10,7 @@ raised to the caller as :class:`RouterError`. Nothing here decides routing.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from orchestrator_service._events import (
     Event,
     GrantCredit,
     IpcMessage,
+    QueueUnserved,
     Refused,
     SendIpc,
     SendTasks,
@@ -33,6 +35,8 @@ from orchestrator_service._events import (
 from orchestrator_service._items import Items
 from orchestrator_service._model import ChannelResult, RouterError, TaskRecord
 from orchestrator_service._signal import Signal
+
+log = logging.getLogger("squire.orchestrator")
 
 
 @dataclass(eq=False)
@@ -146,6 +150,8 @@ class Hub:
             if box is not None:
                 box.end = instruction
                 box.signal()
+        elif isinstance(instruction, QueueUnserved):
+            log.warning(instruction.message, extra={"queue": instruction.queue})
         elif isinstance(instruction, EndChannel):
             channel = self.channels.get(instruction.channel_id)
             if channel is not None:

@@ -128,6 +128,7 @@ class ProgressSnapshot:
     leased: int  # tasks at workers (executing or buffered there)
     retries: int
     tasks_done: int
+    waiting: str = ""  # what the directive waits for, if anything (a worker offering X)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ from orchestrator_service._servicer import (
     StatusServicer,
     WorkerServicer,
 )
+from orchestrator_service._strict import StrictWireInterceptor
 from squire_kernel import __version__
 
 log = logging.getLogger("squire.orchestrator")
@@ -96,7 +97,8 @@ class Orchestrator:
         security = self.config.security
         check_listen(self.config.host, security)
         server = grpc.aio.server(
-            interceptors=[SecurityInterceptor(security, self.config.limits, self.router)],
+            interceptors=[SecurityInterceptor(security, self.config.limits, self.router),
+                          StrictWireInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -67,21 +67,23 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 RouterError(Code.INVALID_ARGUMENT, "the first worker message must be a hello"),
             )
         hello = convert.hello_from_pb(first.hello, context.peer())
+        refused: RouterError | None = None
         if hello.worker_id in hub.workers:
-            await abort(
-                context,
-                RouterError(
-                    Code.ALREADY_EXISTS,
-                    f"a worker with id {hello.worker_id!r} is already connected",
-                ),
+            refused = RouterError(
+                Code.ALREADY_EXISTS, f"a worker with id {hello.worker_id!r} is already connected"
             )
-        # The link first: the core may dispatch to the worker at once.
-        link = hub.workers[hello.worker_id] = WorkerLink(hello.worker_id)
-        try:
-            hub.handle(WorkerConnected(hello))
-        except RouterError as exc:
-            del hub.workers[hello.worker_id]
-            await abort(context, exc)
+        else:
+            # The link first: the core may dispatch to the worker at once.
+            link = hub.workers[hello.worker_id] = WorkerLink(hello.worker_id)
+            try:
+                hub.handle(WorkerConnected(hello))
+            except RouterError as exc:
+                del hub.workers[hello.worker_id]
+                refused = exc
+        if refused is not None:
+            log.warning("worker refused: %s", refused.message,
+                        extra={"worker_id": hello.worker_id, "peer": hello.peer})
+            await abort(context, refused)
         log.info(
             "worker connected",
             extra={"worker_id": link.worker_id, "capacity": hello.capacity,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+from orchestrator_service._admission import unserved
 from orchestrator_service._channel import Channel, OpDepth
 from orchestrator_service._directive import Directive
 from orchestrator_service._dispatch import Worker, dispatch
@@ -47,6 +48,7 @@ class RouterState:
         self.queues: dict[QueueKey, OpDepth] = {}
         self.stats = Stats()
         self.accepting = True
+        self.offered: set[QueueKey] = set()  # what any worker ever offered (for hints)
         self._ready: dict[str, Channel] = {}  # channels with queued tasks, round-robin order
         self._lease_ids = itertools.count(1)
         self._worker_rotation = 0
@@ -62,7 +64,12 @@ class RouterState:
         channel = self.channels.get(directive_id)
         if directive is None or channel is None:
             return None
-        return directive.progress(channel.queued, channel.leased)
+        waiting = ""
+        for key, fifo in channel.fifos.items():
+            if fifo and self.queues[key].unserved_since is not None:
+                waiting = unserved(key, self.offered, self.config.no_worker_timeout, failed=False)
+                break
+        return directive.progress(channel.queued, channel.leased, waiting)
 
     def can_publish(self, channel_id: str) -> bool:
         channel = self.channels.get(channel_id)

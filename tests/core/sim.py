@@ -39,6 +39,7 @@ from orchestrator_service._events import (
     InputsAccepted,
     Instruction,
     IpcMessage,
+    QueueUnserved,
     Refused,
     ResultsArrived,
     ResultsTaken,
@@ -171,6 +172,7 @@ class Driver:
         self.directives: dict[str, DirectiveView] = {}
         self.channels: dict[str, ChannelView] = {}
         self.completed: list[TaskRecord] = []  # TasksCompleted, in order
+        self.unserved: list[QueueUnserved] = []
         self.steps = 0
         self._ids = itertools.count(1)
 
@@ -214,6 +216,8 @@ class Driver:
             view_c.released = i.released
         elif isinstance(i, TasksCompleted):
             self.completed.extend(i.tasks)
+        elif isinstance(i, QueueUnserved):
+            self.unserved.append(i)
         else:
             raise AssertionError(f"unknown instruction {i!r}")
         return None

@@ -576,3 +576,44 @@ def test_latency_is_observed_once_per_task_however_results_are_batched() -> None
     assert sum(length.counts) == 5 and length.sum == pytest.approx(3 * 1.0 + 2 * 0.5)
     double = metrics.task_latency.labels("multiply_by")
     assert sum(double.counts) == 4 and double.sum == pytest.approx(4 * 0.5)
+
+
+def test_a_directive_waiting_for_an_operation_says_so_and_suggests_a_close_name() -> None:
+    s = Driver(RouterConfig(no_worker_timeout=30))
+    s.connect(hello("w1"))  # offers fib_at, multiply_by, length
+    d = s.start(plan(m("fib_att")))
+    s.inputs(d, [b"1", b"2"])
+    assert s.progress(d).waiting == ""  # not known to wait until a tick looked
+    s.tick()
+    waiting = s.progress(d).waiting
+    assert "waiting for a worker that offers operation 'fib_att'" in waiting
+    assert "fails after 30 s" in waiting and "did you mean 'fib_at'?" in waiting
+    (logged,) = s.unserved  # said once, when the wait began
+    assert logged.queue == "fib_att" and logged.message == waiting
+    s.clock.now += 10
+    s.tick()
+    assert len(s.unserved) == 1
+    s.clock.now += 21
+    s.tick()
+    assert d.failure is not None and d.failure[0] is Code.FAILED_PRECONDITION
+    assert d.failure[1] == (
+        "no connected worker offers operation 'fib_att' (waited 30 s); did you mean 'fib_at'?"
+    )
+
+
+def test_no_suggestion_for_a_name_some_worker_offered_or_nothing_close() -> None:
+    s = Driver(RouterConfig(no_worker_timeout=5))
+    gone = s.connect(hello("w1", operations=("fib_at", "rare_op")))
+    s.disconnect(gone)  # rare_op was offered once: the name is right, the worker is gone
+    s.connect(hello("w2", operations=("fib_at",)))
+    rare = s.start(plan(m("rare_op")))
+    far = s.start(plan(m("zzz")))
+    s.inputs(rare, [b"1"])
+    s.inputs(far, [b"1"])
+    s.tick()
+    assert "did you mean" not in s.progress(rare).waiting
+    assert "did you mean" not in s.progress(far).waiting
+    assert "'rare_op'" in s.progress(rare).waiting
+    s.connect(hello("w3", operations=("rare_op",)))
+    s.tick()
+    assert s.progress(rare).waiting == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import grpc
 import pytest
@@ -165,11 +166,14 @@ async def test_channel_api(channel, workers) -> None:  # type: ignore[no-untyped
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_worker_hello_errors(target, workers) -> None:  # type: ignore[no-untyped-def]
+async def test_worker_hello_errors(target, workers, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.WARNING, logger="squire.orchestrator")
     dup = WireWorker(target, "w1")
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await dup.run()
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals == ["worker refused: a worker with id 'w1' is already connected"]
     empty = WireWorker(target, "empty", operations=[], monoids=[])
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await empty.run()

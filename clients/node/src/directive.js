@@ -46,6 +46,7 @@ export class Skipped {
  * @property {number} leased tasks at workers (executing or buffered there)
  * @property {number} retries
  * @property {number} tasksDone every finished task, fold combines included
+ * @property {string} waiting what it waits for (a worker offering an operation), or 
  *
  * @typedef {{ index: number, value: unknown }} Item  value is a Skipped for an ignored failure
  *

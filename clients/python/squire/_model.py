@@ -111,6 +111,9 @@ class Progress:
     leased: int = 0  # tasks at workers (executing or buffered there)
     retries: int = 0
     tasks_done: int = 0  # every finished task, fold combines included
+    # What the directive waits for, if anything: "waiting for a worker that
+    # offers operation 'fib_att' (fails after 30 s); did you mean 'fib_at'?"
+    waiting: str = ""
 
     @property
     def running(self) -> int:

@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -132,6 +133,8 @@ class ProgressBar:
         # Most telling first: a narrow terminal cuts the end off.
         parts = []
         if progress is not None:
+            if progress.waiting:
+                parts.append(f"[red]{escape(progress.waiting)}[/]")
             if progress.skipped:
                 parts.append(f"[yellow]skipped {progress.skipped}[/]")
             if progress.retries:

@@ -112,9 +112,12 @@ def _directives(directives: list[Mapping[str, Any]]) -> Table:
         p = d.get("progress", {})
         completed, total = p.get("completed", 0), p.get("total", 0)
         shown = f"{completed}/{total} ({100 * completed // total}%)" if total else f"{completed}/?"
+        plan = Text(d.get("plan", ""))
+        if p.get("waiting"):
+            plan.append("\n" + p["waiting"], style="red")
         table.add_row(
             d.get("directive_id", ""),
-            d.get("plan", ""),
+            plan,
             shown,
             str(p.get("skipped", 0)),
             str(p.get("queued", 0)),

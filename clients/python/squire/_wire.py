@@ -195,6 +195,7 @@ def progress(message: pb.Progress) -> Progress:
         total=message.total,
         queued=message.queued,
         leased=message.leased,
+        waiting=message.waiting,
         retries=message.retries,
         tasks_done=message.tasks_done,
     )

@@ -1098,6 +1098,7 @@ class Progress(_message.Message):
     LEASED_FIELD_NUMBER: _builtins.int
     RETRIES_FIELD_NUMBER: _builtins.int
     TASKS_DONE_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
     received: _builtins.int
     """input items received so far"""
     completed: _builtins.int
@@ -1112,6 +1113,8 @@ class Progress(_message.Message):
     retries: _builtins.int
     tasks_done: _builtins.int
     """every finished task, fold combines included"""
+    waiting: _builtins.str
+    """what it waits for, e.g. a worker offering an operation; "" if nothing"""
     def __init__(
         self,
         *,
@@ -1123,10 +1126,11 @@ class Progress(_message.Message):
         leased: _builtins.int = ...,
         retries: _builtins.int = ...,
         tasks_done: _builtins.int = ...,
+        waiting: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "leased", b"leased", "queued", b"queued", "received", b"received", "retries", b"retries", "skipped", b"skipped", "tasks_done", b"tasks_done", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "leased", b"leased", "queued", b"queued", "received", b"received", "retries", b"retries", "skipped", b"skipped", "tasks_done", b"tasks_done", "total", b"total", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
