@@ -157,7 +157,7 @@ for (const way of both) {
     });
 
     test('events, directiveId, progress, inputsSent and onProgress', async () => {
-      const progress = { received: 2, completed: 2, skipped: 0, total: 2, queued: 0, leased: 0, retries: 0, tasksDone: 3 };
+      const progress = { received: 2, completed: 2, skipped: 0, total: 2, queued: 0, leased: 0, retries: 0, tasksDone: 3, waiting: '' };
       script = (reply) => {
         reply.write({ started: { directiveId: 'd7' } });
         reply.write({ progress });
