@@ -87,49 +87,32 @@ class ResultBuffer:
         self._size += n
         return add
 
-    def add_ok(
-        self, routing_key: str, task_id: int, attempt: int, lease_id: int, metadata: bytes,
-        output: bytes, execution_seconds: float, retries: int = 0,
+    def add(
+        self, task: TaskSpec, outcome: bytes | Failure, execution_seconds: float, retries: int
     ) -> None:
-        # The hot path: _results() inlined, and fields set one by one after
-        # add() (faster than keyword arguments).
-        n = len(output) + len(metadata)
+        # The hot path is an ok result: _results() inlined, and fields set
+        # one by one after add() (faster than keyword arguments).
+        metadata = task.metadata
+        n = len(metadata) + (len(outcome) if isinstance(outcome, bytes) else len(outcome.message))
         add = self._add
         if add is None or self._size + n > MAX_BATCH_BYTES:
             add = self._results(n)
         else:
             self._size += n
         msg = add()
-        msg.routing_key = routing_key
-        msg.task_id = task_id
-        msg.attempt = attempt
-        msg.lease_id = lease_id
-        msg.execution_seconds = execution_seconds
-        msg.ok.output = output
-        if metadata:
-            msg.metadata = metadata
-        if retries:
-            msg.retries = retries
-
-    def add(self, task: TaskSpec, outcome: bytes | Failure, execution_seconds: float,
-            retries: int) -> None:
-        if isinstance(outcome, bytes):
-            self.add_ok(
-                task.routing_key, task.task_id, task.attempt, task.lease_id, task.metadata,
-                outcome, execution_seconds, retries,
-            )
-            return
-        msg = self._results(len(task.metadata) + len(outcome.message))()
         msg.routing_key = task.routing_key
         msg.task_id = task.task_id
         msg.attempt = task.attempt
         msg.lease_id = task.lease_id
         msg.execution_seconds = execution_seconds
-        if task.metadata:
-            msg.metadata = task.metadata
+        if isinstance(outcome, bytes):
+            msg.ok.output = outcome
+        else:
+            fill_execution_err(msg.err, outcome)
+        if metadata:
+            msg.metadata = metadata
         if retries:
             msg.retries = retries
-        fill_execution_err(msg.err, outcome)
 
     def take(self) -> list[pb.WorkerMessage]:
         messages, self._messages = self._messages, []
