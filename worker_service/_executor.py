@@ -1,10 +1,10 @@
-"""Where jobs run: inline on the event loop, in threads, or in processes.
+"""Where tasks run: inline on the event loop, in threads, or in processes.
 
 Every executor has the same face (``Executor``): ``submit`` takes a batch of
-jobs, and each run comes back to the attached sink as an
+tasks, and each run comes back to the attached sink as an
 ``ExecutionFinished`` event -- during ``submit`` itself for the inline
 executor (a whole batch in one event), later and one by one for a pool. A
-pool that breaks reports its jobs together as one ``PoolCrashed``. So the
+pool that breaks reports its tasks together as one ``PoolCrashed``. So the
 scheduler never asks which executor it drives.
 
 A pool's ``capacity`` slots are taken at submit and freed when the run's
@@ -30,8 +30,8 @@ from worker_service import _child
 from worker_service._abort import NEVER_ABORTED, AbortFlag
 from worker_service._errors import OpsLoadError
 from worker_service._execute import prepare, run_task
-from worker_service._model import ErrorKind, Failure, Outcome
-from worker_service._scheduler_events import Executed, ExecutionFinished, Job, PoolCrashed
+from worker_service._model import ErrorKind, Failure, Outcome, TaskSpec
+from worker_service._scheduler_events import Executed, ExecutionFinished, PoolCrashed
 
 log = logging.getLogger("worker_service.executor")
 
@@ -39,24 +39,24 @@ Sink = Callable[[ExecutionFinished | PoolCrashed], None]
 
 
 class Executor(Protocol):
-    """Runs batches of jobs; reports every run to the attached sink."""
+    """Runs batches of tasks; reports every run to the attached sink."""
 
     @property
     def capacity(self) -> int:
-        """Jobs it runs at once."""
+        """Tasks it runs at once."""
 
     @property
     def busy(self) -> int:
-        """Slots taken now, by whichever session submitted their jobs."""
+        """Slots taken now, by whichever session submitted their tasks."""
 
     def attach(self, sink: Sink | None) -> None:
         """Send the events of runs that end from now on to ``sink`` (None: drop them)."""
 
-    def submit(self, jobs: Sequence[Job]) -> None:
-        """Run each job once, with retry number ``job.retries + 1``."""
+    def submit(self, tasks: Sequence[TaskSpec]) -> None:
+        """Run each task once, with retry number ``task.retries + 1``."""
 
-    def abort(self, jobs: Iterable[Job]) -> None:
-        """Set the abort signal of these jobs, if they still run."""
+    def abort(self, tasks: Iterable[TaskSpec]) -> None:
+        """Set the abort signal of these tasks, if they still run."""
 
     async def start(self) -> None: ...
 
@@ -68,7 +68,7 @@ class InlineExecutor:
 
     Nothing can set an abort signal while an inline task runs (the loop is
     busy running it), so operations get a signal that is never set. Its
-    ``capacity`` only bounds how many jobs one batch holds.
+    ``capacity`` only bounds how many tasks one batch holds.
 
     Consecutive tasks nearly always share kind, operation, params and
     serializer: such a run of tasks is prepared once (the registry lookup,
@@ -91,7 +91,7 @@ class InlineExecutor:
     def attach(self, sink: Sink | None) -> None:
         self._sink = sink
 
-    def submit(self, jobs: Sequence[Job]) -> None:
+    def submit(self, tasks: Sequence[TaskSpec]) -> None:
         registry = self._registry
         clock = time.perf_counter
         results: list[Executed] = []
@@ -103,8 +103,7 @@ class InlineExecutor:
         run_params = b""
         run: Callable[[bytes, Sequence[bytes], AbortSignal, int], Outcome] | None = None
         failure: Failure | None = None
-        for job in jobs:
-            t = job.task
+        for t in tasks:
             if (t.operation != run_operation or t.kind != run_kind or t.params != run_params
                     or t.serializer != run_serializer):
                 run_operation, run_kind, run_params, run_serializer = (
@@ -117,15 +116,15 @@ class InlineExecutor:
                     run, failure = prepared.run, None
             if run is None:
                 assert failure is not None  # set whenever run is not
-                append((job, failure, 0.0))
+                append((t, failure, 0.0))
                 continue
             start = clock()
-            outcome = run(t.input, t.operands, NEVER_ABORTED, job.retries + 1)
-            append((job, outcome, clock() - start))
+            outcome = run(t.input, t.operands, NEVER_ABORTED, t.retries + 1)
+            append((t, outcome, clock() - start))
         if self._sink is not None:
             self._sink(ExecutionFinished(results))
 
-    def abort(self, jobs: Iterable[Job]) -> None:
+    def abort(self, tasks: Iterable[TaskSpec]) -> None:
         return None
 
     async def start(self) -> None:
@@ -136,7 +135,7 @@ class InlineExecutor:
 
 
 class _Run:
-    """A job occupying a pool slot."""
+    """A task occupying a pool slot."""
 
     __slots__ = ("cf", "pool", "slot", "start")
 
@@ -158,10 +157,12 @@ class _PoolExecutor:
         self._all_free.set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sink: Sink | None = None
-        self._runs: dict[Job, _Run] = {}
-        # A broken pool -> the error and the jobs that reported its crash so
-        # far; it is reported once all its jobs have.
-        self._crashes: dict[concurrent.futures.Executor, tuple[str, list[tuple[Job, _Run]]]] = {}
+        self._runs: dict[TaskSpec, _Run] = {}
+        # A broken pool -> the error and the tasks that reported its crash so
+        # far; it is reported once all its tasks have.
+        self._crashes: dict[
+            concurrent.futures.Executor, tuple[str, list[tuple[TaskSpec, _Run]]]
+        ] = {}
 
     @property
     def capacity(self) -> int:
@@ -177,30 +178,30 @@ class _PoolExecutor:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 
-    def submit(self, jobs: Sequence[Job]) -> None:
+    def submit(self, tasks: Sequence[TaskSpec]) -> None:
         loop = self._loop
         assert loop is not None, "start() the executor first"
-        for job in jobs:
+        for task in tasks:
             assert self._free, "submitted beyond capacity"
             slot = self._free.pop()
             self._all_free.clear()
-            cf, pool = self._start(job, slot)
-            self._runs[job] = _Run(cf, pool, slot)
-            cf.add_done_callback(self._when_done(loop, job))
+            cf, pool = self._start(task, slot)
+            self._runs[task] = _Run(cf, pool, slot)
+            cf.add_done_callback(self._when_done(loop, task))
 
     def _when_done(
-        self, loop: asyncio.AbstractEventLoop, job: Job
+        self, loop: asyncio.AbstractEventLoop, task: TaskSpec
     ) -> Callable[[concurrent.futures.Future[Outcome]], None]:
         def done(_: concurrent.futures.Future[Outcome]) -> None:
             try:  # called in the pool's thread
-                loop.call_soon_threadsafe(self._finished, job)
+                loop.call_soon_threadsafe(self._finished, task)
             except RuntimeError:  # the loop is closed: the worker is gone
                 pass
 
         return done
 
     def _start(
-        self, job: Job, slot: int
+        self, task: TaskSpec, slot: int
     ) -> tuple[concurrent.futures.Future[Outcome], concurrent.futures.Executor]:
         raise NotImplementedError
 
@@ -210,26 +211,26 @@ class _PoolExecutor:
     def _pool_broke(self, pool: concurrent.futures.Executor) -> None:
         return None
 
-    def abort(self, jobs: Iterable[Job]) -> None:
-        for job in jobs:
-            run = self._runs.get(job)
+    def abort(self, tasks: Iterable[TaskSpec]) -> None:
+        for task in tasks:
+            run = self._runs.get(task)
             # Once the future is done its slot may soon serve another task;
             # setting the flag then would abort that one instead.
             if run is not None and not run.cf.done():
                 self._set_abort(run.slot)
 
-    def _finished(self, job: Job) -> None:
-        run = self._runs.pop(job)
+    def _finished(self, task: TaskSpec) -> None:
+        run = self._runs.pop(task)
         cf, pool = run.cf, run.pool
         error = None if cf.cancelled() else cf.exception()
         if isinstance(error, concurrent.futures.BrokenExecutor) or (
             cf.cancelled() and pool in self._crashes
         ):
             # A broken pool fails all its futures at once; its crash is
-            # reported when the last of them is in, with all their jobs.
+            # reported when the last of them is in, with all their tasks.
             self._pool_broke(pool)
             crash = self._crashes.setdefault(pool, (type(error).__name__, []))
-            crash[1].append((job, run))
+            crash[1].append((task, run))
             if any(other.pool is pool for other in self._runs.values()):
                 return
             del self._crashes[pool]
@@ -237,14 +238,13 @@ class _PoolExecutor:
             for _, crashed in crash[1]:
                 self._release(crashed.slot)
             self._emit(PoolCrashed(
-                [(j, now - r.start) for j, r in crash[1]], len(crash[1]) > 1, crash[0],
+                [(t, now - r.start) for t, r in crash[1]], len(crash[1]) > 1, crash[0],
             ))
             return
         outcome: Outcome
         if cf.cancelled():
             outcome = Failure(ErrorKind.OPERATION, "CancelledError", "the executor closed")
         elif error is not None:
-            task = job.task
             log.error(
                 "executing task %s/%d failed", task.routing_key, task.task_id, exc_info=error,
             )
@@ -252,7 +252,7 @@ class _PoolExecutor:
         else:
             outcome = cf.result()
         self._release(run.slot)
-        self._emit(ExecutionFinished([(job, outcome, time.perf_counter() - run.start)]))
+        self._emit(ExecutionFinished([(task, outcome, time.perf_counter() - run.start)]))
 
     def _release(self, slot: int) -> None:
         self._free.append(slot)
@@ -284,15 +284,14 @@ class ThreadExecutor(_PoolExecutor):
         self._flags: dict[int, AbortFlag] = {}
 
     def _start(
-        self, job: Job, slot: int
+        self, task: TaskSpec, slot: int
     ) -> tuple[concurrent.futures.Future[Outcome], concurrent.futures.Executor]:
-        task = job.task
         op = self._registry.operations.get(task.operation)
         flag = self._flags[slot] = AbortFlag()
         cf = self._pool.submit(
             run_task, self._registry, task.kind, task.operation, task.params, task.input,
             task.operands, task.serializer,
-            flag if op is not None and op.accepts_abort else NEVER_ABORTED, job.retries + 1,
+            flag if op is not None and op.accepts_abort else NEVER_ABORTED, task.retries + 1,
         )
         return cf, self._pool
 
@@ -361,13 +360,12 @@ class ProcessExecutor(_PoolExecutor):
             ) from exc
 
     def _start(
-        self, job: Job, slot: int
+        self, task: TaskSpec, slot: int
     ) -> tuple[concurrent.futures.Future[Outcome], concurrent.futures.Executor]:
-        task = job.task
         self._flags[slot] = 0
         args = (
             task.kind, task.operation, task.params, task.input, task.operands,
-            task.serializer, slot, job.retries + 1,
+            task.serializer, slot, task.retries + 1,
         )
         try:
             cf = self._pool.submit(_child.run_in_child, *args)

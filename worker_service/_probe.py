@@ -122,8 +122,7 @@ class WorkerMetrics:
         execution: HistogramChild | None = None
         ok_count = fast_count = 0
         fast_seconds = 0.0
-        for job, outcome in results:
-            task = job.task
+        for task, outcome in results:
             if task.operation != operation or task.kind != kind:
                 if ok_count:
                     _count_oks(ok, execution, ok_count, fast_count, fast_seconds)
@@ -132,7 +131,7 @@ class WorkerMetrics:
                 operation, kind = task.operation, task.kind
                 label, ok, execution = self.series(operation, kind)
             assert execution is not None
-            seconds = job.elapsed
+            seconds = task.elapsed
             if isinstance(outcome, bytes):
                 ok_count += 1
                 if seconds <= FIRST_EXECUTION_BUCKET:
@@ -144,8 +143,8 @@ class WorkerMetrics:
                 self.tasks.labels(label, _OUTCOME[outcome.kind]).value += 1
                 if outcome.kind is ErrorKind.OPERATION:
                     execution.observe(seconds)
-            if job.retries:
-                self.retries.labels(label).value += job.retries
+            if task.retries:
+                self.retries.labels(label).value += task.retries
         if ok_count:
             _count_oks(ok, execution, ok_count, fast_count, fast_seconds)
 

@@ -1,7 +1,7 @@
 """The worker's scheduling core: one stream session's tasks, without I/O.
 
 ``Scheduler.handle(*events)`` takes what happened (``_scheduler_events``)
-and returns instructions: run these jobs, send these results, wake me at t.
+and returns instructions: run these tasks, send these results, wake me at t.
 The session turns stream messages and executor completions into events and
 carries out the instructions; the scheduler never calls back into I/O, and
 time comes from the injected ``clock`` (plain numbers).
@@ -11,7 +11,7 @@ Invariants, which ``validate()`` asserts:
 - a task received is in exactly one place -- the local FIFO, running in the
   executor, or waiting to retry -- until it is reported, and reporting it
   takes it out of that place, so each is reported exactly once;
-- at most ``capacity`` executor slots are taken: by running jobs, by jobs
+- at most ``capacity`` executor slots are taken: by running tasks, by tasks
   reported while their run goes on (timed out, handed back at the drain
   deadline) and by tasks of earlier sessions still running (``occupied``);
 - a suspect of a shared pool crash runs alone;
@@ -29,7 +29,16 @@ from dataclasses import dataclass
 
 from squire_kernel.retry import FatalStrategy
 from worker_service._abort import AbortMemory
-from worker_service._model import ErrorKind, Failure, TaskSpec, Transient
+from worker_service._model import (
+    RETURNED,
+    ErrorKind,
+    Failure,
+    TaskSpec,
+    Transient,
+    aborted_failure,
+    crashed,
+    timed_out,
+)
 from worker_service._scheduler_events import (
     AbortAllReceived,
     AbortReceived,
@@ -40,7 +49,6 @@ from worker_service._scheduler_events import (
     Event,
     ExecutionFinished,
     Instruction,
-    Job,
     PoolCrashed,
     Report,
     Run,
@@ -54,9 +62,6 @@ from worker_service._scheduler_events import (
 
 log = logging.getLogger("worker_service.scheduler")
 
-RETURNED = Failure(ErrorKind.RETURNED, "Returned", "the worker is draining")
-
-
 class Phase(enum.Enum):
     RUNNING = "running"    # taking tasks
     DRAINING = "draining"  # credit 0 sent: finishing what runs, returning the rest
@@ -66,18 +71,8 @@ class Phase(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    capacity: int  # executor slots: jobs running at once
+    capacity: int  # executor slots: tasks running at once
     window: int    # the credit window the orchestrator should respect
-
-
-def aborted_failure(key: str) -> Failure:
-    return Failure(ErrorKind.ABORTED, "Aborted", f"routing key {key!r} was aborted")
-
-
-def timed_out(task: TaskSpec) -> Failure:
-    return Failure(
-        ErrorKind.TIMEOUT, "TimeoutError", f"ran longer than {task.timeout_seconds:g}s",
-    )
 
 
 def _context(task: TaskSpec) -> dict[str, object]:
@@ -102,13 +97,15 @@ class Scheduler:
         self._aborted = aborted
         self.phase = Phase.RUNNING
 
-        self._queue: deque[Job] = deque()
-        self._running: dict[Job, float] = {}    # -> when its run started
-        self._deadlines: dict[Job, float] = {}  # running jobs with a timeout -> when it passes
-        self._waiting: dict[Job, float] = {}    # -> when its retry is due
-        self._detached: set[Job] = set()        # reported, but their run holds a slot
-        self._occupied = occupied               # slots of earlier sessions' tasks
-        self._isolated: Job | None = None       # a suspect running alone
+        self._queue: deque[TaskSpec] = deque()
+        # Suspects of a shared pool crash, each to run alone: the FIFO's head.
+        self._alone: deque[TaskSpec] = deque()
+        self._running: dict[TaskSpec, float] = {}    # -> when its run started
+        self._deadlines: dict[TaskSpec, float] = {}  # those with a timeout -> when it passes
+        self._waiting: dict[TaskSpec, float] = {}    # -> when its retry is due
+        self._detached: set[TaskSpec] = set()        # reported, but their run holds a slot
+        self._occupied = occupied                    # slots of earlier sessions' tasks
+        self._isolated: TaskSpec | None = None       # a suspect running alone
         self._drain_at: float | None = None
         self._wake_at: float | None = None
 
@@ -117,7 +114,7 @@ class Scheduler:
         # The output of the handle() call under way.
         self._out: list[Instruction] = []
         self._reports: list[Report] = []
-        self._cancel: list[Job] = []
+        self._cancel: list[TaskSpec] = []
 
     # ---------------------------------------------------------- probes
 
@@ -131,7 +128,7 @@ class Scheduler:
 
     @property
     def buffered(self) -> int:
-        return len(self._queue) + len(self._waiting)
+        return len(self._alone) + len(self._queue) + len(self._waiting)
 
     # ------------------------------------------------------------ entry
 
@@ -208,7 +205,7 @@ class Scheduler:
         self._received += len(tasks)
         if self.phase is not Phase.RUNNING:
             if self.phase is Phase.DRAINING:
-                self._reports.extend((Job(task), RETURNED) for task in tasks)
+                self._reports.extend((task, RETURNED) for task in tasks)
             else:  # closed: nothing can be sent; the orchestrator re-queues them
                 self._dropped += len(tasks)
             return
@@ -216,13 +213,13 @@ class Scheduler:
         aborted.prune()
         queue = self._queue
         if not aborted:
-            queue.extend(map(Job, tasks))
+            queue.extend(tasks)
         else:
             for task in tasks:
                 if aborted.is_aborted(task.routing_key):
-                    self._reports.append((Job(task), aborted_failure(task.routing_key)))
+                    self._reports.append((task, aborted_failure(task.routing_key)))
                 else:
-                    queue.append(Job(task))
+                    queue.append(task)
         if not self._warned_window:
             held = len(queue) + len(self._running) + len(self._waiting)
             if held > self.config.window:
@@ -236,38 +233,36 @@ class Scheduler:
         running = self._running
         reports = self._reports
         deadlines = self._deadlines
-        again: list[Job] = []
-        for job, outcome, seconds in event.results:
-            if running.pop(job, None) is None:
-                self._stray(job)
+        again: list[TaskSpec] = []
+        for task, outcome, seconds in event.results:
+            if running.pop(task, None) is None:
+                self._stray(task)
                 continue
             if deadlines:
-                deadlines.pop(job, None)
-            if job is self._isolated:
+                deadlines.pop(task, None)
+            if task is self._isolated:
                 self._isolated = None
-            job.elapsed += seconds
-            task = job.task
+            task.elapsed += seconds
             if 0 < task.timeout_seconds < seconds:
                 outcome = timed_out(task)
             if isinstance(outcome, Transient):
-                if self._retry(job, outcome):
-                    again.append(job)
+                if self._retry(task, outcome):
+                    again.append(task)
             else:
-                reports.append((job, outcome))
+                reports.append((task, outcome))
         # A retry due at once goes first, as if it had never left the executor.
-        self._queue.extendleft(reversed(again))
+        self._requeue(again)
 
     def _on_crash(self, event: PoolCrashed) -> None:
-        again: list[Job] = []
-        for job, seconds in event.crashed:
-            if self._running.pop(job, None) is None:
-                self._stray(job)
+        again: list[TaskSpec] = []
+        for task, seconds in event.crashed:
+            if self._running.pop(task, None) is None:
+                self._stray(task)
                 continue
-            self._deadlines.pop(job, None)
-            if job is self._isolated:
+            self._deadlines.pop(task, None)
+            if task is self._isolated:
                 self._isolated = None
-            task = job.task
-            if event.shared and not job.suspect:
+            if event.shared and not task.suspect:
                 # Blaming every task of a broken pool would let a poison task
                 # take innocent ones (even of other directives) down with it:
                 # each runs again alone, and only a crash there is reported.
@@ -275,45 +270,42 @@ class Scheduler:
                     "task %s/%d (%s) shared a process pool that broke; running it again alone",
                     task.routing_key, task.task_id, task.operation, extra=_context(task),
                 )
-                job.suspect = True
+                task.suspect = True
                 if self.phase is Phase.DRAINING:
-                    self._reports.append((job, RETURNED))
+                    self._reports.append((task, RETURNED))
                 elif self._aborted.is_aborted(task.routing_key):
-                    self._reports.append((job, aborted_failure(task.routing_key)))
+                    self._reports.append((task, aborted_failure(task.routing_key)))
                 else:
-                    again.append(job)
+                    again.append(task)
                 continue
             log.error(
                 "task %s/%d (%s) lost: an executor process died",
                 task.routing_key, task.task_id, task.operation, extra=_context(task),
             )
-            job.elapsed += seconds
-            self._reports.append((job, Failure(
-                ErrorKind.CRASHED, event.error_type,
-                "the executor process died while running the task",
-            )))
-        self._queue.extendleft(reversed(again))
+            task.elapsed += seconds
+            self._reports.append((task, crashed(event.error_type)))
+        self._requeue(again)
 
     def _on_tick(self, _: Tick) -> None:
         now = self._clock()
         self._wake_at = None  # that wake-up is spent; _set_wake asks for the next one
         waiting = self._waiting
         if waiting:
-            due = sorted((job for job, at in waiting.items() if at <= now), key=waiting.__getitem__)
-            again: list[Job] = []
-            for job in due:
-                del waiting[job]
-                key = job.task.routing_key
+            due = sorted((t for t, at in waiting.items() if at <= now), key=waiting.__getitem__)
+            again: list[TaskSpec] = []
+            for task in due:
+                del waiting[task]
+                key = task.routing_key
                 if self._aborted.is_aborted(key):
-                    self._reports.append((job, aborted_failure(key)))
+                    self._reports.append((task, aborted_failure(key)))
                 else:
-                    again.append(job)
-            self._queue.extendleft(reversed(again))
+                    again.append(task)
+            self._requeue(again)
         if self._deadlines:
-            for job in [j for j, at in self._deadlines.items() if at <= now]:
-                del self._deadlines[job]
-                self._detach(job, now)
-                self._reports.append((job, timed_out(job.task)))
+            for task in [t for t, at in self._deadlines.items() if at <= now]:
+                del self._deadlines[task]
+                self._detach(task, now)
+                self._reports.append((task, timed_out(task)))
         if self._drain_at is not None and self._drain_at <= now:
             self._hand_back(now)
 
@@ -322,7 +314,7 @@ class Scheduler:
             self._abort_key(key)
 
     def _on_abort_all(self, _: AbortAllReceived) -> None:
-        keys = {job.task.routing_key for job in self._held()}
+        keys = {task.routing_key for task in self._held()}
         log.info("aborting every routing key held (%d)", len(keys))
         for key in keys:
             self._abort_key(key)
@@ -333,8 +325,9 @@ class Scheduler:
         self.phase = Phase.DRAINING
         self._out.append(SendCredit(0))
         reports = self._reports
-        reports.extend((job, RETURNED) for job in self._queue)
-        reports.extend((job, RETURNED) for job in self._waiting)
+        for place in (self._alone, self._queue, self._waiting):
+            reports.extend((task, RETURNED) for task in place)
+        self._alone.clear()
         self._queue.clear()
         self._waiting.clear()
         self._drain_at = self._clock() + event.grace
@@ -346,10 +339,10 @@ class Scheduler:
     def _on_broken(self, _: StreamBroken) -> None:
         # The orchestrator re-queues whatever this stream held; a result
         # sent on a later stream would be a duplicate.
-        self._dropped += len(self._queue) + len(self._running) + len(self._waiting)
-        self._dropped += len(self._reports)
+        self._dropped += self.buffered + len(self._running) + len(self._reports)
         self._reports = []
         self._cancel = list(self._running)  # let cooperative operations stop
+        self._alone.clear()
         self._queue.clear()
         self._running.clear()
         self._deadlines.clear()
@@ -360,91 +353,94 @@ class Scheduler:
 
     # ---------------------------------------------------------- helpers
 
-    def _held(self) -> Iterable[Job]:
+    def _held(self) -> Iterable[TaskSpec]:
+        yield from self._alone
         yield from self._queue
         yield from self._running
         yield from self._waiting
 
     def _pump(self) -> None:
-        """Start queued jobs while slots are free."""
-        queue = self._queue
-        if not queue or self._isolated is not None or self.phase is not Phase.RUNNING:
+        """Start queued tasks while slots are free."""
+        if self._isolated is not None or self.phase is not Phase.RUNNING:
             return
         capacity = self._capacity
         free = capacity - len(self._running) - len(self._detached) - self._occupied
         if free <= 0:
             return
+        queue = self._queue
+        if self._alone:
+            # Alone in the pool: if it crashes now, the crash is its own.
+            if free < capacity:
+                return
+            self._isolated = self._alone.popleft()
+            tasks = [self._isolated]
+        elif not queue:
+            return
+        elif free >= len(queue):
+            tasks = list(queue)
+            queue.clear()
+        else:
+            tasks = [queue.popleft() for _ in range(free)]
         now = self._clock()
-        running = self._running
-        jobs: list[Job] = []
-        while queue and free > 0:
-            job = queue[0]
-            if job.suspect:
-                # Alone in the pool: if it crashes now, the crash is its own.
-                if free < capacity:
-                    break
-                self._isolated = job
-                free = 1
-            queue.popleft()
-            running[job] = now
-            timeout = job.task.timeout_seconds
+        self._running.update(dict.fromkeys(tasks, now))
+        deadlines = self._deadlines
+        for task in tasks:
+            timeout = task.timeout_seconds
             if timeout > 0:
-                self._deadlines[job] = now + timeout
-            jobs.append(job)
-            free -= 1
-        if jobs:
-            self._out.append(Run(jobs))
+                deadlines[task] = now + timeout
+        self._out.append(Run(tasks))
 
-    def _retry(self, job: Job, transient: Transient) -> bool:
-        """Handle a transient failure; True when the job should run again at once."""
-        task = job.task
+    def _requeue(self, tasks: list[TaskSpec]) -> None:
+        """Put ``tasks`` back at the head of the FIFO, in this order."""
+        for task in reversed(tasks):
+            (self._alone if task.suspect else self._queue).appendleft(task)
+
+    def _retry(self, task: TaskSpec, transient: Transient) -> bool:
+        """Handle a transient failure; True when the task should run again at once."""
         if transient.delay is None:
-            self._reports.append((job, Failure(
+            self._reports.append((task, Failure(
                 ErrorKind.OPERATION, transient.error_type, transient.message,
-                FatalStrategy.TERMINATE, retries_exhausted=True, retries=job.retries,
+                FatalStrategy.TERMINATE, retries_exhausted=True, retries=task.retries,
             )))
             return False
         if self.phase is not Phase.RUNNING:
-            self._reports.append((job, RETURNED))
+            self._reports.append((task, RETURNED))
             return False
         if self._aborted.is_aborted(task.routing_key):
-            self._reports.append((job, aborted_failure(task.routing_key)))
+            self._reports.append((task, aborted_failure(task.routing_key)))
             return False
-        job.retries += 1
+        task.retries += 1
         log.debug(
             "task %s/%d: %s, retry %d in %.3fs", task.routing_key, task.task_id,
-            transient.message, job.retries, transient.delay,
+            transient.message, task.retries, transient.delay,
         )
         if transient.delay <= 0:
             return True
         # Waiting holds no executor slot: other tasks run meanwhile.
-        self._waiting[job] = self._clock() + transient.delay
+        self._waiting[task] = self._clock() + transient.delay
         return False
 
     def _abort_key(self, key: str) -> None:
         self._aborted.remember(key)
         failure = aborted_failure(key)
-        queue = self._queue
-        if any(job.task.routing_key == key for job in queue):
-            kept: deque[Job] = deque()
-            for job in queue:
-                if job.task.routing_key == key:
-                    self._reports.append((job, failure))
-                else:
-                    kept.append(job)
-            self._queue = kept
-        for job in [j for j in self._waiting if j.task.routing_key == key]:
-            del self._waiting[job]
-            self._reports.append((job, failure))
-        # Running jobs see their abort signal and report however they end.
-        self._cancel.extend(j for j in self._running if j.task.routing_key == key)
+        for queue in (self._alone, self._queue):
+            if any(task.routing_key == key for task in queue):
+                kept = [task for task in queue if task.routing_key != key]
+                self._reports.extend((task, failure) for task in queue if task.routing_key == key)
+                queue.clear()
+                queue.extend(kept)
+        for task in [t for t in self._waiting if t.routing_key == key]:
+            del self._waiting[task]
+            self._reports.append((task, failure))
+        # Running tasks see their abort signal and report however they end.
+        self._cancel.extend(t for t in self._running if t.routing_key == key)
 
-    def _detach(self, job: Job, now: float) -> None:
-        """``job`` is reported now, though its run goes on holding a slot."""
-        job.elapsed += now - self._running.pop(job)
-        self._detached.add(job)
-        self._cancel.append(job)
-        if job is self._isolated:
+    def _detach(self, task: TaskSpec, now: float) -> None:
+        """``task`` is reported now, though its run goes on holding a slot."""
+        task.elapsed += now - self._running.pop(task)
+        self._detached.add(task)
+        self._cancel.append(task)
+        if task is self._isolated:
             self._isolated = None
 
     def _hand_back(self, now: float) -> None:
@@ -455,14 +451,14 @@ class Scheduler:
             "handing back %d task(s) still running at the drain deadline", len(self._running),
         )
         self._deadlines.clear()
-        for job in list(self._running):
-            self._detach(job, now)
-            self._reports.append((job, RETURNED))
+        for task in list(self._running):
+            self._detach(task, now)
+            self._reports.append((task, RETURNED))
 
-    def _stray(self, job: Job) -> None:
+    def _stray(self, task: TaskSpec) -> None:
         """A run this session does not wait for ended: its slot is free again."""
-        if job in self._detached:
-            self._detached.remove(job)
+        if task in self._detached:
+            self._detached.remove(task)
         elif self._occupied > 0:
             self._occupied -= 1
 
@@ -470,24 +466,26 @@ class Scheduler:
 
     def validate(self) -> None:
         """Assert every invariant of the module docstring."""
-        queue, running, waiting = self._queue, set(self._running), set(self._waiting)
-        queued = set(queue)
-        assert len(queued) == len(queue), "a job is twice in the FIFO"
+        fifo = [*self._alone, *self._queue]
+        queued, running, waiting = set(fifo), set(self._running), set(self._waiting)
+        assert len(queued) == len(fifo), "a task is twice in the FIFO"
+        assert all(task.suspect for task in self._alone)
+        assert not any(task.suspect for task in self._queue), "a suspect would not run alone"
         places = (queued, running, waiting, self._detached)
-        assert sum(map(len, places)) == len(set().union(*places)), "a job is in two places"
-        held = len(queue) + len(running) + len(waiting)
+        assert sum(map(len, places)) == len(set().union(*places)), "a task is in two places"
+        held = len(fifo) + len(running) + len(waiting)
         assert self._received == held + self._reported + self._dropped, (
             f"received {self._received} != held {held} + reported {self._reported}"
             f" + dropped {self._dropped}"
         )
         taken = len(running) + len(self._detached) + self._occupied
         assert taken <= self._capacity, f"{taken} slots taken of {self._capacity}"
-        assert set(self._deadlines) <= running, "a deadline for a job not running"
-        assert all(j.task.timeout_seconds > 0 for j in self._deadlines)
+        assert set(self._deadlines) <= running, "a deadline for a task not running"
+        assert all(t.timeout_seconds > 0 for t in self._deadlines)
         if self._isolated is not None:
             assert running == {self._isolated} and taken == 1, "a suspect does not run alone"
         if self.phase is not Phase.RUNNING:
-            assert not queue and not waiting, f"tasks wait while {self.phase.value}"
+            assert not fifo and not waiting, f"tasks wait while {self.phase.value}"
         if self.phase in (Phase.CLOSED, Phase.BROKEN):
             assert not running, f"tasks run while {self.phase.value}"
             assert self._drain_at is None

@@ -6,10 +6,9 @@ what the scheduler wants done (run a batch, send results, send credit, wake
 it up later, signal running tasks to abort, close the stream). Both are
 plain values: no proto message, no future, no clock reading.
 
-A ``Job`` is one task held by the scheduler together with what the worker
-learned running it. The scheduler hands jobs to the executor inside ``Run``
-and gets them back inside ``ExecutionFinished`` / ``PoolCrashed``; a job's
-identity (not its task id) is what ties a completion to its run.
+The scheduler hands tasks (``TaskSpec``) to the executor inside ``Run`` and
+gets the same objects back inside ``ExecutionFinished`` / ``PoolCrashed``:
+a task's identity (not its task id) ties a completion to its run.
 """
 
 from __future__ import annotations
@@ -19,28 +18,10 @@ from dataclasses import dataclass
 
 from worker_service._model import Failure, Outcome, TaskSpec
 
-
-class Job:
-    """A task held by the scheduler; only the scheduler changes its fields."""
-
-    __slots__ = ("elapsed", "retries", "suspect", "task")
-
-    def __init__(self, task: TaskSpec) -> None:
-        self.task = task
-        self.retries = 0
-        self.elapsed = 0.0
-        # It ran in a process pool that broke under several tasks at once:
-        # it runs again alone before anyone is blamed.
-        self.suspect = False
-
-    def __repr__(self) -> str:
-        return f"Job({self.task.routing_key}/{self.task.task_id}, retries={self.retries})"
-
-
-# (job, what one run produced, seconds that run took)
-Executed = tuple[Job, Outcome, float]
-# (job, its final outcome): one result on the wire
-Report = tuple[Job, bytes | Failure]
+# (task, what one run produced, seconds that run took)
+Executed = tuple[TaskSpec, Outcome, float]
+# (task, its final outcome): one result on the wire
+Report = tuple[TaskSpec, bytes | Failure]
 
 
 # ----------------------------------------------------------------- events
@@ -52,20 +33,20 @@ class TasksReceived:
 
 @dataclass(frozen=True, slots=True)
 class ExecutionFinished:
-    """The executor ran these jobs once each (inline: a whole batch; pools: one)."""
+    """The executor ran these tasks once each (inline: a whole batch; pools: one)."""
 
     results: Sequence[Executed]
 
 
 @dataclass(frozen=True, slots=True)
 class PoolCrashed:
-    """A process pool broke under these jobs, with the seconds each had run.
+    """A process pool broke under these tasks, with the seconds each had run.
 
     ``shared``: it was running more than one task when it broke, so any of
     them may have killed it.
     """
 
-    crashed: Sequence[tuple[Job, float]]
+    crashed: Sequence[tuple[TaskSpec, float]]
     shared: bool
     error_type: str
 
@@ -112,14 +93,14 @@ Event = (
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """Hand these jobs to the executor (the retry number is ``job.retries + 1``)."""
+    """Hand these tasks to the executor (the retry number is ``task.retries + 1``)."""
 
-    jobs: Sequence[Job]
+    tasks: Sequence[TaskSpec]
 
 
 @dataclass(frozen=True, slots=True)
 class SendResults:
-    """Report these jobs, in one ResultBatch (split only by its size limit)."""
+    """Report these tasks, in one ResultBatch (split only by its size limit)."""
 
     results: Sequence[Report]
 
@@ -131,9 +112,9 @@ class SendCredit:
 
 @dataclass(frozen=True, slots=True)
 class CancelRunning:
-    """Set the abort signal of these running jobs (cooperative cancellation)."""
+    """Set the abort signal of these running tasks (cooperative cancellation)."""
 
-    jobs: Sequence[Job]
+    tasks: Sequence[TaskSpec]
 
 
 @dataclass(frozen=True, slots=True)

@@ -215,17 +215,15 @@ class Session:
 
     def _execute(self, instruction: Instruction) -> None:
         match instruction:
-            case Run(jobs):
-                self._executor.submit(jobs)
+            case Run(tasks):
+                self._executor.submit(tasks)
             case SendResults(results):
-                add = self._outbox.add
-                for job, outcome in results:
-                    add(job.task, outcome, job.elapsed, job.retries)
+                self._outbox.add(results)
                 if self._metrics is not None:
                     self._metrics.record_results(results)
                 self._wake_writer.set()
-            case CancelRunning(jobs):
-                self._executor.abort(jobs)
+            case CancelRunning(tasks):
+                self._executor.abort(tasks)
             case Wake(at):
                 if self._timer is not None:
                     self._timer.cancel()

@@ -17,8 +17,8 @@ from squire.api.v1 import squire_pb2 as pb
 from squire_kernel.serde import decode
 from worker_service import ExecutorKind, WorkerRuntime
 from worker_service._executor import ProcessExecutor
-from worker_service._scheduler_events import ExecutionFinished, Job, PoolCrashed
-from worker_service._wire import task_from_wire
+from worker_service._scheduler_events import ExecutionFinished, PoolCrashed
+from worker_service._wire import tasks_from_wire
 
 from .fakes import FakeOrchestrator, config, task, wait_for
 
@@ -102,16 +102,16 @@ async def test_closing_an_executor_whose_pool_broke_kills_its_survivors(tmp_path
     executor.attach(events.append)
     await executor.start()
     try:
-        stubborn = Job(task_from_wire(task("stubborn", {"pids": str(pids), "max": 120})))
+        [stubborn] = tasks_from_wire([task("stubborn", {"pids": str(pids), "max": 120})])
         executor.submit([stubborn])
         await wait_for(lambda: _pids(pids), 10, "the stubborn task running")
         [survivor] = _pids(pids)
-        crash = Job(task_from_wire(task("crash", None)))
+        [crash] = tasks_from_wire([task("crash", None)])
         executor.submit([crash])
         # Both runs of the broken pool are reported together, as one crash.
         [event] = await wait_for(lambda: events, 10, "the crash reported")
         assert isinstance(event, PoolCrashed)
-        assert {job for job, _ in event.crashed} == {stubborn, crash}
+        assert {t for t, _ in event.crashed} == {stubborn, crash}
         assert event.shared and event.error_type == BrokenProcessPool.__name__
         assert executor.busy == 0
     finally:
