@@ -127,6 +127,11 @@ class Scheduler:
         return len(self._running)
 
     @property
+    def slots_taken(self) -> int:
+        """Executor slots taken, as far as this session knows (which is exactly)."""
+        return len(self._running) + len(self._detached) + self._occupied
+
+    @property
     def buffered(self) -> int:
         return len(self._alone) + len(self._queue) + len(self._waiting)
 
@@ -478,7 +483,7 @@ class Scheduler:
             f"received {self._received} != held {held} + reported {self._reported}"
             f" + dropped {self._dropped}"
         )
-        taken = len(running) + len(self._detached) + self._occupied
+        taken = self.slots_taken
         assert taken <= self._capacity, f"{taken} slots taken of {self._capacity}"
         assert set(self._deadlines) <= running, "a deadline for a task not running"
         assert all(t.timeout_seconds > 0 for t in self._deadlines)

@@ -119,7 +119,8 @@ class CancelRunning:
 
 @dataclass(frozen=True, slots=True)
 class Wake:
-    """Deliver a ``Tick`` at clock time ``at``; None: no wake-up is needed."""
+    """Deliver a ``Tick`` at clock time ``at`` instead of at the time asked for
+    before; None: no wake-up is needed. A ``Tick`` spends the wake-up."""
 
     at: float | None
 
