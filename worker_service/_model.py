@@ -58,6 +58,12 @@ class TaskSpec:
     # runs again alone before anyone is blamed.
     suspect: bool = False
 
+    def log_fields(self) -> dict[str, object]:
+        """Structured log fields of the task (see squire_kernel.logs)."""
+        return {
+            "routing_key": self.routing_key, "task_id": self.task_id, "operation": self.operation,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Failure:
@@ -99,6 +105,14 @@ def aborted_failure(routing_key: str) -> Failure:
 def timed_out(task: TaskSpec) -> Failure:
     return Failure(
         ErrorKind.TIMEOUT, "TimeoutError", f"ran longer than {task.timeout_seconds:g}s",
+    )
+
+
+def exhausted(transient: Transient, retries: int) -> Failure:
+    """A transient failure with no retry left: fatal, with the default strategy."""
+    return Failure(
+        ErrorKind.OPERATION, transient.error_type, transient.message, FatalStrategy.TERMINATE,
+        retries_exhausted=True, retries=retries,
     )
 
 

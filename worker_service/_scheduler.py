@@ -24,19 +24,16 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 
-from squire_kernel.retry import FatalStrategy
 from worker_service._abort import AbortMemory
 from worker_service._model import (
     RETURNED,
-    ErrorKind,
-    Failure,
     TaskSpec,
     Transient,
     aborted_failure,
     crashed,
+    exhausted,
     timed_out,
 )
 from worker_service._scheduler_events import (
@@ -52,6 +49,7 @@ from worker_service._scheduler_events import (
     PoolCrashed,
     Report,
     Run,
+    SchedulerConfig,
     SendCredit,
     SendResults,
     StreamBroken,
@@ -62,22 +60,12 @@ from worker_service._scheduler_events import (
 
 log = logging.getLogger("worker_service.scheduler")
 
+
 class Phase(enum.Enum):
     RUNNING = "running"    # taking tasks
     DRAINING = "draining"  # credit 0 sent: finishing what runs, returning the rest
     CLOSED = "closed"      # drained: the stream is being closed, nothing more is sent
     BROKEN = "broken"      # the stream is gone: everything was forgotten
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    capacity: int  # executor slots: tasks running at once
-    window: int    # the credit window the orchestrator should respect
-
-
-def _context(task: TaskSpec) -> dict[str, object]:
-    """Structured log fields of a task (see squire_kernel.logs)."""
-    return {"routing_key": task.routing_key, "task_id": task.task_id, "operation": task.operation}
 
 
 class Scheduler:
@@ -169,19 +157,25 @@ class Scheduler:
             case TasksReceived():
                 self._on_tasks(event)
             case Tick():
-                self._on_tick(event)
+                self._on_tick()
             case PoolCrashed():
                 self._on_crash(event)
-            case AbortReceived():
-                self._on_abort(event)
+            case AbortReceived(keys):
+                for key in keys:
+                    self._abort_key(key)
             case AbortAllReceived():
-                self._on_abort_all(event)
-            case DrainRequested():
-                self._on_drain(event)
+                places = (self._alone, self._queue, self._running, self._waiting)
+                held = {task.routing_key for place in places for task in place}
+                log.info("aborting every routing key held (%d)", len(held))
+                for key in held:
+                    self._abort_key(key)
+            case DrainRequested(grace):
+                self._on_drain(grace)
             case DrainExpired():
-                self._on_drain_expired(event)
+                if self.phase is Phase.DRAINING:
+                    self._hand_back(self._clock())
             case StreamBroken():
-                self._on_broken(event)
+                self._on_broken()
 
     def _broken_output(self) -> list[Instruction]:
         out: list[Instruction] = []
@@ -273,25 +267,21 @@ class Scheduler:
                 # each runs again alone, and only a crash there is reported.
                 log.warning(
                     "task %s/%d (%s) shared a process pool that broke; running it again alone",
-                    task.routing_key, task.task_id, task.operation, extra=_context(task),
+                    task.routing_key, task.task_id, task.operation, extra=task.log_fields(),
                 )
                 task.suspect = True
-                if self.phase is Phase.DRAINING:
-                    self._reports.append((task, RETURNED))
-                elif self._aborted.is_aborted(task.routing_key):
-                    self._reports.append((task, aborted_failure(task.routing_key)))
-                else:
+                if not self._reported_instead(task):
                     again.append(task)
                 continue
             log.error(
                 "task %s/%d (%s) lost: an executor process died",
-                task.routing_key, task.task_id, task.operation, extra=_context(task),
+                task.routing_key, task.task_id, task.operation, extra=task.log_fields(),
             )
             task.elapsed += seconds
             self._reports.append((task, crashed(event.error_type)))
         self._requeue(again)
 
-    def _on_tick(self, _: Tick) -> None:
+    def _on_tick(self) -> None:
         now = self._clock()
         self._wake_at = None  # that wake-up is spent; _set_wake asks for the next one
         waiting = self._waiting
@@ -300,10 +290,7 @@ class Scheduler:
             again: list[TaskSpec] = []
             for task in due:
                 del waiting[task]
-                key = task.routing_key
-                if self._aborted.is_aborted(key):
-                    self._reports.append((task, aborted_failure(key)))
-                else:
+                if not self._reported_instead(task):
                     again.append(task)
             self._requeue(again)
         if self._deadlines:
@@ -314,17 +301,7 @@ class Scheduler:
         if self._drain_at is not None and self._drain_at <= now:
             self._hand_back(now)
 
-    def _on_abort(self, event: AbortReceived) -> None:
-        for key in event.keys:
-            self._abort_key(key)
-
-    def _on_abort_all(self, _: AbortAllReceived) -> None:
-        keys = {task.routing_key for task in self._held()}
-        log.info("aborting every routing key held (%d)", len(keys))
-        for key in keys:
-            self._abort_key(key)
-
-    def _on_drain(self, event: DrainRequested) -> None:
+    def _on_drain(self, grace: float) -> None:
         if self.phase is not Phase.RUNNING:
             return
         self.phase = Phase.DRAINING
@@ -335,13 +312,9 @@ class Scheduler:
         self._alone.clear()
         self._queue.clear()
         self._waiting.clear()
-        self._drain_at = self._clock() + event.grace
+        self._drain_at = self._clock() + grace
 
-    def _on_drain_expired(self, _: DrainExpired) -> None:
-        if self.phase is Phase.DRAINING:
-            self._hand_back(self._clock())
-
-    def _on_broken(self, _: StreamBroken) -> None:
+    def _on_broken(self) -> None:
         # The orchestrator re-queues whatever this stream held; a result
         # sent on a later stream would be a duplicate.
         self._dropped += self.buffered + len(self._running) + len(self._reports)
@@ -358,18 +331,12 @@ class Scheduler:
 
     # ---------------------------------------------------------- helpers
 
-    def _held(self) -> Iterable[TaskSpec]:
-        yield from self._alone
-        yield from self._queue
-        yield from self._running
-        yield from self._waiting
-
     def _pump(self) -> None:
         """Start queued tasks while slots are free."""
         if self._isolated is not None or self.phase is not Phase.RUNNING:
             return
         capacity = self._capacity
-        free = capacity - len(self._running) - len(self._detached) - self._occupied
+        free = capacity - self.slots_taken
         if free <= 0:
             return
         queue = self._queue
@@ -388,11 +355,9 @@ class Scheduler:
             tasks = [queue.popleft() for _ in range(free)]
         now = self._clock()
         self._running.update(dict.fromkeys(tasks, now))
-        deadlines = self._deadlines
         for task in tasks:
-            timeout = task.timeout_seconds
-            if timeout > 0:
-                deadlines[task] = now + timeout
+            if task.timeout_seconds > 0:
+                self._deadlines[task] = now + task.timeout_seconds
         self._out.append(Run(tasks))
 
     def _requeue(self, tasks: list[TaskSpec]) -> None:
@@ -403,16 +368,9 @@ class Scheduler:
     def _retry(self, task: TaskSpec, transient: Transient) -> bool:
         """Handle a transient failure; True when the task should run again at once."""
         if transient.delay is None:
-            self._reports.append((task, Failure(
-                ErrorKind.OPERATION, transient.error_type, transient.message,
-                FatalStrategy.TERMINATE, retries_exhausted=True, retries=task.retries,
-            )))
+            self._reports.append((task, exhausted(transient, task.retries)))
             return False
-        if self.phase is not Phase.RUNNING:
-            self._reports.append((task, RETURNED))
-            return False
-        if self._aborted.is_aborted(task.routing_key):
-            self._reports.append((task, aborted_failure(task.routing_key)))
+        if self._reported_instead(task):
             return False
         task.retries += 1
         log.debug(
@@ -424,6 +382,16 @@ class Scheduler:
         # Waiting holds no executor slot: other tasks run meanwhile.
         self._waiting[task] = self._clock() + transient.delay
         return False
+
+    def _reported_instead(self, task: TaskSpec) -> bool:
+        """Report ``task`` if it may not run again: draining, or its key aborted."""
+        if self.phase is not Phase.RUNNING:
+            self._reports.append((task, RETURNED))
+        elif self._aborted.is_aborted(task.routing_key):
+            self._reports.append((task, aborted_failure(task.routing_key)))
+        else:
+            return False
+        return True
 
     def _abort_key(self, key: str) -> None:
         self._aborted.remember(key)

@@ -24,6 +24,12 @@ Executed = tuple[TaskSpec, Outcome, float]
 Report = tuple[TaskSpec, bytes | Failure]
 
 
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    capacity: int  # executor slots: tasks running at once
+    window: int    # the credit window the orchestrator should respect
+
+
 # ----------------------------------------------------------------- events
 
 @dataclass(frozen=True, slots=True)

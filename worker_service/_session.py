@@ -29,7 +29,7 @@ from worker_service import _wire
 from worker_service._abort import AbortMemory
 from worker_service._executor import Executor
 from worker_service._probe import WorkerMetrics
-from worker_service._scheduler import Scheduler, SchedulerConfig
+from worker_service._scheduler import Scheduler
 from worker_service._scheduler_events import (
     AbortAllReceived,
     AbortReceived,
@@ -40,6 +40,7 @@ from worker_service._scheduler_events import (
     Event,
     Instruction,
     Run,
+    SchedulerConfig,
     SendCredit,
     SendResults,
     StreamBroken,

@@ -15,7 +15,7 @@ import pytest
 from squire_kernel.retry import After, Exponential, Immediate, RetryStrategy
 from worker_service._abort import AbortMemory
 from worker_service._model import ErrorKind, Failure, Outcome, TaskSpec, Transient
-from worker_service._scheduler import Phase, Scheduler, SchedulerConfig
+from worker_service._scheduler import Phase, Scheduler
 from worker_service._scheduler_events import (
     AbortAllReceived,
     AbortReceived,
@@ -28,6 +28,7 @@ from worker_service._scheduler_events import (
     Instruction,
     PoolCrashed,
     Run,
+    SchedulerConfig,
     SendCredit,
     SendResults,
     StreamBroken,

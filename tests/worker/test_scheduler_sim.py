@@ -25,7 +25,7 @@ import pytest
 from squire_kernel.retry import After, Exponential, Immediate, RetryStrategy
 from worker_service._abort import AbortMemory
 from worker_service._model import ErrorKind, Failure, Outcome, TaskSpec, Transient
-from worker_service._scheduler import Scheduler, SchedulerConfig
+from worker_service._scheduler import Scheduler
 from worker_service._scheduler_events import (
     AbortAllReceived,
     AbortReceived,
@@ -37,6 +37,7 @@ from worker_service._scheduler_events import (
     ExecutionFinished,
     PoolCrashed,
     Run,
+    SchedulerConfig,
     SendCredit,
     SendResults,
     StreamBroken,
