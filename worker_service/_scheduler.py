@@ -135,8 +135,8 @@ class Scheduler:
         self._cancel = []
         for event in events:
             self._apply(event)
-        if self.broken:  # by one of these events
-            return self._broken_output()
+        if self.broken:  # by one of these events: only the abort signals go out
+            out = self._out = []
         self._pump()
         if self._cancel:
             out.append(CancelRunning(self._cancel))
@@ -176,15 +176,6 @@ class Scheduler:
                     self._hand_back(self._clock())
             case StreamBroken():
                 self._on_broken()
-
-    def _broken_output(self) -> list[Instruction]:
-        out: list[Instruction] = []
-        if self._cancel:
-            out.append(CancelRunning(self._cancel))
-        if self._wake_at is not None:
-            self._wake_at = None
-            out.append(Wake(None))
-        return out
 
     def _set_wake(self, out: list[Instruction]) -> None:
         at: float | None = self._drain_at
@@ -319,7 +310,7 @@ class Scheduler:
         # sent on a later stream would be a duplicate.
         self._dropped += self.buffered + len(self._running) + len(self._reports)
         self._reports = []
-        self._cancel = list(self._running)  # let cooperative operations stop
+        self._cancel.extend(self._running)  # let cooperative operations stop
         self._alone.clear()
         self._queue.clear()
         self._running.clear()

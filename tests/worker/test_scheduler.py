@@ -442,11 +442,12 @@ def test_a_broken_stream_forgets_everything_and_sends_nothing() -> None:
 
 
 def test_running_tasks_are_signalled_when_the_stream_breaks() -> None:
-    h = Harness(capacity=2)
-    a, b = spec(1), spec(2)
-    h.receive(a, b)
-    h(StreamBroken())
-    assert h.cancelled == [a, b] and not h.results
+    h = Harness(capacity=3)
+    a, b, slow = spec(1), spec(2), spec(3, timeout=1.0)
+    h.receive(a, b, slow)
+    h.clock.now += 1.0
+    h(Tick(), StreamBroken())  # slow times out in the same step
+    assert h.cancelled == [slow, a, b] and not h.results
 
 
 # ----------------------------------------------------------------- layering
