@@ -227,32 +227,32 @@ class _PoolExecutor:
             cf.cancelled() and pool in self._crashes
         ):
             # A broken pool fails all its futures at once; its crash is
-            # reported when the last of them is in, with all their tasks.
+            # reported when the last of its runs is in, with all its tasks.
             self._pool_broke(pool)
-            crash = self._crashes.setdefault(pool, (type(error).__name__, []))
-            crash[1].append((task, run))
-            if any(other.pool is pool for other in self._runs.values()):
-                return
-            del self._crashes[pool]
-            now = time.perf_counter()
-            for _, crashed in crash[1]:
-                self._release(crashed.slot)
-            self._emit(PoolCrashed(
-                [(t, now - r.start) for t, r in crash[1]], len(crash[1]) > 1, crash[0],
-            ))
-            return
-        outcome: Outcome
-        if cf.cancelled():
-            outcome = Failure(ErrorKind.OPERATION, "CancelledError", "the executor closed")
-        elif error is not None:
-            log.error(
-                "executing task %s/%d failed", task.routing_key, task.task_id, exc_info=error,
-            )
-            outcome = Failure(ErrorKind.OPERATION, type(error).__name__, str(error))
+            self._crashes.setdefault(pool, (type(error).__name__, []))[1].append((task, run))
         else:
-            outcome = cf.result()
-        self._release(run.slot)
-        self._emit(ExecutionFinished([(task, outcome, time.perf_counter() - run.start)]))
+            outcome: Outcome
+            if cf.cancelled():
+                outcome = Failure(ErrorKind.OPERATION, "CancelledError", "the executor closed")
+            elif error is not None:
+                log.error(
+                    "executing task %s/%d failed", task.routing_key, task.task_id,
+                    exc_info=error,
+                )
+                outcome = Failure(ErrorKind.OPERATION, type(error).__name__, str(error))
+            else:
+                outcome = cf.result()
+            self._release(run.slot)
+            self._emit(ExecutionFinished([(task, outcome, time.perf_counter() - run.start)]))
+        # A run that ended well just before its pool broke may be the last in.
+        if pool in self._crashes and not any(r.pool is pool for r in self._runs.values()):
+            error_type, crashed = self._crashes.pop(pool)
+            now = time.perf_counter()
+            for _, crashed_run in crashed:
+                self._release(crashed_run.slot)
+            self._emit(PoolCrashed(
+                [(t, now - r.start) for t, r in crashed], len(crashed) > 1, error_type,
+            ))
 
     def _release(self, slot: int) -> None:
         self._free.append(slot)
