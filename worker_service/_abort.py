@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, MutableSequence
 
 
@@ -62,7 +61,7 @@ class AbortMemory:
     pruning only ever looks at the oldest entries.
     """
 
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
         self._seconds = seconds
         self._clock = clock
         self._expiry: dict[str, float] = {}

@@ -1,9 +1,16 @@
 """Where tasks run: inline on the event loop, in threads, or in processes.
 
-The pool executors own ``concurrency`` slots. A slot is taken when a task is
-submitted and freed when the pool's future completes -- not when the session
-stops caring about it -- so a task left running by a broken stream session
-still counts against concurrency until it really ends.
+Every executor has the same face (``Executor``): ``submit`` takes a batch of
+tasks, and each run comes back to the attached sink as an
+``ExecutionFinished`` event -- during ``submit`` itself for the inline
+executor (a whole batch in one event), later and one by one for a pool. A
+pool that breaks reports its tasks together as one ``PoolCrashed``. So the
+scheduler never asks which executor it drives.
+
+A pool's ``capacity`` slots are taken at submit and freed when the run's
+event is emitted -- not when a session stops caring about it -- so a task
+left running by a broken stream session still counts against concurrency
+(a new session learns it from ``busy``) until it really ends.
 """
 
 from __future__ import annotations
@@ -12,43 +19,113 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import time
 import weakref
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, Protocol
 
-from squire_kernel.operations import Registry
+from squire_kernel.operations import AbortSignal, Registry
 from worker_service import _child
 from worker_service._abort import NEVER_ABORTED, AbortFlag
 from worker_service._errors import OpsLoadError
-from worker_service._execute import Prepared, prepare, run_task
-from worker_service._model import Failure, Outcome, TaskSpec
+from worker_service._execute import prepare, run_task
+from worker_service._model import ErrorKind, Failure, Outcome, TaskSpec
+from worker_service._scheduler_events import Executed, ExecutionFinished, PoolCrashed
 
 log = logging.getLogger("worker_service.executor")
 
+Sink = Callable[[ExecutionFinished | PoolCrashed], None]
+
+
+class Executor(Protocol):
+    """Runs batches of tasks; reports every run to the attached sink."""
+
+    @property
+    def capacity(self) -> int:
+        """Tasks it runs at once."""
+
+    @property
+    def busy(self) -> int:
+        """Slots taken now, by whichever session submitted their tasks."""
+
+    def attach(self, sink: Sink | None) -> None:
+        """Send the events of runs that end from now on to ``sink`` (None: drop them)."""
+
+    def submit(self, tasks: Sequence[TaskSpec]) -> None:
+        """Run each task once, with retry number ``task.retries + 1``."""
+
+    def abort(self, tasks: Iterable[TaskSpec]) -> None:
+        """Set the abort signal of these tasks, if they still run."""
+
+    async def start(self) -> None: ...
+
+    async def close(self, grace: float) -> None: ...
+
 
 class InlineExecutor:
-    """Runs tasks synchronously on the event loop, for trivial operations.
+    """Runs a batch back to back on the event loop, for trivial operations.
 
     Nothing can set an abort signal while an inline task runs (the loop is
-    busy running it), so operations get a signal that is never set.
+    busy running it), so operations get a signal that is never set. Its
+    ``capacity`` only bounds how many tasks one batch holds.
+
+    Consecutive tasks nearly always share kind, operation, params and
+    serializer: such a run of tasks is prepared once (the registry lookup,
+    the params, the serializer); per task only decode, call, encode remain.
     """
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, capacity: int) -> None:
         self._registry = registry
+        self._capacity = capacity
+        self._sink: Sink | None = None
 
-    def run(self, task: TaskSpec, retry: int) -> Outcome:
-        return run_task(
-            self._registry, task.kind, task.operation, task.params, task.input,
-            task.operands, task.serializer, NEVER_ABORTED, retry,
-        )
+    @property
+    def capacity(self) -> int:
+        return self._capacity
 
-    def prepare(
-        self, kind: int, operation: str, params: bytes, serializer: int
-    ) -> Prepared | Failure:
-        """Resolve once what a run of tasks with these fields shares; run
-        each with ``Prepared.run(..., NEVER_ABORTED, retry)``."""
-        return prepare(self._registry, kind, operation, params, serializer)
+    @property
+    def busy(self) -> int:
+        return 0  # a batch has ended by the time anyone can ask
+
+    def attach(self, sink: Sink | None) -> None:
+        self._sink = sink
+
+    def submit(self, tasks: Sequence[TaskSpec]) -> None:
+        registry = self._registry
+        clock = time.perf_counter
+        results: list[Executed] = []
+        append = results.append
+        # The current run of tasks: its fields, and how its tasks run (or
+        # the failure every one of them gets).
+        run_operation: str | None = None
+        run_kind = run_serializer = -1
+        run_params = b""
+        run: Callable[[bytes, Sequence[bytes], AbortSignal, int], Outcome] | None = None
+        failure: Failure | None = None
+        for t in tasks:
+            if (t.operation != run_operation or t.kind != run_kind or t.params != run_params
+                    or t.serializer != run_serializer):
+                run_operation, run_kind, run_params, run_serializer = (
+                    t.operation, t.kind, t.params, t.serializer
+                )
+                prepared = prepare(registry, t.kind, t.operation, t.params, t.serializer)
+                if isinstance(prepared, Failure):
+                    run, failure = None, prepared
+                else:
+                    run, failure = prepared.run, None
+            if run is None:
+                assert failure is not None  # set whenever run is not
+                append((t, failure, 0.0))
+                continue
+            start = clock()
+            outcome = run(t.input, t.operands, NEVER_ABORTED, t.retries + 1)
+            append((t, outcome, clock() - start))
+        if self._sink is not None:
+            self._sink(ExecutionFinished(results))
+
+    def abort(self, tasks: Iterable[TaskSpec]) -> None:
+        return None
 
     async def start(self) -> None:
         return None
@@ -57,28 +134,19 @@ class InlineExecutor:
         return None
 
 
-class Submitted:
+class _Run:
     """A task occupying a pool slot."""
 
-    __slots__ = ("_abort", "_cf", "future", "pool")
+    __slots__ = ("cf", "pool", "slot", "start")
 
     def __init__(
-        self,
-        cf: concurrent.futures.Future[Outcome],
-        future: asyncio.Future[Outcome],
-        abort: Callable[[], None],
-        pool: concurrent.futures.Executor,
+        self, cf: concurrent.futures.Future[Outcome], pool: concurrent.futures.Executor,
+        slot: int,
     ) -> None:
-        self._cf = cf
-        self._abort = abort
-        self.future = future
+        self.cf = cf
         self.pool = pool
-
-    def abort(self) -> None:
-        # Once the pool future is done its slot may already serve another
-        # task; setting the flag now would abort that one instead.
-        if not self._cf.done():
-            self._abort()
+        self.slot = slot
+        self.start = time.perf_counter()
 
 
 class _PoolExecutor:
@@ -88,67 +156,112 @@ class _PoolExecutor:
         self._all_free = asyncio.Event()
         self._all_free.set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Set by the current stream session: called when a slot frees up.
-        self.on_slot_freed: Callable[[], None] | None = None
-        # Broken pools -> how many tasks they were running when they broke.
-        self._break_sizes: weakref.WeakKeyDictionary[concurrent.futures.Executor, int] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._sink: Sink | None = None
+        self._runs: dict[TaskSpec, _Run] = {}
+        # A broken pool -> the error and the tasks that reported its crash so
+        # far; it is reported once all its tasks have.
+        self._crashes: dict[
+            concurrent.futures.Executor, tuple[str, list[tuple[TaskSpec, _Run]]]
+        ] = {}
 
     @property
-    def free_slots(self) -> int:
-        return len(self._free)
+    def capacity(self) -> int:
+        return self.concurrency
+
+    @property
+    def busy(self) -> int:
+        return self.concurrency - len(self._free)
+
+    def attach(self, sink: Sink | None) -> None:
+        self._sink = sink
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 
-    def _take_slot(self) -> int:
-        slot = self._free.pop()
-        self._all_free.clear()
-        return slot
-
-    def crash_shared(self, pool: concurrent.futures.Executor) -> bool:
-        """True if ``pool`` broke while running more than one task: any of
-        them may have killed it, so none can be blamed yet."""
-        return self._break_sizes.get(pool, 1) > 1
-
-    def _track(
-        self,
-        cf: concurrent.futures.Future[Outcome],
-        slot: int,
-        pool: concurrent.futures.Executor,
-    ) -> asyncio.Future[Outcome]:
+    def submit(self, tasks: Sequence[TaskSpec]) -> None:
         loop = self._loop
         assert loop is not None, "start() the executor first"
+        for task in tasks:
+            assert self._free, "submitted beyond capacity"
+            slot = self._free.pop()
+            self._all_free.clear()
+            cf, pool = self._start(task, slot)
+            self._runs[task] = _Run(cf, pool, slot)
+            cf.add_done_callback(self._when_done(loop, task))
 
+    def _when_done(
+        self, loop: asyncio.AbstractEventLoop, task: TaskSpec
+    ) -> Callable[[concurrent.futures.Future[Outcome]], None]:
         def done(_: concurrent.futures.Future[Outcome]) -> None:
-            try:
-                loop.call_soon_threadsafe(self._release, slot, cf, pool)
+            try:  # called in the pool's thread
+                loop.call_soon_threadsafe(self._finished, task)
             except RuntimeError:  # the loop is closed: the worker is gone
                 pass
 
-        # Added before wrap_future adds its own callback, so the slot is free
-        # again by the time the awaiting coroutine sees the outcome.
-        cf.add_done_callback(done)
-        future = asyncio.wrap_future(cf, loop=loop)
-        future.add_done_callback(_consume)
-        return future
+        return done
 
-    def _release(
-        self,
-        slot: int,
-        cf: concurrent.futures.Future[Outcome],
-        pool: concurrent.futures.Executor,
-    ) -> None:
-        if pool not in self._break_sizes and _broke(cf):
-            # A broken pool fails all its futures at once, so at its first
-            # report every task it was running still holds a slot.
-            self._break_sizes[pool] = self.concurrency - len(self._free)
+    def _start(
+        self, task: TaskSpec, slot: int
+    ) -> tuple[concurrent.futures.Future[Outcome], concurrent.futures.Executor]:
+        raise NotImplementedError
+
+    def _set_abort(self, slot: int) -> None:
+        raise NotImplementedError
+
+    def _pool_broke(self, pool: concurrent.futures.Executor) -> None:
+        return None
+
+    def abort(self, tasks: Iterable[TaskSpec]) -> None:
+        for task in tasks:
+            run = self._runs.get(task)
+            # Once the future is done its slot may soon serve another task;
+            # setting the flag then would abort that one instead.
+            if run is not None and not run.cf.done():
+                self._set_abort(run.slot)
+
+    def _finished(self, task: TaskSpec) -> None:
+        run = self._runs.pop(task)
+        cf, pool = run.cf, run.pool
+        error = None if cf.cancelled() else cf.exception()
+        if isinstance(error, concurrent.futures.BrokenExecutor) or (
+            cf.cancelled() and pool in self._crashes
+        ):
+            # A broken pool fails all its futures at once; its crash is
+            # reported when the last of its runs is in, with all its tasks.
+            self._pool_broke(pool)
+            self._crashes.setdefault(pool, (type(error).__name__, []))[1].append((task, run))
+        else:
+            outcome: Outcome
+            if cf.cancelled():
+                outcome = Failure(ErrorKind.OPERATION, "CancelledError", "the executor closed")
+            elif error is not None:
+                log.error(
+                    "executing task %s/%d failed", task.routing_key, task.task_id,
+                    exc_info=error,
+                )
+                outcome = Failure(ErrorKind.OPERATION, type(error).__name__, str(error))
+            else:
+                outcome = cf.result()
+            self._release(run.slot)
+            self._emit(ExecutionFinished([(task, outcome, time.perf_counter() - run.start)]))
+        # A run that ended well just before its pool broke may be the last in.
+        if pool in self._crashes and not any(r.pool is pool for r in self._runs.values()):
+            error_type, crashed = self._crashes.pop(pool)
+            now = time.perf_counter()
+            for _, crashed_run in crashed:
+                self._release(crashed_run.slot)
+            self._emit(PoolCrashed(
+                [(t, now - r.start) for t, r in crashed], len(crashed) > 1, error_type,
+            ))
+
+    def _release(self, slot: int) -> None:
         self._free.append(slot)
         if len(self._free) == self.concurrency:
             self._all_free.set()
-        if self.on_slot_freed is not None:
-            self.on_slot_freed()
+
+    def _emit(self, event: ExecutionFinished | PoolCrashed) -> None:
+        if self._sink is not None:
+            self._sink(event)
 
     async def _wait_idle(self, grace: float) -> bool:
         try:
@@ -157,17 +270,6 @@ class _PoolExecutor:
         except TimeoutError:
             return False
         return True
-
-
-def _broke(cf: concurrent.futures.Future[Outcome]) -> bool:
-    return not cf.cancelled() and isinstance(cf.exception(), concurrent.futures.BrokenExecutor)
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    # A session may stop awaiting a future (timeout, broken stream); mark its
-    # exception retrieved so asyncio does not log it as lost.
-    if not future.cancelled():
-        future.exception()
 
 
 class ThreadExecutor(_PoolExecutor):
@@ -181,17 +283,20 @@ class ThreadExecutor(_PoolExecutor):
         )
         self._flags: dict[int, AbortFlag] = {}
 
-    def submit(self, task: TaskSpec, retry: int) -> Submitted:
-        slot = self._take_slot()
+    def _start(
+        self, task: TaskSpec, slot: int
+    ) -> tuple[concurrent.futures.Future[Outcome], concurrent.futures.Executor]:
         op = self._registry.operations.get(task.operation)
-        flag = AbortFlag()
-        self._flags[slot] = flag
+        flag = self._flags[slot] = AbortFlag()
         cf = self._pool.submit(
             run_task, self._registry, task.kind, task.operation, task.params, task.input,
             task.operands, task.serializer,
-            flag if op is not None and op.accepts_abort else NEVER_ABORTED, retry,
+            flag if op is not None and op.accepts_abort else NEVER_ABORTED, task.retries + 1,
         )
-        return Submitted(cf, self._track(cf, slot, self._pool), flag.set, self._pool)
+        return cf, self._pool
+
+    def _set_abort(self, slot: int) -> None:
+        self._flags[slot].set()
 
     async def close(self, grace: float) -> None:
         for flag in self._flags.values():
@@ -202,7 +307,7 @@ class ThreadExecutor(_PoolExecutor):
             # for them. Cooperative operations have seen their abort signal.
             log.warning(
                 "%d operation(s) still running in threads after %.1fs; exit waits for them",
-                self.concurrency - self.free_slots, grace,
+                self.busy, grace,
             )
 
 
@@ -221,6 +326,7 @@ class ProcessExecutor(_PoolExecutor):
         self._children: weakref.WeakKeyDictionary[
             concurrent.futures.ProcessPoolExecutor, MutableMapping[int, Any]
         ] = weakref.WeakKeyDictionary()
+        self._closing = False
         self._pool = self._new_pool()
 
     def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
@@ -253,41 +359,43 @@ class ProcessExecutor(_PoolExecutor):
                 f"{', '.join(self._modules)} (see the traceback above)"
             ) from exc
 
-    def submit(self, task: TaskSpec, retry: int) -> Submitted:
-        slot = self._take_slot()
+    def _start(
+        self, task: TaskSpec, slot: int
+    ) -> tuple[concurrent.futures.Future[Outcome], concurrent.futures.Executor]:
         self._flags[slot] = 0
         args = (
             task.kind, task.operation, task.params, task.input, task.operands,
-            task.serializer, slot, retry,
+            task.serializer, slot, task.retries + 1,
         )
         try:
             cf = self._pool.submit(_child.run_in_child, *args)
         except BrokenProcessPool:
             # The pool broke since the last task finished; its tasks were
             # reported already, so start afresh.
-            self.replace_broken(self._pool)
+            self._pool_broke(self._pool)
             cf = self._pool.submit(_child.run_in_child, *args)
-        pool = self._pool
-        return Submitted(cf, self._track(cf, slot, pool), lambda: self._set_flag(slot), pool)
+        return cf, self._pool
 
-    def _set_flag(self, slot: int) -> None:
+    def _set_abort(self, slot: int) -> None:
         self._flags[slot] = 1
 
-    def replace_broken(self, pool: concurrent.futures.Executor) -> None:
+    def _pool_broke(self, pool: concurrent.futures.Executor) -> None:
         """Replace ``pool`` after a child died; idempotent per pool."""
         if pool is not self._pool:
             return
         log.error("a process-pool child died; starting a new pool")
-        pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
         # Every future of the broken pool has failed, so nothing its other
         # children still run can be reported: kill them now. Left alone they
         # would hold CPU beyond the concurrency limit, and the pool's own
         # clean-up (SIGTERM, which children ignore, then join) would wait for
         # them -- at interpreter exit, forever if one never finishes.
-        self._kill_children(pool)
-        self._pool = self._new_pool()
+        self._kill_children(self._pool)
+        if not self._closing:
+            self._pool = self._new_pool()
 
     async def close(self, grace: float) -> None:
+        self._closing = True
         for slot in range(self.concurrency):
             self._flags[slot] = 1
         pool = self._pool
@@ -295,17 +403,9 @@ class ProcessExecutor(_PoolExecutor):
         if not await self._wait_idle(grace):
             log.warning("killing process-pool children still running after %.1fs", grace)
             self._kill_children(pool)
-        elif pool in self._break_sizes:
-            # It broke and nobody replaced it yet: its survivors may still run
-            # tasks nobody awaits (see replace_broken).
-            self._kill_children(pool)
 
     def _kill_children(self, pool: concurrent.futures.ProcessPoolExecutor) -> None:
         # SIGKILL because children ignore SIGTERM. (Python 3.14's
         # kill_workers() does nothing once the pool is shut down.)
         for process in list(self._children.get(pool, {}).values()):
             process.kill()  # a no-op for a child already reaped
-
-
-Executor = InlineExecutor | ThreadExecutor | ProcessExecutor
-PoolExecutor = ThreadExecutor | ProcessExecutor

@@ -34,7 +34,11 @@ class ErrorKind(enum.IntEnum):
 # __init__ goes through object.__setattr__ and costs twice as much.
 @dataclass(slots=True, eq=False)
 class TaskSpec:
-    """One task as received from the orchestrator."""
+    """One task: as received from the orchestrator, then what the worker
+    learned running it (only the scheduler changes those last fields).
+
+    Its identity is what ties a completion to its run, so ``eq=False``.
+    """
 
     routing_key: str
     task_id: int
@@ -48,6 +52,17 @@ class TaskSpec:
     attempt: int
     lease_id: int
     timeout_seconds: float
+    retries: int = 0
+    elapsed: float = 0.0  # seconds of execution, over every run
+    # It ran in a process pool that broke under several tasks at once: it
+    # runs again alone before anyone is blamed.
+    suspect: bool = False
+
+    def log_fields(self) -> dict[str, object]:
+        """Structured log fields of the task (see squire_kernel.logs)."""
+        return {
+            "routing_key": self.routing_key, "task_id": self.task_id, "operation": self.operation,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,3 +92,31 @@ class Transient:
 
 # What one execution of a task produces: the encoded output on success.
 Outcome = bytes | Failure | Transient
+
+
+# Failures the worker itself decides (not the operation).
+RETURNED = Failure(ErrorKind.RETURNED, "Returned", "the worker is draining")
+
+
+def aborted_failure(routing_key: str) -> Failure:
+    return Failure(ErrorKind.ABORTED, "Aborted", f"routing key {routing_key!r} was aborted")
+
+
+def timed_out(task: TaskSpec) -> Failure:
+    return Failure(
+        ErrorKind.TIMEOUT, "TimeoutError", f"ran longer than {task.timeout_seconds:g}s",
+    )
+
+
+def exhausted(transient: Transient, retries: int) -> Failure:
+    """A transient failure with no retry left: fatal, with the default strategy."""
+    return Failure(
+        ErrorKind.OPERATION, transient.error_type, transient.message, FatalStrategy.TERMINATE,
+        retries_exhausted=True, retries=retries,
+    )
+
+
+def crashed(error_type: str) -> Failure:
+    return Failure(
+        ErrorKind.CRASHED, error_type, "the executor process died while running the task",
+    )

@@ -17,6 +17,7 @@ import asyncio
 import importlib
 import logging
 import random
+import time
 from types import TracebackType
 
 import grpc
@@ -97,7 +98,7 @@ class WorkerRuntime:
         if not self.registry:
             raise OpsLoadError("the registry offers no operation or monoid")
         self._lifecycle = Lifecycle()
-        self._aborted = AbortMemory(config.abort_memory)
+        self._aborted = AbortMemory(config.abort_memory, time.monotonic)
         self._executor: Executor | None = None
         self._run_claimed = False
         self._session: Session | None = None
@@ -253,7 +254,8 @@ class WorkerRuntime:
     def _make_executor(self) -> Executor:
         config = self.config
         if config.executor is ExecutorKind.INLINE:
-            return InlineExecutor(self.registry)
+            # Inline runs a batch back to back: it holds at most the window.
+            return InlineExecutor(self.registry, config.window)
         if config.executor is ExecutorKind.THREAD:
             return ThreadExecutor(self.registry, config.concurrency)
         return ProcessExecutor(config.ops, config.concurrency)

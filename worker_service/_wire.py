@@ -7,26 +7,27 @@ from collections.abc import Callable, Iterable
 from squire.api.v1 import squire_pb2 as pb
 
 from squire_kernel.wire import fill_execution_err
-from worker_service._model import Failure, TaskSpec
+from worker_service._model import TaskSpec
+from worker_service._scheduler_events import Report
 
 # Results go out in messages of at most this many payload bytes, well below
 # the 64 MiB message limit, so one big output cannot make a batch unsendable.
 MAX_BATCH_BYTES = 16 * 1024 * 1024
 
 
-def task_from_wire(t: pb.Task) -> TaskSpec:
-    kind = t.kind
-    # Only a fold combine carries operands; reading an empty repeated
-    # field still costs a Python object per task.
-    operands = tuple(t.operands) if kind else ()
-    return TaskSpec(
-        t.routing_key, t.task_id, t.operation, kind, t.params, t.input, operands,
-        t.serializer, t.metadata, t.attempt, t.lease_id, t.timeout_seconds,
-    )
-
-
 def tasks_from_wire(tasks: Iterable[pb.Task]) -> list[TaskSpec]:
-    return [task_from_wire(t) for t in tasks]
+    # One comprehension, no call per task: a batch holds thousands. Only a
+    # fold combine (a non-zero kind) carries operands; reading an empty
+    # repeated field still costs a Python object per task.
+    return [
+        TaskSpec(
+            t.routing_key, t.task_id, t.operation, kind, t.params, t.input,
+            tuple(t.operands) if kind else (), t.serializer, t.metadata, t.attempt,
+            t.lease_id, t.timeout_seconds,
+        )
+        for t in tasks
+        for kind in (t.kind,)  # read once (a one-item loop compiles to an assignment)
+    ]
 
 
 def hello(
@@ -87,49 +88,33 @@ class ResultBuffer:
         self._size += n
         return add
 
-    def add_ok(
-        self, routing_key: str, task_id: int, attempt: int, lease_id: int, metadata: bytes,
-        output: bytes, execution_seconds: float, retries: int = 0,
-    ) -> None:
-        # The hot path: _results() inlined, and fields set one by one after
-        # add() (faster than keyword arguments).
-        n = len(output) + len(metadata)
-        add = self._add
-        if add is None or self._size + n > MAX_BATCH_BYTES:
-            add = self._results(n)
-        else:
-            self._size += n
-        msg = add()
-        msg.routing_key = routing_key
-        msg.task_id = task_id
-        msg.attempt = attempt
-        msg.lease_id = lease_id
-        msg.execution_seconds = execution_seconds
-        msg.ok.output = output
-        if metadata:
-            msg.metadata = metadata
-        if retries:
-            msg.retries = retries
-
-    def add(self, task: TaskSpec, outcome: bytes | Failure, execution_seconds: float,
-            retries: int) -> None:
-        if isinstance(outcome, bytes):
-            self.add_ok(
-                task.routing_key, task.task_id, task.attempt, task.lease_id, task.metadata,
-                outcome, execution_seconds, retries,
-            )
-            return
-        msg = self._results(len(task.metadata) + len(outcome.message))()
-        msg.routing_key = task.routing_key
-        msg.task_id = task.task_id
-        msg.attempt = task.attempt
-        msg.lease_id = task.lease_id
-        msg.execution_seconds = execution_seconds
-        if task.metadata:
-            msg.metadata = task.metadata
-        if retries:
-            msg.retries = retries
-        fill_execution_err(msg.err, outcome)
+    def add(self, results: Iterable[Report]) -> None:
+        """Add reported results, each in place."""
+        # The hot path is an ok result: _results() inlined, and fields set
+        # one by one after add() (faster than keyword arguments).
+        for task, outcome in results:
+            metadata = task.metadata
+            size = len(outcome) if isinstance(outcome, bytes) else len(outcome.message)
+            n = len(metadata) + size
+            add = self._add
+            if add is None or self._size + n > MAX_BATCH_BYTES:
+                add = self._results(n)
+            else:
+                self._size += n
+            msg = add()
+            msg.routing_key = task.routing_key
+            msg.task_id = task.task_id
+            msg.attempt = task.attempt
+            msg.lease_id = task.lease_id
+            msg.execution_seconds = task.elapsed
+            if isinstance(outcome, bytes):
+                msg.ok.output = outcome
+            else:
+                fill_execution_err(msg.err, outcome)
+            if metadata:
+                msg.metadata = metadata
+            if task.retries:
+                msg.retries = task.retries
 
     def take(self) -> list[pb.WorkerMessage]:
         messages, self._messages = self._messages, []

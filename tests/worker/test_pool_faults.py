@@ -12,13 +12,13 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import pytest
 from squire.api.v1 import squire_pb2 as pb
 
 from squire_kernel.serde import decode
 from worker_service import ExecutorKind, WorkerRuntime
 from worker_service._executor import ProcessExecutor
-from worker_service._wire import task_from_wire
+from worker_service._scheduler_events import ExecutionFinished, PoolCrashed
+from worker_service._wire import tasks_from_wire
 
 from .fakes import FakeOrchestrator, config, task, wait_for
 
@@ -98,16 +98,22 @@ async def test_closing_an_executor_whose_pool_broke_kills_its_survivors(tmp_path
     # replaced it: every slot is free then, yet a child still runs.
     pids = tmp_path / "pids"
     executor = ProcessExecutor(["worker.ops_for_tests"], 2)
+    events: list[ExecutionFinished | PoolCrashed] = []
+    executor.attach(events.append)
     await executor.start()
     try:
-        stubborn_task = task("stubborn", {"pids": str(pids), "max": 120})
-        stubborn = executor.submit(task_from_wire(stubborn_task), 0)
+        [stubborn] = tasks_from_wire([task("stubborn", {"pids": str(pids), "max": 120})])
+        executor.submit([stubborn])
         await wait_for(lambda: _pids(pids), 10, "the stubborn task running")
         [survivor] = _pids(pids)
-        crash = executor.submit(task_from_wire(task("crash", None)), 0)
-        for submitted in (crash, stubborn):
-            with pytest.raises(BrokenProcessPool):
-                await submitted.future
+        [crash] = tasks_from_wire([task("crash", None)])
+        executor.submit([crash])
+        # Both runs of the broken pool are reported together, as one crash.
+        [event] = await wait_for(lambda: events, 10, "the crash reported")
+        assert isinstance(event, PoolCrashed)
+        assert {t for t, _ in event.crashed} == {stubborn, crash}
+        assert event.shared and event.error_type == BrokenProcessPool.__name__
+        assert executor.busy == 0
     finally:
         await executor.close(grace=0.1)
     await wait_for(lambda: _gone(survivor), 10, f"the broken pool's child {survivor} killed")
