@@ -141,12 +141,12 @@ class _Run:
 
     def __init__(
         self, cf: concurrent.futures.Future[Outcome], pool: concurrent.futures.Executor,
-        slot: int,
+        slot: int, start: float,
     ) -> None:
         self.cf = cf
         self.pool = pool
         self.slot = slot
-        self.start = time.perf_counter()
+        self.start = start  # taken before the submit: the run may begin at once
 
 
 class _PoolExecutor:
@@ -185,8 +185,9 @@ class _PoolExecutor:
             assert self._free, "submitted beyond capacity"
             slot = self._free.pop()
             self._all_free.clear()
+            start = time.perf_counter()
             cf, pool = self._start(task, slot)
-            self._runs[task] = _Run(cf, pool, slot)
+            self._runs[task] = _Run(cf, pool, slot, start)
             cf.add_done_callback(self._when_done(loop, task))
 
     def _when_done(

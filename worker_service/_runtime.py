@@ -5,7 +5,7 @@
         +-------------+---------------+--> draining --> closed
 
 ``run()`` owns everything: the executor, and one connect loop (in a
-TaskGroup) that opens a stream, says hello, runs a ``Session`` until the
+TaskGroup) that opens a stream, says hello, runs a ``Connection`` until the
 stream ends, and reconnects with jittered exponential backoff. A drain stops
 the loop: a welcomed session drains gracefully; a connection attempt or a
 backoff wait, which hold no tasks, is simply cancelled.
@@ -29,10 +29,10 @@ from squire_kernel.operations import Registry
 from worker_service import _credentials, _wire
 from worker_service._abort import AbortMemory
 from worker_service._config import ExecutorKind, WorkerConfig
+from worker_service._connection import Connection
 from worker_service._errors import HelloRejected, LifecycleError, OpsLoadError
 from worker_service._executor import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
 from worker_service._probe import ProbeServer, WorkerMetrics
-from worker_service._session import Session
 from worker_service._state import Lifecycle, WorkerState
 
 log = logging.getLogger("worker_service")
@@ -101,7 +101,7 @@ class WorkerRuntime:
         self._aborted = AbortMemory(config.abort_memory, time.monotonic)
         self._executor: Executor | None = None
         self._run_claimed = False
-        self._session: Session | None = None
+        self._session: Connection | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._rejected: HelloRejected | None = None
@@ -296,7 +296,7 @@ class WorkerRuntime:
             )
             try:
                 welcome = await self._handshake(call)
-                session = Session(
+                session = Connection(
                     call,
                     executor=self._executor,
                     aborted=self._aborted,

@@ -1,6 +1,6 @@
-"""One stream session: from the orchestrator's Welcome to the end of the stream.
+"""One connection to the orchestrator: from its Welcome to the end of the stream.
 
-The session only does I/O. Its reader turns stream messages into scheduler
+The connection only does I/O. Its reader turns stream messages into scheduler
 events, the executor's completions come back as events too, and the
 session carries out the instructions the ``Scheduler`` returns: hand a
 batch to the executor, put results in the outbox, arm the wake-up timer,
@@ -58,12 +58,12 @@ CLOSE_TIMEOUT = 5.0
 _STREAM_ERRORS = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
 
 
-class SessionEnd(enum.Enum):
+class ConnectionEnd(enum.Enum):
     BROKEN = "broken"    # the stream failed or the orchestrator ended it
     DRAINED = "drained"  # the drain finished and the stream was closed cleanly
 
 
-class Session:
+class Connection:
     def __init__(
         self,
         call: grpc.aio.StreamStreamCall,
@@ -96,7 +96,7 @@ class Session:
         self._wake_writer = asyncio.Event()
         self._writer_done = asyncio.Event()
         self._ended = asyncio.Event()
-        self._end: SessionEnd | None = None
+        self._end: ConnectionEnd | None = None
         self._error: BaseException | None = None
 
         self._credit_due: int | None = None
@@ -116,7 +116,7 @@ class Session:
     def buffered(self) -> int:
         return 0 if self._scheduler is None else self._scheduler.buffered
 
-    async def run(self) -> SessionEnd:
+    async def run(self) -> ConnectionEnd:
         executor = self._executor
         # Made and attached in one step: no run can end in between, so the
         # slots held by earlier sessions' tasks are counted exactly once.
@@ -153,11 +153,11 @@ class Session:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _finish(self, end: SessionEnd, why: str) -> None:
+    def _finish(self, end: ConnectionEnd, why: str) -> None:
         if self._end is None:
             self._end = end
             log.log(
-                logging.INFO if end is SessionEnd.DRAINED else logging.WARNING,
+                logging.INFO if end is ConnectionEnd.DRAINED else logging.WARNING,
                 "stream session ended (%s): %s", end.value, why,
             )
             self._ended.set()
@@ -208,7 +208,7 @@ class Session:
             self._feed(event)
         except Exception as exc:
             self._error = exc
-            self._finish(SessionEnd.BROKEN, f"scheduling failed: {exc!r}")
+            self._finish(ConnectionEnd.BROKEN, f"scheduling failed: {exc!r}")
 
     def _tick(self) -> None:
         self._timer = None
@@ -248,9 +248,9 @@ class Session:
                 message = await self._call.read()
                 if message is grpc.aio.EOF:
                     if self._half_closed:
-                        self._finish(SessionEnd.DRAINED, "closed after draining")
+                        self._finish(ConnectionEnd.DRAINED, "closed after draining")
                     else:
-                        self._finish(SessionEnd.BROKEN, "the orchestrator ended the stream")
+                        self._finish(ConnectionEnd.BROKEN, "the orchestrator ended the stream")
                     return
                 assert isinstance(message, pb.OrchestratorMessage)
                 kind = message.WhichOneof("kind")
@@ -261,7 +261,7 @@ class Session:
                 else:
                     log.warning("ignoring an unexpected %s message", kind)
         except _STREAM_ERRORS as exc:
-            self._finish(SessionEnd.BROKEN, _describe(exc))
+            self._finish(ConnectionEnd.BROKEN, _describe(exc))
 
     def _on_ipc(self, ipc: pb.WorkerIpc) -> None:
         kind = ipc.WhichOneof("kind")
@@ -302,7 +302,7 @@ class Session:
                     self._writer_done.set()
                     return
         except _STREAM_ERRORS as exc:
-            self._finish(SessionEnd.BROKEN, _describe(exc))
+            self._finish(ConnectionEnd.BROKEN, _describe(exc))
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -335,7 +335,7 @@ class Session:
         try:
             await self._call.done_writing()
         except _STREAM_ERRORS as exc:
-            self._finish(SessionEnd.BROKEN, _describe(exc))
+            self._finish(ConnectionEnd.BROKEN, _describe(exc))
             return
         self._half_closed = True
         # The reader ends the session when the orchestrator closes its side.
@@ -343,7 +343,7 @@ class Session:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self._ended.wait()
         except TimeoutError:
-            self._finish(SessionEnd.DRAINED, "the orchestrator did not close its side in time")
+            self._finish(ConnectionEnd.DRAINED, "the orchestrator did not close its side in time")
 
 
 def _describe(exc: BaseException) -> str:
