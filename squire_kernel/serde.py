@@ -4,6 +4,10 @@ Every payload that crosses the network (task inputs, outputs, parameters,
 fold operands) is bytes in one of these two formats. Pickle is never accepted.
 Decoding is bounded: a payload larger than ``MAX_PAYLOAD_BYTES`` or nested
 deeper than ``MAX_DEPTH`` is refused with :class:`PayloadError`.
+
+JSON is read strictly: UTF-8 text (no byte-order mark, no UTF-16 or UTF-32)
+without the ``NaN`` / ``Infinity`` / ``-Infinity`` literals Python's ``json``
+accepts.
 """
 
 from __future__ import annotations
@@ -137,7 +141,10 @@ def decode(data: bytes, serializer: Serializer = Serializer.JSON, *, what: str =
             if serializer is _MSGPACK:
                 value = msgpack.unpackb(data, raw=False, strict_map_key=False)
             else:
-                value = json.loads(data)
+                # Strict: UTF-8 only (``json.loads`` of bytes would also take
+                # UTF-16 and UTF-32, and str refuses a byte-order mark), and
+                # no NaN or infinity literals.
+                value = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
         except RecursionError:
             raise PayloadError(f"{what} is nested too deeply to decode") from None
         except Exception as exc:  # msgpack raises several unrelated types
@@ -147,6 +154,10 @@ def decode(data: bytes, serializer: Serializer = Serializer.JSON, *, what: str =
     if size > MAX_DEPTH and isinstance(value, _CONTAINERS):  # each level takes a byte
         _check_depth(value, what)
     return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (NaN and infinities are refused)")
 
 
 def decode_params(data: bytes, serializer: Serializer, *, what: str = "params") -> dict[str, Any]:
