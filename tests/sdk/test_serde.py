@@ -83,6 +83,38 @@ def test_json_is_utf8_only(data: bytes) -> None:
         decode(data, what="input")
 
 
+# Past Python's int-to-str digit limit (4300 digits by default).
+HUGE = 7 * 10**49_999 + 12345
+
+
+@pytest.mark.parametrize("serializer", list(Serializer))
+@pytest.mark.parametrize(
+    "value", [HUGE, -HUGE, [HUGE, 1, {"a": -HUGE, "b": [1.5, None]}], 2**64, -(2**63) - 1],
+    ids=["huge", "-huge", "nested", "2**64", "-2**63-1"],  # str() of HUGE is refused
+)
+def test_integers_of_any_size_round_trip_exactly(serializer: Serializer, value: object) -> None:
+    assert decode(encode(value, serializer), serializer) == value
+
+
+def test_huge_integers_are_plain_json_digits() -> None:
+    data = encode([HUGE])
+    assert len(data) == 50_002 and data.startswith(b"[7000") and data.endswith(b"12345]")
+    assert decode(encode({HUGE: 1})) == {data[1:-1].decode(): 1}
+
+
+def test_huge_integers_keep_the_other_json_refusals() -> None:
+    with pytest.raises(PayloadError, match="Out of range float"):
+        encode([HUGE, math.nan])
+    with pytest.raises(PayloadError, match="cannot encode"):
+        encode([HUGE, Point(1)])
+
+
+def test_msgpack_big_integers_are_extension_type_1() -> None:
+    # signed big-endian two's complement, in as few bytes as hold the sign
+    assert encode(2**64, Serializer.MSGPACK) == b"\xc7\x09\x01\x01" + bytes(8)
+    assert encode(-(2**64), Serializer.MSGPACK) == b"\xc7\x09\x01\xff" + bytes(8)
+
+
 def test_bad_json_is_a_payload_error_naming_the_field() -> None:
     with pytest.raises(PayloadError, match="result 3 is not valid JSON"):
         decode(b"{nope", what="result 3")
