@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 
 from squire_kernel import loop as event_loop
@@ -67,8 +68,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ops", action="append", default=None, metavar="MODULE",
-        help="module whose operations and monoids this worker offers; repeat or "
-        "comma-separate for several (required)",
+        help="module whose operations and monoids this worker offers: a dotted name "
+        "importable from the current folder or installed (my_ops, pkg.ops), or a "
+        "file path (./my_ops.py); repeat or comma-separate for several (required)",
     )
     parser.add_argument(
         "--concurrency", type=_positive_int,
@@ -157,6 +159,13 @@ def configure_logging(level: str, log_format: LogFormat, worker_id: str | None =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The current folder comes first on the path, as with ``python -m``, so
+    # ``squire-worker --ops my_ops`` finds my_ops.py where it is run (a
+    # console script's path starts with its own bin folder instead). The
+    # process-pool children are spawned with this path.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
     config = parse_config(argv)
     configure_logging(config.log_level, config.log_format, config.worker_id)
     try:

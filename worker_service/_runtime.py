@@ -14,7 +14,6 @@ backoff wait, which hold no tasks, is simply cancelled.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import random
 from types import TracebackType
@@ -24,7 +23,7 @@ from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from squire_kernel import __version__
-from squire_kernel.operations import Registry
+from squire_kernel.operations import Registry, import_ops_module
 from worker_service import _credentials, _wire
 from worker_service._abort import AbortMemory
 from worker_service._config import ExecutorKind, WorkerConfig
@@ -59,11 +58,12 @@ _REJECTING = frozenset({
 
 
 def load_registry(modules: tuple[str, ...]) -> Registry:
-    """Import the ops modules by name; OpsLoadError says which one failed and why."""
+    """Import the ops modules by name or file path; OpsLoadError says which one
+    failed and why."""
     registry = Registry()
     for name in modules:
         try:
-            registry.add_module(importlib.import_module(name))
+            registry.add_module(import_ops_module(name))
         except Exception as exc:
             raise OpsLoadError(
                 f"cannot load ops module {name!r}: {type(exc).__name__}: {exc}"
