@@ -10,6 +10,7 @@
 - :mod:`squire_kernel.metrics` -- lock-free counter and histogram families
 - :mod:`squire_kernel.logs` -- structured logging
 - :mod:`squire_kernel.loop` -- the event-loop choice (asyncio or uvloop)
+- :mod:`squire_kernel.listen` -- one-line errors for a port that cannot be bound
 
 Nothing here does I/O at import; nothing here imports a service.
 """

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from squire_kernel import loop as event_loop
+from squire_kernel.listen import ListenError
 from squire_kernel.logs import configure_logging as shared_configure_logging
 from worker_service import _credentials
 from worker_service._config import (
@@ -100,9 +101,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="seconds an aborted routing key is remembered (default %(default)s)",
     )
     parser.add_argument(
-        "--metrics-port", type=_non_negative_int,
-        default=env("METRICS_PORT", str(DEFAULT_METRICS_PORT)),
-        help="HTTP port for /metrics, /healthz and /readyz; 0 disables (default %(default)s)",
+        "--metrics-port", type=_non_negative_int, default=env("METRICS_PORT"),
+        help="HTTP port for /metrics, /healthz and /readyz; 0 disables (default "
+        f"{DEFAULT_METRICS_PORT}, or when another process holds it the next free port "
+        "above it, logged; a port given here or in SQUIRE_METRICS_PORT must be free)",
     )
     parser.add_argument(
         "--metrics-host", default=env("METRICS_HOST", "0.0.0.0"),
@@ -124,6 +126,14 @@ def parse_config(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> WorkerConfig:
     """Flags and environment to a WorkerConfig; exits with usage on bad input."""
+    return _parse(argv, environ)[0]
+
+
+def _parse(
+    argv: Sequence[str] | None, environ: Mapping[str, str] | None
+) -> tuple[WorkerConfig, bool]:
+    """The config, and whether the metrics port is the default (which may
+    fall back to a free port) rather than one the user chose."""
     environ = os.environ if environ is None else environ
     parser = build_parser(environ)
     args = parser.parse_args(argv)
@@ -143,14 +153,16 @@ def parse_config(
             abort_memory=args.abort_memory,
             log_level=args.log_level,
             log_format=args.log_format,
-            metrics_port=args.metrics_port,
+            metrics_port=(
+                DEFAULT_METRICS_PORT if args.metrics_port is None else args.metrics_port
+            ),
             metrics_host=args.metrics_host,
             **_credentials.config_fields(args, environ),
         )
         _credentials.check(config)
     except ValueError as exc:  # inconsistent or unreadable security settings
         parser.error(str(exc))
-    return config
+    return config, args.metrics_port is None
 
 
 def configure_logging(level: str, log_format: LogFormat, worker_id: str | None = None) -> None:
@@ -166,12 +178,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
-    config = parse_config(argv)
+    config, default_metrics_port = _parse(argv, None)
     configure_logging(config.log_level, config.log_format, config.worker_id)
     try:
-        event_loop.run(run_worker(config), os.environ.get("SQUIRE_EVENT_LOOP", "auto"))
-    except OpsLoadError as exc:
-        log.error("%s", exc)
+        event_loop.run(
+            run_worker(config, metrics_port_fallback=default_metrics_port),
+            os.environ.get("SQUIRE_EVENT_LOOP", "auto"),
+        )
+    except (OpsLoadError, ListenError) as exc:
+        log.error("cannot start: %s", exc)
         return EXIT_CONFIG
     except HelloRejected as exc:
         log.error("%s", exc)
