@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 
 from squire_kernel import loop as event_loop
@@ -191,4 +193,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HelloRejected as exc:
         log.error("%s", exc)
         return EXIT_REJECTED
+    finally:
+        _join_pool_threads(POOL_THREADS_JOIN_SECONDS)
     return EXIT_OK
+
+
+POOL_THREADS_JOIN_SECONDS = 5.0
+
+
+def _join_pool_threads(timeout: float) -> None:
+    """Let a shut-down process pool's manager thread finish before exit.
+
+    Python 3.11's interpreter exit wakes every pool manager thread through a
+    pipe that thread may be closing at that moment, which prints "Exception
+    ignored ... OSError: [Errno 9] Bad file descriptor" (fixed in 3.12). The
+    executor has shut its pool down by now, so the thread ends within
+    milliseconds; the timeout only bounds a pool that would not.
+    """
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if type(thread).__name__ == "_ExecutorManagerThread":
+            thread.join(max(0.0, deadline - time.monotonic()))

@@ -8,7 +8,8 @@
         127.0.0.1:50051)
 
 Exit codes: 0 success (Ctrl-C ends ``--watch`` successfully), 1 a Squire
-error (message on stderr), 130 Ctrl-C otherwise.
+error (message on stderr), 130 Ctrl-C otherwise (one line on stderr; a
+directive running is cancelled, embedded services are stopped).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.command(args)
     except KeyboardInterrupt:
+        # Cancelling the call and stopping embedded services happened on the
+        # way out; the traceback (through grpc's internals) would say nothing.
+        print("squire: interrupted", file=sys.stderr, flush=True)
         return 130
     except TimeoutError as exc:
         print(f"squire: {exc}", file=sys.stderr)
