@@ -58,11 +58,37 @@ def test_no_process_outlives_an_error(error: type[BaseException]) -> None:
 
 
 def test_a_worker_that_cannot_start_fails_fast() -> None:
+    # quiet by default, so the error quotes the worker's own words
     with (
-        pytest.raises(SquireError, match="exited with code"),
+        pytest.raises(SquireError, match=r"(?s)exited with code 2.*no_such_module_for_squire"),
         embedded(workers=1, ops=("no_such_module_for_squire",), timeout=60),
     ):
         pass  # pragma: no cover - start-up fails
+
+
+QUIET_SCRIPT = """
+import sys
+import squire
+from squire import IndexedStream
+
+log = sys.stderr if sys.argv[1:] == ["stderr"] else None
+with squire.embedded(workers=1, executor="inline", log=log) as cluster:
+    print(IndexedStream.from_iterable(range(1, 11)).map("fib_at").fold("sum").run(cluster.client))
+"""
+
+
+@pytest.mark.parametrize("log", ["default", "stderr"])
+def test_embedded_is_quiet_unless_asked_for_logs(tmp_path: Path, log: str) -> None:
+    script = tmp_path / "quiet.py"
+    script.write_text(QUIET_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), log], capture_output=True, text=True,
+                          timeout=90, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "143\n"
+    if log == "default":
+        assert done.stderr == ""
+    else:
+        assert "orchestrator listening" in done.stderr and "embedded-0" in done.stderr
 
 
 def test_the_cluster_survives_a_killed_worker() -> None:

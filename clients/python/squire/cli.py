@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from rich.console import Console
 from rich.live import Live
@@ -110,13 +111,13 @@ def _demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="squire-demo-") as tmp:
         # The services' logs would garble the live progress bar: keep them in
         # a file, shown only if something goes wrong (or with --verbose).
-        log = None if args.verbose else Path(tmp) / "services.log"
+        log: Path | TextIO = sys.stderr if args.verbose else Path(tmp) / "services.log"
         try:
             with embedded(workers=args.workers, executor=args.executor, log=log) as cluster:
                 err.print(f"orchestrator at {cluster.target}; {stream.describe()} over 1..10")
                 value = stream.run(cluster.client, progress=not args.no_progress)
         except (SquireError, TimeoutError):
-            if log is not None and log.exists():
+            if isinstance(log, Path) and log.exists():
                 err.print("[bold]service logs:[/]", log.read_text(errors="replace")[-8000:])
             raise
     print(value, flush=True)
