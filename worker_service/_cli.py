@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from squire_kernel import loop as event_loop
+from squire_kernel.flags import EnvHelpFormatter
 from squire_kernel.listen import ListenError
 from squire_kernel.logs import configure_logging as shared_configure_logging
 from worker_service import _credentials
@@ -63,7 +64,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         prog="squire-worker",
         description="Execute Squire tasks for an orchestrator. Every flag can also be "
         "set as an environment variable SQUIRE_<FLAG>, upper case with underscores "
-        "(e.g. SQUIRE_OPS, SQUIRE_WORKER_ID); flags win.",
+        "(e.g. SQUIRE_OPS, SQUIRE_WORKER_ID; each shown at the end of its flag's help); flags win.",
+        formatter_class=EnvHelpFormatter,
     )
     parser.add_argument(
         "--orchestrator", default=env("ORCHESTRATOR", "127.0.0.1:50051"),

@@ -186,3 +186,31 @@ def test_worker_ops_file_that_does_not_exist(tmp_path) -> None:  # type: ignore[
     assert out.returncode == 2, out.stderr
     assert "cannot load ops module './nope.py'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_squire_status_watch_redirected_prints_each_frame_as_it_comes(cluster) -> None:  # type: ignore[no-untyped-def]
+    """Stdout a pipe, not a terminal: every refresh arrives while it runs, as
+    plain lines (no cursor movement), not one frame at exit."""
+    import signal
+
+    proc = subprocess.Popen(
+        [procs.entry_point("squire"), "status", "--target", cluster.target, "--watch",
+         "--interval", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        frames = 0
+        lines: list[str] = []
+        while frames < 3:  # the third header means two whole frames came through
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            assert line, f"squire status ended early: {proc.stderr.read()}"  # type: ignore[union-attr]
+            lines.append(line)
+            frames += line.startswith("--- ")
+        assert proc.poll() is None  # still watching: the frames were not held back
+        text = "".join(lines)
+        assert text.count("orchestrator " + cluster.target) >= 2 and "w1" in text
+        assert "\x1b[" not in text  # no colours, no cursor movement
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.text import Text
 
@@ -166,6 +166,9 @@ def _watch_json(client: Client, interval: float) -> None:
 
 
 def _watch_tables(client: Client, target: str, interval: float) -> None:
+    if not sys.stdout.isatty():
+        _watch_plain(client, target, interval)
+        return
     with Live(Text("connecting..."), refresh_per_second=4) as live:
         while True:
             try:
@@ -173,6 +176,23 @@ def _watch_tables(client: Client, target: str, interval: float) -> None:
             except SquireError as exc:  # keep watching while the orchestrator is away
                 live.update(Text(f"{target}: {exc}", style="red"))
             _pause(interval)
+
+
+def _watch_plain(client: Client, target: str, interval: float) -> None:
+    # Redirected (a file, a pipe, `| tee`): a live display would redraw in
+    # place and reach the file only at exit, so each refresh is printed as
+    # plain lines after a timestamp, and flushed.
+    console = Console(no_color=True, highlight=False)
+    while True:
+        frame: RenderableType
+        try:
+            frame = render_status(client.status(), target=target)
+        except SquireError as exc:  # keep watching while the orchestrator is away
+            frame = Text(f"{target}: {exc}")
+        console.print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}", markup=False)
+        console.print(frame)
+        sys.stdout.flush()
+        _pause(interval)
 
 
 def _pause(seconds: float) -> None:
