@@ -25,6 +25,7 @@ from orchestrator_service._security import (
 )
 from orchestrator_service._server import Orchestrator, OrchestratorConfig
 from squire_kernel import loop as event_loop
+from squire_kernel.flags import EnvHelpFormatter
 from squire_kernel.logs import configure_logging
 
 DEFAULT_PORT = 50051
@@ -34,11 +35,14 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"SQUIRE_{name.upper()}", default)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     d = RouterConfig()
     p = argparse.ArgumentParser(
         prog="squire-orchestrator",
-        description="The Squire orchestrator: routes tasks to workers and results to directives.",
+        description="The Squire orchestrator: routes tasks to workers and results to directives. "
+        "Every flag can also be set as an environment variable SQUIRE_<FLAG>, upper case with "
+        "underscores (each shown at the end of its flag's help); a flag on the command line wins.",
+        formatter_class=EnvHelpFormatter,
     )
     p.add_argument("--host", default=_env("host", "127.0.0.1"),
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 in containers)")
@@ -61,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=int(_env("poison_threshold", str(d.poison_threshold))),
                    help="a task that crashed its worker this often fails (default %(default)s)")
     p.add_argument("--max-queued-per-channel", type=int,
-                   default=int(_env("max_queued_per_channel", str(d.max_queued_per_channel))))
+                   default=int(_env("max_queued_per_channel", str(d.max_queued_per_channel))),
+                   help="tasks of one channel waiting for a worker; publishing more waits "
+                   "(backpressure) until some are dispatched (default %(default)s)")
     p.add_argument("--directive-window", type=int,
                    default=int(_env("directive_window", str(d.directive_window))),
                    help="elements a directive keeps in flight (default %(default)s)")
@@ -74,10 +80,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"(default {DEFAULT_METRICS_PORT})")
     p.add_argument("--metrics-host", default=_env("metrics_host", "0.0.0.0"),
                    help="address of the /metrics endpoint (default 0.0.0.0)")
-    p.add_argument("--log-level", default=_env("log_level", "INFO"))
-    p.add_argument("--log-format", choices=("text", "json"), default=_env("log_format", "text"))
+    p.add_argument("--log-level", default=_env("log_level", "INFO"),
+                   help="DEBUG, INFO, WARNING or ERROR (default %(default)s)")
+    p.add_argument("--log-format", choices=("text", "json"), default=_env("log_format", "text"),
+                   help="text, or one JSON object per line (default %(default)s)")
     add_arguments(p, _env)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _write_port_file(path: Path, port: int) -> None:

@@ -39,6 +39,7 @@ from orchestrator_service._servicer import (
 )
 from orchestrator_service._strict import StrictWireInterceptor
 from squire_kernel import __version__
+from squire_kernel.listen import check_free, listen_error
 
 log = logging.getLogger("squire.orchestrator")
 
@@ -111,7 +112,12 @@ class Orchestrator:
         self.hub.on_tasks_done = self.metrics.tasks_done
         self.hub.on_directive_end = self.metrics.directive_ended
         if self.config.metrics_port:
-            self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
+            try:
+                self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
+            except OSError as exc:
+                raise listen_error(
+                    self.config.metrics_host, self.config.metrics_port, "--metrics-port", exc
+                ) from exc
         pb_grpc.add_DirectiveServiceServicer_to_server(
             DirectiveServicer(self.hub), server
         )
@@ -123,12 +129,23 @@ class Orchestrator:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         address = f"{self.config.host}:{self.config.port}"
-        if security.tls:
-            self.port = server.add_secure_port(address, server_credentials(security))
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            check_free(self.config.host, self.config.port, "--port")
+            if self.config.health_port:  # checked before the API server starts
+                check_free(self.config.host, self.config.health_port, "--health-port")
+        except OSError:
+            self.metrics.close()
+            raise
+        try:
+            if security.tls:
+                self.port = server.add_secure_port(address, server_credentials(security))
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio's "Failed to bind to address"
+            self.port = 0
         if not self.port:
-            raise OSError(f"cannot listen on {address}")
+            self.metrics.close()
+            raise listen_error(self.config.host, self.config.port, "--port")
         await server.start()
         self._server = server
         if self.config.health_port:
@@ -191,8 +208,12 @@ class Orchestrator:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = f"{self.config.host}:{self.config.health_port}"
-        if not server.add_insecure_port(address):
-            raise OSError(f"cannot listen on {address} (--health-port)")
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio's "Failed to bind to address"
+            bound = 0
+        if not bound:
+            raise listen_error(self.config.host, self.config.health_port, "--health-port")
         await server.start()
         self._health_server = server
 

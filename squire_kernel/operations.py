@@ -13,17 +13,21 @@
     def add(a: int, b: int) -> int:
         return a + b
 
-A worker started with ``--ops package.module`` offers every Operation and
-Monoid object found in that module's namespace. An operation that declares an
-``abort`` keyword receives an :class:`AbortSignal` it may poll to stop early.
+A worker started with ``--ops package.module`` (or ``--ops ./my_ops.py``)
+offers every Operation and Monoid object found in that module's namespace.
+An operation that declares an ``abort`` keyword receives an
+:class:`AbortSignal` it may poll to stop early.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -133,8 +137,32 @@ class Registry:
         """Import each module by dotted name and collect what it declares."""
         registry = cls()
         for name in names:
-            registry.add_module(importlib.import_module(name))
+            registry.add_module(import_ops_module(name))
         return registry
 
     def __bool__(self) -> bool:
         return bool(self.operations or self.monoids)
+
+
+def import_ops_module(spec: str) -> ModuleType:
+    """Import an ops module named by a dotted name (``my_ops``, ``pkg.ops``)
+    or by the path of its file (``./my_ops.py``, ``ops/my_ops.py``).
+
+    A file's folder goes first on ``sys.path`` and the module is imported by
+    its file name, the way ``python my_ops.py`` would find its neighbours;
+    process-pool children given the same spec resolve it the same way.
+    """
+    looks_like_path = spec.endswith(".py") or os.sep in spec or "/" in spec
+    if not looks_like_path:
+        return importlib.import_module(spec)
+    path = Path(spec)
+    if not path.is_file() or path.suffix != ".py":
+        raise ModuleNotFoundError(f"no Python file {spec!r} (from {os.getcwd()})")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    module = importlib.import_module(path.stem)
+    loaded = getattr(module, "__file__", None)
+    if loaded is None or Path(loaded).resolve() != path.resolve():
+        raise ImportError(f"{spec!r} is shadowed by the module {path.stem!r} from {loaded}")
+    return module

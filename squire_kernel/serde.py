@@ -4,13 +4,24 @@ Every payload that crosses the network (task inputs, outputs, parameters,
 fold operands) is bytes in one of these two formats. Pickle is never accepted.
 Decoding is bounded: a payload larger than ``MAX_PAYLOAD_BYTES`` or nested
 deeper than ``MAX_DEPTH`` is refused with :class:`PayloadError`.
+
+JSON is read strictly: UTF-8 text (no byte-order mark, no UTF-16 or UTF-32)
+without the ``NaN`` / ``Infinity`` / ``-Infinity`` literals Python's ``json``
+accepts. Integers of any size stay exact in both formats: JSON writes and
+reads them without Python's int-to-str digit limit (a local conversion
+through :mod:`decimal`, not the process-global ``sys.set_int_max_str_digits``),
+and MessagePack carries an integer beyond 64 bits as extension type
+``BIG_INT_EXT`` (1): its signed big-endian two's-complement bytes.
 """
 
 from __future__ import annotations
 
+import decimal
 import enum
 import json
+import math
 import re
+import sys
 from typing import Any
 
 import msgpack
@@ -44,6 +55,7 @@ _CONTAINERS = (dict, list)
 # Values whose JSON cannot hold a float (and so no ``null`` written for NaN).
 _NO_FLOATS = frozenset({int, str, bool, type(None)})
 _UNSET = object()
+BIG_INT_EXT = 1
 
 
 class Serializer(enum.IntEnum):
@@ -93,12 +105,113 @@ def encode(value: Any, serializer: Serializer = Serializer.JSON) -> bytes:
                 return out
     try:
         if serializer is _MSGPACK:
-            return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
-        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
-    except (TypeError, ValueError, OverflowError) as exc:
+            return msgpack.packb(  # type: ignore[no-any-return]
+                value, use_bin_type=True, default=_msgpack_default
+            )
+        return _json_dumps(value)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise PayloadError(
             f"cannot encode {type(value).__name__} as {serializer.name}: {exc}"
         ) from exc
+
+
+def _json_dumps(value: Any) -> bytes:
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:
+        # Past Python's int-to-str digit limit, ``json`` refuses an integer;
+        # such integers go in as pre-written digits instead.
+        huge = [False]
+        converted = _huge_ints_as_fragments(value, huge)
+        if not huge[0]:
+            raise
+        try:
+            return _orjson_dumps(converted, None, _ORJSON_OPTIONS)
+        except TypeError:
+            raise exc from None
+
+
+def _past_digit_limit(value: int) -> bool:
+    # A bound from the bit length (log2(10) > 3.3): cheaper than counting
+    # digits, and an integer just under the limit may take the decimal path.
+    limit = sys.get_int_max_str_digits()
+    return bool(limit) and value.bit_length() > limit * 3.3
+
+
+def _int_digits(value: int) -> str:
+    # decimal converts without the int-to-str digit limit (sys.set_int_max_str_digits
+    # would lift it for the whole process).
+    if _past_digit_limit(value):
+        return str(decimal.Decimal(value))
+    return int.__repr__(value)
+
+
+def _parse_int(digits: str) -> int:
+    limit = sys.get_int_max_str_digits()
+    if limit and len(digits.lstrip("-")) > limit:
+        return int(decimal.Decimal(digits))
+    return int(digits)
+
+
+def _huge_ints_as_fragments(value: Any, huge: list[bool]) -> Any:
+    """``value`` as ``json`` would see it, with every integer ``json`` cannot
+    write as an ``orjson.Fragment`` of its digits (``huge[0]`` set if any)."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        if _past_digit_limit(value):
+            huge[0] = True
+            return orjson.Fragment(_int_digits(value))
+        return int.__index__(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("Out of range float values are not JSON compliant")
+        return float.__float__(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, dict):
+        return {_json_key(k, huge): _huge_ints_as_fragments(v, huge) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_huge_ints_as_fragments(v, huge) for v in value]
+    return value  # orjson decides (UUIDs and Enum members; anything else is refused)
+
+
+def _json_key(key: Any, huge: list[bool]) -> str:
+    # The standard library's conversion of mapping keys.
+    if isinstance(key, str):
+        return str.__str__(key)
+    if key is True or key is False or key is None:
+        return json.dumps(key)
+    if isinstance(key, int):
+        huge[0] = huge[0] or _past_digit_limit(key)
+        return _int_digits(key)
+    if isinstance(key, float):
+        return _json_key_float(key)
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
+
+
+def _json_key_float(key: float) -> str:
+    if not math.isfinite(key):
+        raise ValueError("Out of range float values are not JSON compliant")
+    return float.__repr__(key)
+
+
+def _msgpack_default(value: Any) -> Any:
+    # msgpack calls this for an integer beyond 64 bits too.
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = (value.bit_length() + 8) // 8  # one more bit for the sign
+        return msgpack.ExtType(BIG_INT_EXT, value.to_bytes(size, "big", signed=True))
+    raise TypeError(f"can not serialize {type(value).__name__!r} object")
+
+
+def _msgpack_ext(code: int, data: bytes) -> Any:
+    if code == BIG_INT_EXT:
+        return int.from_bytes(data, "big", signed=True)
+    return msgpack.ExtType(code, data)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (NaN and infinities are refused)")
 
 
 def _check_depth(value: Any, what: str) -> None:
@@ -135,9 +248,18 @@ def decode(data: bytes, serializer: Serializer = Serializer.JSON, *, what: str =
     if value is _UNSET:
         try:
             if serializer is _MSGPACK:
-                value = msgpack.unpackb(data, raw=False, strict_map_key=False)
+                value = msgpack.unpackb(
+                    data, raw=False, strict_map_key=False, ext_hook=_msgpack_ext
+                )
             else:
-                value = json.loads(data)
+                # Strict: UTF-8 only (``json.loads`` of bytes would also take
+                # UTF-16 and UTF-32, and str refuses a byte-order mark), and
+                # no NaN or infinity literals.
+                value = json.loads(
+                    data.decode("utf-8"),
+                    parse_constant=_refuse_constant,
+                    parse_int=_parse_int,
+                )
         except RecursionError:
             raise PayloadError(f"{what} is nested too deeply to decode") from None
         except Exception as exc:  # msgpack raises several unrelated types

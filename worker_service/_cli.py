@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 
 from squire_kernel import loop as event_loop
+from squire_kernel.flags import EnvHelpFormatter
+from squire_kernel.listen import ListenError
 from squire_kernel.logs import configure_logging as shared_configure_logging
 from worker_service import _credentials
 from worker_service._config import (
@@ -59,7 +64,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         prog="squire-worker",
         description="Execute Squire tasks for an orchestrator. Every flag can also be "
         "set as an environment variable SQUIRE_<FLAG>, upper case with underscores "
-        "(e.g. SQUIRE_OPS, SQUIRE_WORKER_ID); flags win.",
+        "(e.g. SQUIRE_OPS, SQUIRE_WORKER_ID; each shown at the end of its flag's help); flags win.",
+        formatter_class=EnvHelpFormatter,
     )
     parser.add_argument(
         "--orchestrator", default=env("ORCHESTRATOR", "127.0.0.1:50051"),
@@ -67,8 +73,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ops", action="append", default=None, metavar="MODULE",
-        help="module whose operations and monoids this worker offers; repeat or "
-        "comma-separate for several (required)",
+        help="module whose operations and monoids this worker offers: a dotted name "
+        "importable from the current folder or installed (my_ops, pkg.ops), or a "
+        "file path (./my_ops.py); repeat or comma-separate for several (required)",
     )
     parser.add_argument(
         "--concurrency", type=_positive_int,
@@ -98,9 +105,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="seconds an aborted routing key is remembered (default %(default)s)",
     )
     parser.add_argument(
-        "--metrics-port", type=_non_negative_int,
-        default=env("METRICS_PORT", str(DEFAULT_METRICS_PORT)),
-        help="HTTP port for /metrics, /healthz and /readyz; 0 disables (default %(default)s)",
+        "--metrics-port", type=_non_negative_int, default=env("METRICS_PORT"),
+        help="HTTP port for /metrics, /healthz and /readyz; 0 disables (default "
+        f"{DEFAULT_METRICS_PORT}, or when another process holds it the next free port "
+        "above it, logged; a port given here or in SQUIRE_METRICS_PORT must be free)",
     )
     parser.add_argument(
         "--metrics-host", default=env("METRICS_HOST", "0.0.0.0"),
@@ -122,6 +130,14 @@ def parse_config(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> WorkerConfig:
     """Flags and environment to a WorkerConfig; exits with usage on bad input."""
+    return _parse(argv, environ)[0]
+
+
+def _parse(
+    argv: Sequence[str] | None, environ: Mapping[str, str] | None
+) -> tuple[WorkerConfig, bool]:
+    """The config, and whether the metrics port is the default (which may
+    fall back to a free port) rather than one the user chose."""
     environ = os.environ if environ is None else environ
     parser = build_parser(environ)
     args = parser.parse_args(argv)
@@ -141,14 +157,16 @@ def parse_config(
             abort_memory=args.abort_memory,
             log_level=args.log_level,
             log_format=args.log_format,
-            metrics_port=args.metrics_port,
+            metrics_port=(
+                DEFAULT_METRICS_PORT if args.metrics_port is None else args.metrics_port
+            ),
             metrics_host=args.metrics_host,
             **_credentials.config_fields(args, environ),
         )
         _credentials.check(config)
     except ValueError as exc:  # inconsistent or unreadable security settings
         parser.error(str(exc))
-    return config
+    return config, args.metrics_port is None
 
 
 def configure_logging(level: str, log_format: LogFormat, worker_id: str | None = None) -> None:
@@ -157,14 +175,44 @@ def configure_logging(level: str, log_format: LogFormat, worker_id: str | None =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_config(argv)
+    # The current folder comes first on the path, as with ``python -m``, so
+    # ``squire-worker --ops my_ops`` finds my_ops.py where it is run (a
+    # console script's path starts with its own bin folder instead). The
+    # process-pool children are spawned with this path.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    config, default_metrics_port = _parse(argv, None)
     configure_logging(config.log_level, config.log_format, config.worker_id)
     try:
-        event_loop.run(run_worker(config), os.environ.get("SQUIRE_EVENT_LOOP", "auto"))
-    except OpsLoadError as exc:
-        log.error("%s", exc)
+        event_loop.run(
+            run_worker(config, metrics_port_fallback=default_metrics_port),
+            os.environ.get("SQUIRE_EVENT_LOOP", "auto"),
+        )
+    except (OpsLoadError, ListenError) as exc:
+        log.error("cannot start: %s", exc)
         return EXIT_CONFIG
     except HelloRejected as exc:
         log.error("%s", exc)
         return EXIT_REJECTED
+    finally:
+        _join_pool_threads(POOL_THREADS_JOIN_SECONDS)
     return EXIT_OK
+
+
+POOL_THREADS_JOIN_SECONDS = 5.0
+
+
+def _join_pool_threads(timeout: float) -> None:
+    """Let a shut-down process pool's manager thread finish before exit.
+
+    Python 3.11's interpreter exit wakes every pool manager thread through a
+    pipe that thread may be closing at that moment, which prints "Exception
+    ignored ... OSError: [Errno 9] Bad file descriptor" (fixed in 3.12). The
+    executor has shut its pool down by now, so the thread ends within
+    milliseconds; the timeout only bounds a pool that would not.
+    """
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if type(thread).__name__ == "_ExecutorManagerThread":
+            thread.join(max(0.0, deadline - time.monotonic()))

@@ -14,7 +14,7 @@ backoff wait, which hold no tasks, is simply cancelled.
 from __future__ import annotations
 
 import asyncio
-import importlib
+import errno
 import logging
 import random
 import time
@@ -25,7 +25,8 @@ from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from squire_kernel import __version__
-from squire_kernel.operations import Registry
+from squire_kernel.listen import ListenError, listen_error
+from squire_kernel.operations import Registry, import_ops_module
 from worker_service import _credentials, _wire
 from worker_service._abort import AbortMemory
 from worker_service._config import ExecutorKind, WorkerConfig
@@ -47,6 +48,9 @@ DEFAULT_HEARTBEAT_INTERVAL = 5.0
 # After the worker closes, how long tasks abandoned by a broken stream or
 # handed back at the drain deadline may take before pool children are killed.
 EXECUTOR_CLOSE_GRACE = 0.5
+# With the default metrics port taken (another worker on this machine), the
+# next free one of this many is used.
+METRICS_FALLBACK_PORTS = 100
 
 # Retrying cannot fix these answers to a hello. ALREADY_EXISTS is different
 # after a session has run: the orchestrator may not have noticed yet that the
@@ -60,11 +64,12 @@ _REJECTING = frozenset({
 
 
 def load_registry(modules: tuple[str, ...]) -> Registry:
-    """Import the ops modules by name; OpsLoadError says which one failed and why."""
+    """Import the ops modules by name or file path; OpsLoadError says which one
+    failed and why."""
     registry = Registry()
     for name in modules:
         try:
-            registry.add_module(importlib.import_module(name))
+            registry.add_module(import_ops_module(name))
         except Exception as exc:
             raise OpsLoadError(
                 f"cannot load ops module {name!r}: {type(exc).__name__}: {exc}"
@@ -92,8 +97,19 @@ class WorkerRuntime:
     ``request_drain()`` / ``await shutdown()`` from elsewhere.
     """
 
-    def __init__(self, config: WorkerConfig, *, registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        registry: Registry | None = None,
+        metrics_port_fallback: bool = False,
+    ) -> None:
+        """``metrics_port_fallback``: when ``config.metrics_port`` is taken,
+        serve the probes on the next free port above it (and log which), so
+        that several workers on one machine need no flags; otherwise a taken
+        port is a ListenError."""
         self.config = config
+        self._metrics_port_fallback = metrics_port_fallback
         self.registry = registry if registry is not None else load_registry(config.ops)
         if not self.registry:
             raise OpsLoadError("the registry offers no operation or monoid")
@@ -157,12 +173,34 @@ class WorkerRuntime:
             known=lambda op: op in self.registry.operations or op in self.registry.monoids,
         )
         if config.metrics_port:
-            self._probe = ProbeServer(
-                self.metrics, lambda: self.live, lambda: self.ready,
-                config.metrics_host, config.metrics_port,
-            )
+            self._probe = self._bind_probe(self.metrics)
             self._probe.start()
             self.probe_port = self._probe.port
+
+    def _bind_probe(self, metrics: WorkerMetrics) -> ProbeServer:
+        host, port = self.config.metrics_host, self.config.metrics_port
+        tries = METRICS_FALLBACK_PORTS if self._metrics_port_fallback else 1
+        last = min(port + tries, 65536) - 1
+        candidate = port
+        while True:
+            try:
+                probe = ProbeServer(metrics, lambda: self.live, lambda: self.ready, host, candidate)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE and candidate < last:
+                    candidate += 1
+                    continue
+                if candidate != port:
+                    raise ListenError(
+                        f"cannot listen on {host}: ports {port}-{candidate} are all in use; "
+                        "choose another port with --metrics-port (or SQUIRE_METRICS_PORT)"
+                    ) from exc
+                raise listen_error(host, port, "--metrics-port", exc) from exc
+            if candidate != port:
+                log.warning(
+                    "metrics port %d is taken: serving /metrics, /healthz and /readyz on %d "
+                    "(--metrics-port sets it)", port, candidate,
+                )
+            return probe
 
     async def _run(self) -> None:
         executor = self._executor = self._make_executor()
@@ -359,7 +397,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def run_worker(config: WorkerConfig) -> None:
+async def run_worker(config: WorkerConfig, *, metrics_port_fallback: bool = False) -> None:
     """Run a worker until it is drained by SIGTERM, SIGINT or the orchestrator.
 
     The first signal starts a drain; a second one cuts its grace short.
@@ -367,7 +405,7 @@ async def run_worker(config: WorkerConfig) -> None:
     """
     import signal
 
-    runtime = WorkerRuntime(config)
+    runtime = WorkerRuntime(config, metrics_port_fallback=metrics_port_fallback)
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:

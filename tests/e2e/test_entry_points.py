@@ -5,6 +5,7 @@ README runs them by hand."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -133,3 +134,83 @@ def test_every_waiting_session_call_fails_when_the_stream_breaks() -> None:
             for f in done:
                 assert isinstance(f.exception(), squire.RpcError)
         client.close()
+
+
+MY_OPS = '''
+from squire import monoid, operation
+
+
+@operation("shout")
+def shout(s: str) -> str:
+    return s.upper() + "!"
+
+
+@monoid("join", empty="")
+def join(a: str, b: str) -> str:
+    return a + b
+'''
+
+
+@pytest.mark.parametrize(("ops", "executor"), [
+    ("my_ops", "process"), ("./my_ops.py", "process"), ("my_ops.py", "thread"),
+])
+def test_worker_ops_from_the_current_folder(tmp_path, ops: str, executor: str) -> None:  # type: ignore[no-untyped-def]
+    """The README's "Writing operations": ``squire-worker --ops my_ops`` run in
+    the folder holding my_ops.py, no PYTHONPATH; a file path works too."""
+    (tmp_path / "my_ops.py").write_text(MY_OPS)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    with procs.cluster(log_dir=tmp_path) as c, open(tmp_path / "worker-mine.log", "wb") as log:
+        worker = subprocess.Popen(
+            [procs.entry_point("squire-worker"), "--ops", ops, "--orchestrator", c.target,
+             "--worker-id", "mine", "--executor", executor, "--concurrency", "2",
+             "--metrics-port", "0"],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            c.workers["mine"] = worker
+            c.wait_for_workers({"mine"})
+            with squire.Client(c.target) as client:
+                words = IndexedStream.from_iterable(["a", "b", "c"]).map("shout")
+                assert words.run(client) == ["A!", "B!", "C!"]
+                assert words.fold("join").run(client) == "A!B!C!"
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+
+
+def test_worker_ops_file_that_does_not_exist(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = subprocess.run(
+        [procs.entry_point("squire-worker"), "--ops", "./nope.py", "--metrics-port", "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "cannot load ops module './nope.py'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_squire_status_watch_redirected_prints_each_frame_as_it_comes(cluster) -> None:  # type: ignore[no-untyped-def]
+    """Stdout a pipe, not a terminal: every refresh arrives while it runs, as
+    plain lines (no cursor movement), not one frame at exit."""
+    import signal
+
+    proc = subprocess.Popen(
+        [procs.entry_point("squire"), "status", "--target", cluster.target, "--watch",
+         "--interval", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        frames = 0
+        lines: list[str] = []
+        while frames < 3:  # the third header means two whole frames came through
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            assert line, f"squire status ended early: {proc.stderr.read()}"  # type: ignore[union-attr]
+            lines.append(line)
+            frames += line.startswith("--- ")
+        assert proc.poll() is None  # still watching: the frames were not held back
+        text = "".join(lines)
+        assert text.count("orchestrator " + cluster.target) >= 2 and "w1" in text
+        assert "\x1b[" not in text  # no colours, no cursor movement
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0

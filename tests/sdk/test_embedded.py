@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from squire import DirectiveFailed, IndexedStream, SquireError, async_embedded, embedded
+from squire_examples.ops import fib_at
 
 from .polling import wait_for
 
@@ -57,11 +58,37 @@ def test_no_process_outlives_an_error(error: type[BaseException]) -> None:
 
 
 def test_a_worker_that_cannot_start_fails_fast() -> None:
+    # quiet by default, so the error quotes the worker's own words
     with (
-        pytest.raises(SquireError, match="exited with code"),
+        pytest.raises(SquireError, match=r"(?s)exited with code 2.*no_such_module_for_squire"),
         embedded(workers=1, ops=("no_such_module_for_squire",), timeout=60),
     ):
         pass  # pragma: no cover - start-up fails
+
+
+QUIET_SCRIPT = """
+import sys
+import squire
+from squire import IndexedStream
+
+log = sys.stderr if sys.argv[1:] == ["stderr"] else None
+with squire.embedded(workers=1, executor="inline", log=log) as cluster:
+    print(IndexedStream.from_iterable(range(1, 11)).map("fib_at").fold("sum").run(cluster.client))
+"""
+
+
+@pytest.mark.parametrize("log", ["default", "stderr"])
+def test_embedded_is_quiet_unless_asked_for_logs(tmp_path: Path, log: str) -> None:
+    script = tmp_path / "quiet.py"
+    script.write_text(QUIET_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), log], capture_output=True, text=True,
+                          timeout=90, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "143\n"
+    if log == "default":
+        assert done.stderr == ""
+    else:
+        assert "orchestrator listening" in done.stderr and "embedded-0" in done.stderr
 
 
 def test_the_cluster_survives_a_killed_worker() -> None:
@@ -107,3 +134,20 @@ def test_squire_demo_prints_143() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "143"
     assert "map(fib_at) -> fold(sum)" in done.stderr  # the progress bar, on stderr
+
+
+@pytest.mark.parametrize("serializer", ["json", "msgpack"])
+def test_integers_of_any_size_stay_exact_through_map_and_fold(serializer: str) -> None:
+    # 50,000 digits: far past Python's int-to-str limit (4,300 digits), which
+    # neither the client, the worker nor the orchestrator may trip over.
+    huge = 7 * 10**49_999 + 12345
+    inputs = [huge, -huge + 1, huge * 3]
+    with embedded(workers=1, executor="inline", timeout=60) as cluster:
+        mapped = IndexedStream.from_iterable(inputs).map("multiply_by", factor=2)
+        assert mapped.run(cluster.client, serializer=serializer) == [2 * x for x in inputs]
+        assert mapped.fold("sum").run(cluster.client, serializer=serializer) == 2 * sum(inputs)
+        # fib_at's results pass 4,300 digits from n = 20,555 on
+        fibs = IndexedStream.from_iterable([20_000, 22_999]).map("fib_at")
+        values = [fib_at(20_000), fib_at(22_999)]
+        assert fibs.run(cluster.client, serializer=serializer) == values
+        assert fibs.fold("sum").run(cluster.client, serializer=serializer) == sum(values)

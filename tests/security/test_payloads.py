@@ -5,6 +5,7 @@ it claims; and a static check proves no service code unpickles anything."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -98,6 +99,31 @@ async def test_a_pickle_task_input_is_refused_and_runs_nothing(
             assert code is grpc.StatusCode.INVALID_ARGUMENT and "params" in details
             assert executions(record_file) == ["7"]
             assert not marker.exists()
+            await status_ok_after(orch)
+
+
+NOT_STRICT_JSON = [b"NaN", b"Infinity", b"-Infinity", b"[1, NaN]", "7".encode("utf-16"),
+                   b"\xef\xbb\xbf7"]
+
+
+async def test_json_inputs_are_decoded_strictly_and_refusals_name_the_index(
+    record_file: Path,
+) -> None:
+    # What Python's json.loads would take but JSON is not: NaN and infinity
+    # literals, UTF-16 text and a UTF-8 byte-order mark.
+    registry = Registry()
+    registry.add_module(record_ops)
+    async with orchestrator() as orch:
+        async with WorkerRuntime(worker_config(orch), registry=registry) as worker:
+            await wait_for(lambda: worker.ready, message="the worker")
+            for index, bad in enumerate(NOT_STRICT_JSON):
+                items = [encode(i) for i in range(index)] + [bad]
+                code, details = await asyncio.to_thread(run_directive, orch, JSON, items)
+                assert code is grpc.StatusCode.INVALID_ARGUMENT, (bad, details)
+                assert "input is not valid JSON" in details, details
+                assert f"at element {index}]" in details, details
+            assert all(json.loads(line) in range(len(NOT_STRICT_JSON))
+                       for line in executions(record_file))
             await status_ok_after(orch)
 
 

@@ -11,6 +11,10 @@ only this process, which then shuts the children down in order: SIGTERM the
 workers, then the orchestrator, wait up to ``grace`` seconds each, SIGKILL
 (the whole process group) whatever is left. That cleanup runs on every exit
 path, exceptions and KeyboardInterrupt included.
+
+The services are quiet by default: their logs go to a file in a temporary
+folder, whose end is quoted if a child fails to start. ``log=sys.stderr``
+shows them as they run; a path keeps them.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ ClientT = TypeVar("ClientT", Client, AsyncClient)
 
 LogTarget = str | os.PathLike[str] | int | IO[Any] | None
 _POLL_SECONDS = 0.05
+_QUOTED_LOG_LINES = 20
 
 
 @dataclass(frozen=True)
@@ -73,19 +78,35 @@ class _Processes:
         self._executor = executor
         self._prefetch = () if prefetch is None else ("--prefetch", str(prefetch))
         self._log_file: IO[Any] | None = None
-        self._stdout, self._stderr = self._log_targets(log)
         self._tmp = tempfile.TemporaryDirectory(prefix="squire-embedded-")
         self._port_file = Path(self._tmp.name) / "port"
+        # Quiet by default: a log file of our own, quoted on start-up failure.
+        self._quiet_log = Path(self._tmp.name) / "services.log" if log is None else None
+        self._log_where = self._describe(log)
+        self._stdout, self._stderr = self._log_targets(
+            log if self._quiet_log is None else self._quiet_log
+        )
         self.orchestrator: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
 
-    def _log_targets(self, log: LogTarget) -> tuple[int | IO[Any], int | IO[Any] | None]:
+    @staticmethod
+    def _describe(log: LogTarget) -> str:
         if log is None:
-            # Children's stdout goes to our stderr: stdout stays the caller's.
-            return sys.__stderr__.fileno() if sys.__stderr__ else subprocess.DEVNULL, None
+            return ""
+        if isinstance(log, str | os.PathLike):
+            return f"; see its output in {os.fspath(log)}"
+        return "; see its output in the log given to embedded()"
+
+    def _log_targets(self, log: LogTarget) -> tuple[int | IO[Any], int | IO[Any] | None]:
+        if log is sys.stderr or log is sys.__stderr__:
+            # Children's stdout goes to our stderr too: stdout stays the caller's.
+            fd = sys.__stderr__.fileno() if sys.__stderr__ else subprocess.DEVNULL
+            return fd, fd
         if isinstance(log, str | os.PathLike):
             self._log_file = open(log, "ab")  # closed in close()
             return self._log_file, self._log_file
+        if log is None:  # not reached: None is the quiet log file by now
+            return subprocess.DEVNULL, subprocess.DEVNULL
         return log, log
 
     def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
@@ -139,9 +160,20 @@ class _Processes:
             code = proc.poll()
             if code is not None:
                 raise SquireError(
-                    f"embedded {name} (pid {proc.pid}) exited with code {code} during start-up; "
-                    "see its output on stderr"
+                    f"embedded {name} (pid {proc.pid}) exited with code {code} during start-up"
+                    + (self._log_where or self._quoted_log())
                 )
+
+    def _quoted_log(self) -> str:
+        assert self._quiet_log is not None
+        if self._log_file is not None:
+            self._log_file.flush()
+        try:
+            lines = self._quiet_log.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            lines = []
+        tail = "\n".join("    " + line for line in lines[-_QUOTED_LOG_LINES:])
+        return f"; the end of the services' output:\n{tail}" if tail else ""
 
     def _named(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
         named = [(f"worker {i}", proc) for i, proc in enumerate(self.workers)]
@@ -207,12 +239,22 @@ def embedded(
 ) -> Iterator[Embedded[Client]]:
     """Start an orchestrator and ``workers`` workers offering ``ops``; yield an :class:`Embedded`.
 
-    Returns once every worker is connected (or raises TimeoutError after
-    ``timeout`` seconds). ``prefetch`` is each worker's ``--prefetch`` (tasks
-    buffered beyond ``concurrency``; raise it for trivial operations). ``log``
-    receives the children's stdout and stderr: a path (appended to), a file or
-    a descriptor; by default both go to this
-    process's stderr. On exit the children are stopped as the module says.
+    - ``ops``: the modules whose operations and monoids the workers offer, as
+      ``squire-worker --ops`` takes them: dotted names importable from the
+      current folder or installed, or ``.py`` paths (default: the demo's
+      ``squire_examples.ops``).
+    - ``concurrency``, ``executor`` (``"process"``, ``"thread"`` or
+      ``"inline"``) and ``prefetch`` are each worker's flags of those names
+      (``prefetch``: tasks buffered beyond ``concurrency``; raise it for
+      trivial operations).
+    - ``timeout``: seconds to wait for every worker to connect, else
+      TimeoutError; ``grace``: seconds each child gets to stop on exit.
+    - ``log``: where the services' logs go. By default nowhere you see them
+      (a temporary file, quoted in the error if a child fails to start);
+      ``sys.stderr`` to watch them; a path (appended to), a file or a
+      descriptor to keep them.
+
+    On exit the children are stopped as the module says.
     """
     procs = _Processes(
         workers=workers, ops=ops, concurrency=concurrency, executor=executor, log=log,

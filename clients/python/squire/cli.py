@@ -8,7 +8,8 @@
         127.0.0.1:50051)
 
 Exit codes: 0 success (Ctrl-C ends ``--watch`` successfully), 1 a Squire
-error (message on stderr), 130 Ctrl-C otherwise.
+error (message on stderr), 130 Ctrl-C otherwise (one line on stderr; a
+directive running is cancelled, embedded services are stopped).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.text import Text
 
@@ -40,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.command(args)
     except KeyboardInterrupt:
+        # Cancelling the call and stopping embedded services happened on the
+        # way out; the traceback (through grpc's internals) would say nothing.
+        print("squire: interrupted", file=sys.stderr, flush=True)
         return 130
     except TimeoutError as exc:
         print(f"squire: {exc}", file=sys.stderr)
@@ -106,13 +111,13 @@ def _demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="squire-demo-") as tmp:
         # The services' logs would garble the live progress bar: keep them in
         # a file, shown only if something goes wrong (or with --verbose).
-        log = None if args.verbose else Path(tmp) / "services.log"
+        log: Path | TextIO = sys.stderr if args.verbose else Path(tmp) / "services.log"
         try:
             with embedded(workers=args.workers, executor=args.executor, log=log) as cluster:
                 err.print(f"orchestrator at {cluster.target}; {stream.describe()} over 1..10")
                 value = stream.run(cluster.client, progress=not args.no_progress)
         except (SquireError, TimeoutError):
-            if log is not None and log.exists():
+            if isinstance(log, Path) and log.exists():
                 err.print("[bold]service logs:[/]", log.read_text(errors="replace")[-8000:])
             raise
     print(value, flush=True)
@@ -161,6 +166,9 @@ def _watch_json(client: Client, interval: float) -> None:
 
 
 def _watch_tables(client: Client, target: str, interval: float) -> None:
+    if not sys.stdout.isatty():
+        _watch_plain(client, target, interval)
+        return
     with Live(Text("connecting..."), refresh_per_second=4) as live:
         while True:
             try:
@@ -168,6 +176,23 @@ def _watch_tables(client: Client, target: str, interval: float) -> None:
             except SquireError as exc:  # keep watching while the orchestrator is away
                 live.update(Text(f"{target}: {exc}", style="red"))
             _pause(interval)
+
+
+def _watch_plain(client: Client, target: str, interval: float) -> None:
+    # Redirected (a file, a pipe, `| tee`): a live display would redraw in
+    # place and reach the file only at exit, so each refresh is printed as
+    # plain lines after a timestamp, and flushed.
+    console = Console(no_color=True, highlight=False)
+    while True:
+        frame: RenderableType
+        try:
+            frame = render_status(client.status(), target=target)
+        except SquireError as exc:  # keep watching while the orchestrator is away
+            frame = Text(f"{target}: {exc}")
+        console.print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}", markup=False)
+        console.print(frame)
+        sys.stdout.flush()
+        _pause(interval)
 
 
 def _pause(seconds: float) -> None:

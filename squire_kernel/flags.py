@@ -1,0 +1,26 @@
+"""Command-line flags that are also environment variables, for both services.
+
+Every ``--some-flag`` of ``squire-orchestrator`` and ``squire-worker`` can be
+set as ``SQUIRE_SOME_FLAG``; :class:`EnvHelpFormatter` ends each flag's
+``--help`` line with that name, so the help lists them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def env_name(flag: str) -> str:
+    """``--max-workers`` -> ``SQUIRE_MAX_WORKERS``."""
+    return "SQUIRE_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+class EnvHelpFormatter(argparse.HelpFormatter):
+    """Each flag's help ends with the environment variable that also sets it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action) or ""
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        if flag is None or flag == "--help":
+            return text
+        return f"{text} [${env_name(flag)}]".lstrip()

@@ -1,0 +1,77 @@
+"""``--help`` of both services lists the SQUIRE_<FLAG> variable of every flag,
+and each of those variables really sets its flag."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+
+import procs
+import pytest
+
+from orchestrator_service import __main__ as orchestrator_main
+from worker_service import _cli as worker_cli
+
+
+def long_flags(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Action]]:
+    return [(next(o for o in a.option_strings if o.startswith("--")), a)
+            for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+def env_of(flag: str) -> str:
+    return "SQUIRE_" + flag[2:].replace("-", "_").upper()
+
+
+def sample(action: argparse.Action) -> str:
+    """A value for ``action`` that differs from its default."""
+    if isinstance(action, argparse._StoreTrueAction):
+        return "1"
+    if action.choices:
+        values = [getattr(c, "value", c) for c in action.choices]
+        return next(str(v) for v in values if str(v) != str(getattr(action.default, "value",
+                                                                     action.default)))
+    if action.type is not None or isinstance(action.default, int | float):
+        return "7"
+    return "/some/where"
+
+
+@pytest.mark.parametrize("entry_point", ["squire-orchestrator", "squire-worker"])
+def test_help_names_the_environment_variable_of_every_flag(entry_point: str) -> None:
+    out = subprocess.run([procs.entry_point(entry_point), "--help"], capture_output=True,
+                         text=True, timeout=60, check=True, env={"COLUMNS": "200"}).stdout
+    parser = (orchestrator_main.build_parser() if entry_point == "squire-orchestrator"
+              else worker_cli.build_parser({}))
+    flags = long_flags(parser)
+    assert len(flags) > 10
+    # one block per flag: its line and the help lines indented under it
+    blocks = re.split(r"\n(?=  -)", out)
+    for flag, action in flags:
+        block = next(b for b in blocks if re.match(rf"  (-\w, )?{flag}\b", b))
+        assert f"[${env_of(flag)}]" in " ".join(block.split()), block
+        assert action.help, f"{flag} has no help text"
+
+
+def test_every_orchestrator_variable_sets_its_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = orchestrator_main.parse_args([])
+    for flag, action in long_flags(orchestrator_main.build_parser()):
+        with monkeypatch.context() as m:
+            m.setenv(env_of(flag), sample(action))
+            from_env = getattr(orchestrator_main.parse_args([]), action.dest)
+            from_flag = getattr(orchestrator_main.parse_args(
+                [flag] if action.nargs == 0 else [flag, sample(action)]), action.dest)
+        assert from_env == from_flag != getattr(defaults, action.dest), flag
+
+
+def test_every_worker_variable_sets_its_flag() -> None:
+    parser = worker_cli.build_parser({})
+    for flag, action in long_flags(parser):
+        value = sample(action)
+        from_env = getattr(worker_cli.build_parser({env_of(flag): value}).parse_args([]),
+                           action.dest)
+        from_flag = getattr(parser.parse_args([flag] if action.nargs == 0 else [flag, value]),
+                            action.dest)
+        if flag == "--ops":  # a list, appended to; SQUIRE_OPS is read after parsing
+            assert worker_cli.parse_config([], {"SQUIRE_OPS": "m"}).ops == ("m",)
+            continue
+        assert from_env == from_flag != parser.get_default(action.dest), flag
