@@ -37,6 +37,7 @@ from orchestrator_service._events import (
     CloseWorker,
     CreditChanged,
     DirectiveCancelled,
+    DirectiveRestored,
     DirectiveSubmitted,
     DrainRequested,
     EmitItems,
@@ -49,6 +50,7 @@ from orchestrator_service._events import (
     InputsAccepted,
     Instruction,
     IpcMessage,
+    Journal,
     QueueUnserved,
     Refused,
     ResultsArrived,
@@ -71,6 +73,7 @@ from orchestrator_service._model import (
     queue_label,
 )
 from orchestrator_service._outcomes import Outcomes, sort_results
+from orchestrator_service._restore import replay
 from orchestrator_service._state import RouterState
 
 
@@ -94,6 +97,7 @@ class Router(RouterState):
             InputsAccepted: self._inputs_accepted,  # type: ignore[dict-item]
             InputEnded: self._input_ended,  # type: ignore[dict-item]
             DirectiveCancelled: self._directive_cancelled,  # type: ignore[dict-item]
+            DirectiveRestored: self._directive_restored,  # type: ignore[dict-item]
             Tick: self._tick,  # type: ignore[dict-item]
             DrainRequested: self._drain_requested,  # type: ignore[dict-item]
             AcceptingStopped: self._accepting_stopped,  # type: ignore[dict-item]
@@ -264,10 +268,34 @@ class Router(RouterState):
         key = event.directive_id
         self.channels[key] = Channel(key, now, directive=True)
         directive = Directive(
-            key, event.plan, max_fold_operands=self.config.max_fold_operands, now=now
+            key, event.plan, max_fold_operands=self.config.max_fold_operands, now=now,
+            journal=self.config.journal,
         )
         self.directives[key] = directive
+        if self.config.journal:
+            self._out.append(Journal(key, [], 0, event.plan, now))
         self._out.append(GrantCredit(key, self.config.directive_window))
+
+    def _directive_restored(self, event: DirectiveRestored) -> None:
+        key = event.directive_id
+        if key in self.channels:
+            self._out.append(Refused(Code.ALREADY_EXISTS, "directive id already in use"))
+            return
+        now = self.clock()
+        directive, outstanding, _ = replay(
+            key, event.plan, event.records,
+            max_fold_operands=self.config.max_fold_operands, now=now,
+        )
+        directive.started_at = event.created_at
+        directive.log = [] if self.config.journal else None
+        channel = self.channels[key] = Channel(key, now, directive=True)
+        self.directives[key] = directive
+        if outstanding:
+            self._enqueue(channel, sorted(outstanding.values(), key=lambda t: t.task_id))
+        # What finished before the restart counts as published and completed.
+        channel.published += directive.tasks_done
+        channel.completed += directive.tasks_done
+        self._touched[key] = directive
 
     def _inputs_accepted(self, event: InputsAccepted) -> None:
         directive = self.directives.get(event.directive_id)
@@ -301,7 +329,11 @@ class Router(RouterState):
             tasks = directive.advance(now)
             if tasks:
                 self._enqueue(self.channels[directive.id], tasks)
+            if directive.log:
+                self._out.append(Journal(directive.id, directive.log, directive.received))
+                directive.log = []
             if directive.items:
+                directive.emitted += len(directive.items)
                 self._out.append(EmitItems(directive.id, directive.items))
                 directive.items = Items()
             if directive.finished:

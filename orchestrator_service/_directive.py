@@ -22,6 +22,15 @@ from collections.abc import Sequence
 
 from orchestrator_service._fold import FoldState
 from orchestrator_service._items import Items
+from orchestrator_service._journal_records import (
+    ADVANCE,
+    CANCEL,
+    END_INPUT,
+    FAIL,
+    INPUTS,
+    RESULTS,
+    Record,
+)
 from orchestrator_service._model import (
     APPLY,
     COMBINE,
@@ -41,7 +50,13 @@ EMPTY_STAGE = -2  # TaskRecord.stage of the empty() task of an empty fold
 
 class Directive:
     def __init__(
-        self, directive_id: str, plan: PlanSpec, *, max_fold_operands: int, now: float
+        self,
+        directive_id: str,
+        plan: PlanSpec,
+        *,
+        max_fold_operands: int,
+        now: float,
+        journal: bool = False,
     ) -> None:
         self.id = directive_id
         self.plan = plan
@@ -57,6 +72,12 @@ class Directive:
         self.items = Items()  # emitted since the router last drained it
         self.fold_value: bytes | None = None
         self.credited = 0  # completed elements already given back as input credit
+        self.emitted = 0  # items (values and skipped) handed to the router so far
+        # The journal: every call that changes this directive, in order, since
+        # the router last drained it (None: not journaled). Replaying them
+        # into a new Directive rebuilds this one exactly (see ``_restore``):
+        # the same task ids, fold ranges and items in the same order.
+        self.log: list[Record] | None = [] if journal else None
         self._next_task_id = 0
         self._maps = plan.maps
         self._fold_stage = plan.fold
@@ -94,6 +115,8 @@ class Directive:
         """The next input elements; returns their first-stage tasks."""
         if self.state is not DirectiveState.RUNNING:
             return []
+        if self.log is not None:
+            self.log.append((INPUTS, items))
         first = self.received
         self.received += len(items)
         if not self._maps:
@@ -118,6 +141,8 @@ class Directive:
         ]
 
     def end_input(self) -> None:
+        if self.log is not None and not self.input_closed:
+            self.log.append((END_INPUT,))
         self.input_closed = True
 
     # -------------------------------------------------------------- results
@@ -133,6 +158,8 @@ class Directive:
         returns the tasks of the next stages they lead to."""
         if self.state is not DirectiveState.RUNNING:
             return []
+        if self.log is not None:
+            self.log.append((RESULTS, [task.task_id for task in tasks], outputs, errors))
         self.tasks_done += len(tasks)
         last = len(self._maps) - 1
         if errors is None and self._fold is None:
@@ -169,6 +196,8 @@ class Directive:
         and the end once every element is through."""
         if self.state is not DirectiveState.RUNNING:
             return []
+        if self.log is not None:
+            self.log.append((ADVANCE,))
         fold = self._fold
         tasks: list[TaskRecord] = []
         if fold is not None:
@@ -191,11 +220,15 @@ class Directive:
 
     def fail(self, code: Code, message: str) -> None:
         if self.state is DirectiveState.RUNNING:
+            if self.log is not None:
+                self.log.append((FAIL, code.value, message))
             self.state = DirectiveState.FAILED
             self.failure = (code, message)
 
     def cancel(self) -> None:
         if self.state is DirectiveState.RUNNING:
+            if self.log is not None:
+                self.log.append((CANCEL,))
             self.state = DirectiveState.CANCELLED
 
     def take_credit(self) -> int:

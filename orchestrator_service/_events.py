@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orchestrator_service._items import Items
+from orchestrator_service._journal_records import Record
 from orchestrator_service._model import (
     ChannelResult,
     Code,
@@ -125,6 +126,18 @@ class DirectiveCancelled:
 
 
 @dataclass(frozen=True, slots=True)
+class DirectiveRestored:
+    """A directive read back from the journal at startup: its plan and the
+    records it journaled, in order. It goes on where it stood; only its tasks
+    without a journaled outcome run again."""
+
+    directive_id: str
+    plan: PlanSpec
+    records: list[Record]
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passed: expire silent workers and queues nobody serves."""
 
@@ -143,7 +156,7 @@ Event = (
     WorkerConnected | WorkerDisconnected | HeartbeatReceived | CreditChanged | ResultsArrived
     | ChannelLeased | TasksPublished | ChannelClosed | ChannelReleased | ResultsTaken
     | DirectiveSubmitted | InputsAccepted | InputEnded | DirectiveCancelled
-    | Tick | DrainRequested | AcceptingStopped
+    | DirectiveRestored | Tick | DrainRequested | AcceptingStopped
 )
 
 # ------------------------------------------------------------ instructions
@@ -241,7 +254,20 @@ class TasksCompleted:
     now: float
 
 
+@dataclass(frozen=True, slots=True)
+class Journal:
+    """Commit these records of a directive (see ``_journal_records``) before
+    any later instruction for it reaches its caller. ``plan`` is set on the
+    first one of a new directive (the header of its journal)."""
+
+    directive_id: str
+    records: list[Record]
+    received: int  # input elements the directive holds after these records
+    plan: PlanSpec | None = None
+    created_at: float = 0.0
+
+
 Instruction = (
     Refused | SendTasks | SendIpc | CloseWorker | EmitItems | GrantCredit | EndCall
-    | EmitResults | EndChannel | QueueUnserved | TasksCompleted
+    | EmitResults | EndChannel | QueueUnserved | TasksCompleted | Journal
 )

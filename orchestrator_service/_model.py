@@ -171,6 +171,7 @@ class PlanSpec:
     serializer: int = 1
     expected_items: int = 0
     task_timeout_seconds: float = 0.0
+    detached: bool = False  # runs on when its caller leaves; attached later by id
 
     @property
     def maps(self) -> tuple[MapStage, ...]:
@@ -201,6 +202,7 @@ class RouterConfig:
     fairness_quantum: int = 16  # tasks one channel gets before the next is served
     max_fold_operands: int = 64
     max_workers: int = 1_000
+    journal: bool = False  # directives journal their calls (``Journal`` instructions)
 
 
 @dataclass(slots=True)

@@ -39,6 +39,7 @@ from orchestrator_service._events import (
     InputsAccepted,
     Instruction,
     IpcMessage,
+    Journal,
     QueueUnserved,
     Refused,
     ResultsArrived,
@@ -53,6 +54,7 @@ from orchestrator_service._events import (
     WorkerResult,
 )
 from orchestrator_service._items import Items, take_bounded
+from orchestrator_service._journal_records import Record
 from orchestrator_service._model import (
     APPLY,
     ChannelResult,
@@ -173,6 +175,9 @@ class Driver:
         self.channels: dict[str, ChannelView] = {}
         self.completed: list[TaskRecord] = []  # TasksCompleted, in order
         self.unserved: list[QueueUnserved] = []
+        # Journal instructions, as an instant store would hold them: per
+        # directive its plan, creation time and records, in order.
+        self.journal: dict[str, tuple[PlanSpec, float, list[Record]]] = {}
         self.steps = 0
         self._ids = itertools.count(1)
 
@@ -218,6 +223,10 @@ class Driver:
             self.completed.extend(i.tasks)
         elif isinstance(i, QueueUnserved):
             self.unserved.append(i)
+        elif isinstance(i, Journal):
+            if i.plan is not None:
+                self.journal[i.directive_id] = (i.plan, i.created_at, [])
+            self.journal[i.directive_id][2].extend(i.records)
         else:
             raise AssertionError(f"unknown instruction {i!r}")
         return None
