@@ -19,7 +19,7 @@ PACKAGES = {
 # The orchestrator's routing core: pure state machines, no I/O.
 ORCHESTRATOR_CORE = [
     "_admission", "_channel", "_core", "_directive", "_dispatch", "_events", "_fold",
-    "_items", "_model", "_outcomes", "_state", "_validate",
+    "_items", "_journal_types", "_model", "_outcomes", "_state", "_validate",
 ]
 IO_MODULES = {"grpc", "asyncio", "socket", "time", "threading", "selectors"}
 MAX_LINES = 460
@@ -103,7 +103,8 @@ def test_the_routing_core_does_no_io(name: str) -> None:
     assert not used & IO_MODULES, f"{name} imports {sorted(used & IO_MODULES)}"
     services = {m for m in imports(path, name) if m.startswith("orchestrator_service.")}
     impure = {"_servicer", "_session", "_hub", "_server", "_metrics", "_interceptor",
-              "_security", "_convert", "__main__"}
+              "_security", "_convert", "__main__", "_sqlite_store", "_sqlite_file",
+              "_memory_store"}
     assert not {m.rsplit(".", 1)[-1] for m in services} & impure, services
 
 

@@ -1,0 +1,63 @@
+"""A process using a journal, for the tests that need a second process or a
+SIGKILL: ``hold PATH`` opens it and waits to be killed; ``try PATH`` tries to
+open it and prints what happened; ``write PATH`` writes transactions in a
+loop, printing ``committed N`` as each one's future resolves."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from orchestrator_service._journal import (
+    Append,
+    Entry,
+    OpenStream,
+    StoreError,
+    StreamKind,
+    open_store,
+)
+
+IN_FLIGHT = 8
+
+
+def entries_of(n: int) -> list[Entry]:
+    """Transaction n: 1-4 entries that say which transaction they belong to."""
+    return [Entry("s", n % 7, f"{n}:{i}:".encode() + b"." * 200) for i in range(1 + n % 4)]
+
+
+async def main(mode: str, path: str) -> None:
+    store = open_store(path)
+    if mode == "try":
+        try:
+            await store.open()
+        except StoreError as exc:
+            print(f"{type(exc).__name__} {exc.code}: {exc.message}", flush=True)
+        else:
+            print("opened", flush=True)
+            await store.close()
+        return
+    await store.open()
+    print("open", flush=True)
+    if mode == "hold":
+        await asyncio.Event().wait()
+    opened = store.write([OpenStream("s", StreamKind.DIRECTIVE, b"", 0.0)])
+    assert opened is not None
+    await opened
+    window: asyncio.Queue[None] = asyncio.Queue(IN_FLIGHT)
+    n = 0
+    while True:
+        await window.put(None)
+        future = store.write([Append(entries_of(n))])
+        assert future is not None
+
+        def done(_: object, n: int = n) -> None:
+            window.get_nowait()
+            sys.stdout.write(f"committed {n}\n")
+            sys.stdout.flush()
+
+        future.add_done_callback(done)
+        n += 1
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
