@@ -15,6 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
+from orchestrator_service._durable import Retention
+from orchestrator_service._journal import StoreError
 from orchestrator_service._metrics import DEFAULT_METRICS_PORT
 from orchestrator_service._model import RouterConfig
 from orchestrator_service._security import (
@@ -52,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the bound port to this file once serving")
     p.add_argument("--grace", type=float, default=float(_env("grace", "30")),
                    help="seconds running directives get on SIGTERM (default 30)")
+    p.add_argument("--store", default=_env("store", ""),
+                   help="the journal of accepted directives and completed results: "
+                   "sqlite:///PATH/journal.db (durable: survives a crash or restart), "
+                   "add ?synchronous=full to survive power loss too; memory: keeps nothing "
+                   "(default: sqlite in --state-dir)")
+    p.add_argument("--state-dir", default=_env("state_dir", default_state_dir()),
+                   help="where the default journal lives (default %(default)s)")
+    p.add_argument("--reattach-grace", type=float,
+                   default=float(_env("reattach_grace", str(Retention().reattach_grace))),
+                   help="after a restart, a directive whose caller does not reattach within "
+                   "this is cancelled; detached ones wait for ever (default %(default)s s)")
+    p.add_argument("--retention", type=float,
+                   default=float(_env("retention", str(Retention().retention))),
+                   help="a finished directive's results nobody has read are kept this long "
+                   "(default %(default)s s)")
     p.add_argument("--lease-timeout", type=float,
                    default=float(_env("lease_timeout", str(d.lease_timeout))),
                    help="a worker silent this long loses its tasks (default %(default)s s)")
@@ -92,6 +109,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "squire")
+
+
+def store_url(args: argparse.Namespace) -> str:
+    if args.store:
+        return str(args.store)
+    state = Path(args.state_dir).expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{state / 'journal.db'}"
+
+
 def _write_port_file(path: Path, port: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(str(port))
@@ -109,6 +139,8 @@ async def serve(args: argparse.Namespace) -> None:
         security=security_from_args(args),
         limits=limits_from_args(args),
         health_port=args.health_port,
+        store=store_url(args),
+        retention=Retention(reattach_grace=args.reattach_grace, retention=args.retention),
         router=RouterConfig(
             lease_timeout=args.lease_timeout,
             heartbeat_interval=args.heartbeat_interval,
@@ -143,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_level, args.log_format)
     try:
         event_loop.run(serve(args), os.environ.get("SQUIRE_EVENT_LOOP", "auto"))
-    except (OSError, SecurityConfigError) as exc:
+    except (OSError, SecurityConfigError, StoreError, ValueError) as exc:
         logging.getLogger("squire.orchestrator").error("cannot start: %s", exc)
         sys.exit(2)
 

@@ -220,6 +220,7 @@ def plan_from_pb(plan: pb.Plan) -> PlanSpec:
         serializer=serializer,
         expected_items=plan.expected_items,
         task_timeout_seconds=plan.task_timeout_seconds,
+        detached=plan.detached,
     )
 
 

@@ -362,6 +362,7 @@ class Router(RouterState):
             EndCall(
                 directive.id, directive.state, end[0] if end else None, end[1] if end else "",
                 directive.fold_value, progress, now - directive.started_at,
+                directive.emitted,
             )
         )
 

@@ -222,6 +222,7 @@ class EndCall:
     fold_value: bytes | None
     progress: ProgressSnapshot
     duration: float
+    emitted: int = 0  # items it emitted in all (values and skipped)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,11 +10,14 @@ raised to the caller as :class:`RouterError`. Nothing here decides routing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from orchestrator_service._core import Router
 from orchestrator_service._events import (
@@ -25,7 +28,9 @@ from orchestrator_service._events import (
     EndChannel,
     Event,
     GrantCredit,
+    Instruction,
     IpcMessage,
+    Journal,
     QueueUnserved,
     Refused,
     SendIpc,
@@ -33,8 +38,26 @@ from orchestrator_service._events import (
     TasksCompleted,
 )
 from orchestrator_service._items import Items
-from orchestrator_service._model import ChannelResult, RouterError, TaskRecord
+from orchestrator_service._journal_records import (
+    ENTRY_RECORDS,
+    Summary,
+    encode_plan,
+    encode_records,
+    encode_summary,
+)
+from orchestrator_service._journal_types import (
+    Append,
+    Entry,
+    FinishStream,
+    OpenStream,
+    RemoveStream,
+    StreamKind,
+)
+from orchestrator_service._model import ChannelResult, PlanSpec, RouterError, TaskRecord
 from orchestrator_service._signal import Signal
+
+if TYPE_CHECKING:
+    from orchestrator_service._journal_types import Store, Write
 
 log = logging.getLogger("squire.orchestrator")
 
@@ -59,6 +82,8 @@ class CallBox:
     items: Items = field(default_factory=Items)
     credit: int = 0
     end: EndCall | None = None
+    accepted: int = 0  # input elements journaled (what an attaching caller resumes from)
+    journaled: bool = False  # its plan is committed: "started" may go out
 
 
 @dataclass(eq=False)
@@ -90,12 +115,124 @@ class Hub:
         self.channels: dict[str, ChannelBox] = {}
         self.on_tasks_done = on_tasks_done
         self.on_directive_end = on_directive_end
+        self.store: Store | None = None
+        # Instructions for callers held until the journal writes made before
+        # them commit (in write order): (commit, instructions).
+        self._held: deque[tuple[asyncio.Future[None] | None, list[Instruction]]] = deque()
+        # Per journaled directive: items released to callers (values,
+        # skipped), and input elements committed.
+        self.released: dict[str, list[int]] = {}
+        self.accepted: dict[str, int] = {}
+        self.ended: dict[str, EndCall] = {}  # finished, their end not yet read by a caller
+        self._forgotten: set[str] = set()  # dropped before their end came out of the core
+        self.read_at: dict[str, float] = {}  # ended, end written to a caller: since when
+        self.plans: dict[str, PlanSpec] = {}  # of every journaled directive
+        # Set while the orchestrator stops with a journal: calls end with
+        # UNAVAILABLE and this message, and their directives live on.
+        self.closing: str | None = None
+
+    def journal_to(self, store: Store) -> None:
+        """From now on, what callers are told waits for the journal (see
+        ``_journal_records``): accepted means journaled, completed means journaled."""
+        self.store = store
 
     def handle(self, *events: Event) -> None:
         """Feed ``events`` to the core and execute what it answers; raises
         RouterError if it refused (after executing everything else)."""
+        instructions = self.router.handle(*events)
+        if self.store is not None:
+            instructions = self._journal(instructions)
+        self._execute(instructions)
+
+    def _journal(self, instructions: list[Instruction]) -> list[Instruction]:
+        """Write the journal records; hold what callers would see until they
+        commit. Returns the instructions to execute now."""
+        now: list[Instruction] = []
+        later: list[Instruction] = []
+        opens: list[Write] = []
+        entries: list[Entry] = []
+        ends: list[Write] = []
+        for instruction in instructions:
+            kind = type(instruction)
+            if kind is Journal:
+                assert isinstance(instruction, Journal)
+                key = instruction.directive_id
+                if instruction.plan is not None:
+                    opens.append(
+                        OpenStream(
+                            key, StreamKind.DIRECTIVE, encode_plan(instruction.plan),
+                            instruction.created_at, instruction.plan.detached,
+                        )
+                    )
+                    self.released[key] = [0, 0]
+                    self.accepted[key] = 0
+                    self.plans[key] = instruction.plan
+                if instruction.records:
+                    entries.append(Entry(key, ENTRY_RECORDS, encode_records(instruction.records)))
+                later.append(instruction)
+            elif kind is EmitItems or kind is GrantCredit:
+                later.append(instruction)
+            elif kind is EndCall:
+                assert isinstance(instruction, EndCall)
+                ends.append(FinishStream(instruction.directive_id, time.time(), encode_summary(
+                    Summary(
+                        instruction.state, instruction.code, instruction.message,
+                        instruction.fold_value, instruction.emitted,
+                        instruction.progress.received,
+                    )
+                )))
+                later.append(instruction)
+            else:
+                now.append(instruction)
+        writes = opens + ([Append(entries)] if entries else []) + ends
+        assert self.store is not None
+        commit = self.store.write(writes) if writes else None
+        if later:
+            if commit is None and not self._held:
+                now.extend(later)
+            else:
+                self._held.append((commit, later))
+                if commit is not None:
+                    commit.add_done_callback(self._committed)
+        return now
+
+    def _committed(self, _: asyncio.Future[None]) -> None:
+        """A journal write committed: release what waited for it, in order."""
+        held = self._held
+        while held and (held[0][0] is None or held[0][0].done()):
+            commit, instructions = held.popleft()
+            if commit is not None and not commit.cancelled() and commit.exception() is not None:
+                # Only at shutdown: the store gave up. Nothing that was not
+                # journaled is told to a caller; they reattach to the next start.
+                log.error("journal write failed: %s", commit.exception())
+                continue
+            self._execute(instructions)
+
+    def delivered(self, directive_id: str) -> None:
+        """A directive's end was written to its caller. Whether the caller got
+        it is not known here (the connection may break just after), so the
+        journal keeps it a while longer for a reattach (``Durable.sweep``)."""
+        if self.store is not None and directive_id in self.released:
+            self.read_at[directive_id] = self.router.clock()
+
+    def forget(self, directive_id: str) -> None:
+        """A directive's caller has its end, or gave it up: drop it from the
+        journal (once it has ended, if it has not yet)."""
+        if self.store is None or directive_id not in self.released:
+            return
+        if directive_id in self.router.directives:
+            self._forgotten.add(directive_id)  # removed when its end comes
+            return
+        self.ended.pop(directive_id, None)
+        self.read_at.pop(directive_id, None)
+        self.plans.pop(directive_id, None)
+        del self.released[directive_id]
+        self.accepted.pop(directive_id, None)
+        self.store.write([RemoveStream(directive_id)])
+
+    def _execute(self, instructions: list[Instruction]) -> None:
         refused: Refused | None = None
-        for instruction in self.router.handle(*events):
+        for instruction in instructions:
             kind = type(instruction)
             if kind is SendTasks:
                 assert isinstance(instruction, SendTasks)
@@ -105,6 +242,10 @@ class Hub:
                     link.signal()
             elif kind is EmitItems:
                 assert isinstance(instruction, EmitItems)
+                released = self.released.get(instruction.directive_id)
+                if released is not None:
+                    released[0] += len(instruction.items.indexes)
+                    released[1] += len(instruction.items.skipped)
                 box = self.calls.get(instruction.directive_id)
                 if box is not None:
                     box.items.extend(instruction.items)
@@ -133,6 +274,15 @@ class Hub:
     def _rare(self, instruction: object) -> Refused | None:
         if isinstance(instruction, Refused):
             return instruction
+        if isinstance(instruction, Journal):
+            # Committed: this many input elements are the directive's for good.
+            self.accepted[instruction.directive_id] = instruction.received
+            box = self.calls.get(instruction.directive_id)
+            if box is not None:
+                box.accepted = instruction.received
+                box.journaled = True
+                box.signal()
+            return None
         if isinstance(instruction, SendIpc):
             link = self.workers.get(instruction.worker_id)
             if link is not None:
@@ -150,6 +300,11 @@ class Hub:
             if box is not None:
                 box.end = instruction
                 box.signal()
+            elif instruction.directive_id in self._forgotten:
+                self._forgotten.discard(instruction.directive_id)
+                self.forget(instruction.directive_id)
+            if self.store is not None and instruction.directive_id in self.released:
+                self.ended[instruction.directive_id] = instruction  # for a later caller
         elif isinstance(instruction, QueueUnserved):
             log.warning(instruction.message, extra={"queue": instruction.queue})
         elif isinstance(instruction, EndChannel):

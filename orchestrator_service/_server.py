@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,9 +22,11 @@ from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from orchestrator_service._core import Router
+from orchestrator_service._durable import Durable, Retention
 from orchestrator_service._events import AcceptingStopped, DrainRequested, Tick
 from orchestrator_service._hub import Hub
 from orchestrator_service._interceptor import SecurityInterceptor
+from orchestrator_service._journal import Store, open_store
 from orchestrator_service._metrics import OrchestratorMetrics
 from orchestrator_service._model import RouterConfig
 from orchestrator_service._security import (
@@ -70,6 +74,11 @@ class OrchestratorConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     limits: Limits = field(default_factory=Limits)
     health_port: int = 0  # plaintext grpc.health.v1 alone, for probes; 0 = off
+    # The journal (see _journal): "memory:" keeps nothing across a restart;
+    # "sqlite:///path/journal.db" makes directives durable.
+    store: str = "memory:"
+    synchronous: str = "normal"
+    retention: Retention = field(default_factory=Retention)
 
 
 class Orchestrator:
@@ -77,8 +86,16 @@ class Orchestrator:
 
     def __init__(self, config: OrchestratorConfig | None = None) -> None:
         self.config = config or OrchestratorConfig()
-        self.router = Router(self.config.router, time.monotonic)
+        self.store: Store = open_store(self.config.store, synchronous=self.config.synchronous)
+        router_config = self.config.router
+        if self.store.durable and not router_config.journal:
+            router_config = dataclasses.replace(router_config, journal=True)
+        self.router = Router(router_config, time.monotonic)
         self.hub = Hub(self.router)
+        self.durable = Durable(self.hub, self.config.retention)
+        self.epoch = 0
+        self.resumed = 0  # directives restored from the journal at start
+        self.recovery_seconds = 0.0
         self.state = State.STARTING
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -119,7 +136,7 @@ class Orchestrator:
                     self.config.metrics_host, self.config.metrics_port, "--metrics-port", exc
                 ) from exc
         pb_grpc.add_DirectiveServiceServicer_to_server(
-            DirectiveServicer(self.hub), server
+            DirectiveServicer(self.hub, self.durable), server
         )
         pb_grpc.add_StatusServiceServicer_to_server(
             StatusServicer(self.hub, lambda: self.state.value, __version__), server
@@ -146,6 +163,13 @@ class Orchestrator:
         if not self.port:
             self.metrics.close()
             raise listen_error(self.config.host, self.config.port, "--port")
+        if self.store.durable:
+            try:
+                await self._recover()  # before serving: callers reattach to what it restores
+            except BaseException:
+                self.metrics.close()
+                await self.store.close()
+                raise
         await server.start()
         self._server = server
         if self.config.health_port:
@@ -172,8 +196,17 @@ class Orchestrator:
         log.info("orchestrator draining", extra={"grace": grace})
         deadline = time.monotonic() + grace
         # Polling: the core has no "all channels gone" event, and this runs once.
-        while self.router.channels and time.monotonic() < deadline:  # noqa: ASYNC110
+        # With a journal, running directives need not finish: they go on at
+        # the next start (only leased channels, which are not journaled, wait).
+        while self._must_wait() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+        if self.store.durable:
+            # What still runs is journaled: its callers reattach to the next start.
+            self.hub.closing = (
+                "the orchestrator is restarting; the directive goes on: reattach by its id"
+            )
+            for box in list(self.hub.calls.values()):
+                box.signal()
         self.hub.handle(DrainRequested(max(0.0, deadline - time.monotonic())))
         if self._ticker is not None:
             self._ticker.cancel()
@@ -185,6 +218,7 @@ class Orchestrator:
             await self._health_server.stop(0)
         if self.metrics is not None:
             self.metrics.close()
+        await self.store.close()
         self.state = State.CLOSED
         self._stopped.set()
         log.info("orchestrator stopped")
@@ -226,7 +260,33 @@ class Orchestrator:
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, status)
 
+    async def _recover(self) -> None:
+        recovered = await self.store.open()
+        started = time.monotonic()
+        self.epoch = recovered.epoch
+        # Lease ids are unique across epochs: a result for a lease of an
+        # earlier orchestrator never matches a lease of this one.
+        self.router._lease_ids = itertools.count((recovered.epoch << 40) + 1)
+        self.hub.journal_to(self.store)
+        self.resumed = self.durable.recover(recovered)
+        self.recovery_seconds = recovered.seconds + time.monotonic() - started
+        log.info(
+            "journal opened",
+            extra={
+                "store": self.store.url, "epoch": self.epoch, "resumed": self.resumed,
+                "finished_unread": len(self.hub.ended),
+                "recovery_seconds": round(self.recovery_seconds, 3),
+            },
+        )
+
+    def _must_wait(self) -> bool:
+        if not self.store.durable:
+            return bool(self.router.channels)
+        return any(not c.directive for c in self.router.channels.values())
+
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.config.tick_interval)
             self.hub.handle(Tick())
+            if self.store.durable:
+                self.durable.sweep()

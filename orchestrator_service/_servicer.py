@@ -15,6 +15,7 @@ from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from orchestrator_service import _convert as convert
+from orchestrator_service._durable import Durable, Missing, write_missing
 from orchestrator_service._events import (
     ChannelClosed,
     ChannelLeased,
@@ -238,8 +239,9 @@ class ChannelServicer(pb_grpc.ChannelServiceServicer):
 
 
 class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, durable: Durable) -> None:
         self._hub = hub
+        self._durable = durable
 
     async def RunDirective(  # type: ignore[override]
         self,
@@ -249,6 +251,9 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
         hub = self._hub
         requests = aiter(request_iterator)
         first = await anext(requests, None)
+        if first is not None and first.HasField("attach"):
+            await self._attach(first.attach, requests, context)
+            return
         directive_id = hub.new_id()
         box = CallBox(directive_id, Signal())
         try:
@@ -263,22 +268,57 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
             hub.calls.pop(directive_id, None)
             await abort(context, exc)
         log.debug("directive started", extra={"routing_key": directive_id, "plan": plan.describe()})
+        started = pb.DirectiveStarted(directive_id=directive_id)
+        await self._serve(box, started, None, requests, context, detached=plan.detached)
+
+    async def _attach(
+        self,
+        attach: pb.AttachDirective,
+        requests: AsyncIterator[pb.DirectiveRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        try:
+            box, started, missing = self._durable.open_attach(attach)
+        except RouterError as exc:
+            await abort(context, exc)
+        key = box.directive_id
+        directive = self._hub.router.directives.get(key)
+        detached = directive.plan.detached if directive is not None else True
+        log.info("caller attached", extra={"routing_key": key})
+        await self._serve(box, started, missing, requests, context, detached=detached)
+
+    async def _serve(
+        self,
+        box: CallBox,
+        started: pb.DirectiveStarted,
+        missing: Missing | None,
+        requests: AsyncIterator[pb.DirectiveRequest],
+        context: grpc.aio.ServicerContext,
+        *,
+        detached: bool,
+    ) -> None:
+        hub = self._hub
+        directive_id = box.directive_id
         reader = asyncio.create_task(self._read_inputs(box, requests))
         try:
-            await context.write(
-                pb.DirectiveEvent(started=pb.DirectiveStarted(directive_id=directive_id))
-            )
+            while hub.store is not None and not box.journaled and not started.attached:
+                await box.signal.wait()  # accepted means journaled: started waits for it
+            await context.write(pb.DirectiveEvent(started=started))
+            if missing is not None:
+                await write_missing(self._durable, box, missing, context)
             await self._write_events(box, reader, context)
         finally:
             # Bookkeeping before the first await: gRPC may cancel this handler
             # task again while it awaits (a client cancel racing a blocked
             # write), and the directive must not outlive its call.
             reader.cancel()
-            if box.end is None:
+            if box.end is None and not detached and not hub.closing:
                 # The client cancelled, disconnected, or its deadline passed.
                 hub.handle(DirectiveCancelled(directive_id))
+                hub.forget(directive_id)
                 log.info("directive cancelled", extra={"routing_key": directive_id})
-            hub.calls.pop(directive_id, None)
+            if hub.calls.get(directive_id) is box:
+                del hub.calls[directive_id]
             await asyncio.gather(reader, return_exceptions=True)
 
     async def _read_inputs(
@@ -305,12 +345,28 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
             box.credit -= len(items)
             hub.handle(InputsAccepted(box.directive_id, items))
 
+    async def ListDirectives(
+        self, request: pb.ListDirectivesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListDirectivesResponse:
+        return self._durable.list_directives()
+
+    async def CancelDirective(
+        self, request: pb.CancelDirectiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelDirectiveResponse:
+        try:
+            self._durable.cancel(request.directive_id)
+        except RouterError as exc:
+            await abort(context, exc)
+        return pb.CancelDirectiveResponse()
+
     async def _write_events(
         self, box: CallBox, reader: asyncio.Task[None], context: grpc.aio.ServicerContext
     ) -> None:
         last_progress = time.monotonic()
         hub = self._hub
         while True:
+            if hub.closing is not None:
+                await abort(context, RouterError(Code.UNAVAILABLE, hub.closing))
             items = box.items.take()
             events = convert.EventsToWrite()
             convert.add_items(events.new, items)
@@ -333,9 +389,10 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
                 last_progress = now
                 progress = hub.router.progress(box.directive_id)
                 if progress is not None:
-                    await context.write(
-                        pb.DirectiveEvent(progress=convert.progress_to_pb(progress))
-                    )
+                    message = convert.progress_to_pb(progress)
+                    if hub.store is not None:
+                        message.received = box.accepted  # only what is journaled
+                    await context.write(pb.DirectiveEvent(progress=message))
             if not box.items and box.end is None:
                 waits: list[asyncio.Future[None]] = [box.signal.future()]
                 if not reader.done():
@@ -359,6 +416,7 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
             await asyncio.gather(reader, return_exceptions=True)
 
     async def _finish(self, end: EndCall, context: grpc.aio.ServicerContext) -> None:
+        self._hub.delivered(end.directive_id)
         if end.code is None:
             events = convert.EventsToWrite()
             convert.add_final_events(events.new, end)

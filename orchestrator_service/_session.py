@@ -128,6 +128,8 @@ class Session:
         self, context: grpc.aio.ServicerContext, reader: asyncio.Task[None]
     ) -> None:
         while True:
+            if self._hub.closing is not None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, self._hub.closing)
             wrote = False
             while self._refused:
                 await context.write(self._refused.pop(0))
@@ -157,6 +159,8 @@ class Session:
         items = box.items.take()
         end = box.end if not box.items else None
         due = now - call.last_progress >= PROGRESS_INTERVAL
+        if not call.started_sent and self._hub.store is not None and not box.journaled:
+            return None  # accepted means journaled: nothing goes out before the plan is
         if not call.started_sent and not (items or end or due):
             # A small directive is often done before anything else is worth
             # a message: its started event goes out with its results and end
@@ -178,6 +182,7 @@ class Session:
         if end is not None:
             del self._calls[call.call_id]
             self._hub.calls.pop(box.directive_id, None)
+            self._hub.delivered(box.directive_id)
             call.slot.release()
             if end.code is None:
                 convert.add_final_events(events.add, end)
@@ -191,8 +196,10 @@ class Session:
         """The session ended: cancel whatever it still runs."""
         hub = self._hub
         for call in self._calls.values():
-            if call.box.end is None:
-                hub.handle(DirectiveCancelled(call.box.directive_id))
-            hub.calls.pop(call.box.directive_id, None)
+            key = call.box.directive_id
+            if call.box.end is None and hub.closing is None:
+                hub.handle(DirectiveCancelled(key))
+                hub.forget(key)
+            hub.calls.pop(key, None)
             call.slot.release()
         self._calls.clear()

@@ -70,11 +70,12 @@ class Cluster:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         port_file = self.dir / "port"
         self.metrics_port = metrics_port
+        self._orchestrator_args = orchestrator_args
         self.orchestrator = self._spawn(
             "orchestrator",
             [entry_point("squire-orchestrator"), "--host", "127.0.0.1", "--port", "0",
              "--port-file", str(port_file), "--metrics-port", str(metrics_port),
-             *orchestrator_args],
+             "--state-dir", str(self.dir / "state"), *orchestrator_args],
         )
         self.port = int(wait_until(lambda: port_file.exists() and port_file.read_text(),
                                    message="the orchestrator's port file"))
@@ -100,6 +101,31 @@ class Cluster:
         if wait:
             self.wait_for_workers({worker_id})
         return proc
+
+    def kill_orchestrator(self, sig: int = signal.SIGKILL) -> None:
+        self.orchestrator.send_signal(sig)
+        self.orchestrator.wait(timeout=30)
+
+    def restart_orchestrator(self, *, wait: bool = False) -> None:
+        """A new orchestrator on the same port and journal (the old one is dead)."""
+        assert self.orchestrator.poll() is not None, "the orchestrator is still running"
+        self.orchestrator = self._spawn(
+            "orchestrator",
+            [entry_point("squire-orchestrator"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--metrics-port", str(self.metrics_port), "--state-dir", str(self.dir / "state"),
+             *self._orchestrator_args],
+        )
+        if wait:
+            wait_until(self.serving, 30, message="the restarted orchestrator")
+
+    def serving(self) -> bool:
+        if self.orchestrator.poll() is not None:
+            raise AssertionError("the orchestrator exited: " + self.log("orchestrator"))
+        try:
+            self.status()
+        except grpc.RpcError:
+            return False
+        return True
 
     def status(self) -> pb.GetStatusResponse:
         return self._status.GetStatus(pb.GetStatusRequest(), timeout=5)

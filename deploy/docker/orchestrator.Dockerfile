@@ -45,7 +45,8 @@ FROM python:3.11.9-slim-bookworm
 # deploy/k8s/base can set runAsUser to the same number.
 RUN groupadd --system --gid 10001 squire \
  && useradd --system --uid 10001 --gid squire --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin squire
+        --home-dir /nonexistent --shell /usr/sbin/nologin squire \
+ && install -d -o 10001 -g 10001 -m 0750 /var/lib/squire
 
 COPY --from=builder /opt/venv /opt/venv
 
@@ -58,7 +59,12 @@ COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    SQUIRE_HOST=0.0.0.0
+    SQUIRE_HOST=0.0.0.0 \
+    SQUIRE_STATE_DIR=/var/lib/squire
+
+# The journal (accepted directives, completed results): mount a volume here,
+# or directives do not survive the container (deploy/k8s uses a PVC).
+VOLUME /var/lib/squire
 
 # 50051: gRPC (squire services, grpc.health.v1, reflection); 9464: /metrics
 EXPOSE 50051 9464

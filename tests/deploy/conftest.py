@@ -59,6 +59,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         str(BIN / "squire-orchestrator"), "--host", "127.0.0.1", "--port", "0",
         "--port-file", str(port_file), "--metrics-port", str(metrics_port),
         "--metrics-host", "127.0.0.1", "--grace", "1", "--health-port", str(health_port),
+        "--state-dir", str(log_dir / "state"),
     ], log_dir) as orchestrator:
         def bound() -> str:
             orchestrator.check_alive()

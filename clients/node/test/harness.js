@@ -115,7 +115,7 @@ export class Cluster {
     const portFile = path.join(this.dir, 'port');
     this.#spawn('orchestrator', entryPoint('squire-orchestrator'), [
       '--host', '127.0.0.1', '--port', '0', '--port-file', portFile, '--metrics-port', '0',
-      ...this.orchestratorArgs,
+      '--state-dir', path.join(this.dir, 'state'), ...this.orchestratorArgs,
     ]);
     const port = await this.#waitFor(() => readIfExists(portFile), "the orchestrator's port file", ['orchestrator']);
     this.target = `127.0.0.1:${port}`;
@@ -158,7 +158,8 @@ export class Cluster {
     await this.killOrchestrator();
     const port = this.target.split(':').at(-1) ?? '';
     this.#spawn('orchestrator', entryPoint('squire-orchestrator'), [
-      '--host', '127.0.0.1', '--port', port, '--metrics-port', '0', ...this.orchestratorArgs,
+      '--host', '127.0.0.1', '--port', port, '--metrics-port', '0',
+      '--state-dir', path.join(this.dir, 'state'), ...this.orchestratorArgs,
     ]);
     const client = /** @type {Client} */ (this.client);
     const ids = Array.from({ length: this.workerSpec.count }, (_, i) => `node-test-${i}`);

@@ -19,7 +19,7 @@ import grpc.aio
 from squire._async_channel import AsyncChannelHandle, AsyncLease
 from squire._channel import ChannelHandle
 from squire._credentials import Credentials, PemSource
-from squire._directive import AsyncDirectiveRun, DirectiveRun
+from squire._directive import DEFAULT_REATTACH_TIMEOUT, AsyncDirectiveRun, DirectiveRun
 from squire._errors import SquireError, translate_rpc_error
 from squire._model import Plan
 from squire._session import SESSION_MAX_ITEMS, DirectiveSession, SessionRun
@@ -80,8 +80,12 @@ class Client:
         tls_key: PemSource | None = None,
         token: str | None = None,
         session: bool = True,
+        reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT,
     ) -> None:
         self.target = _client_target(target, channel)
+        # A running directive whose orchestrator goes away (a restart, a
+        # failover) is reattached for this long before its call fails.
+        self.reattach_timeout = reattach_timeout
         # Small directives ride one shared RunDirectives stream (squire._session);
         # session=False gives every directive its own RunDirective call.
         self._use_session = session
@@ -146,8 +150,14 @@ class Client:
             with self._session_lock:
                 if self._session is None:
                     self._session = DirectiveSession(self._directives)
-            return SessionRun(self._session, plan, inputs, items_to=items_to)
-        return DirectiveRun(self._directives, plan, inputs, items_to=items_to)
+            return SessionRun(
+                self._session, plan, inputs, items_to=items_to,
+                reattach_timeout=self.reattach_timeout,
+            )
+        return DirectiveRun(
+            self._directives, plan, inputs, items_to=items_to,
+            reattach_timeout=self.reattach_timeout,
+        )
 
     def lease_channel(self, *, serializer: str | Serializer = "json") -> ChannelHandle:
         """Lease a fresh result channel; see :class:`ChannelHandle` for its life cycle."""
@@ -208,8 +218,10 @@ class AsyncClient:
         tls_cert: PemSource | None = None,
         tls_key: PemSource | None = None,
         token: str | None = None,
+        reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT,
     ) -> None:
         self.target = target
+        self.reattach_timeout = reattach_timeout
         credentials = Credentials.resolve(
             tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token
         )
@@ -266,7 +278,10 @@ class AsyncClient:
         # IndexedStream.run_async passes ``items_to`` to gather map results itself.
         self._check_open()
 
-        return AsyncDirectiveRun(self._blocking_directives, plan, inputs, items_to=items_to)
+        return AsyncDirectiveRun(
+            self._blocking_directives, plan, inputs, items_to=items_to,
+            reattach_timeout=self.reattach_timeout,
+        )
 
     def lease_channel(self, *, serializer: str | Serializer = "json") -> AsyncLease:
         """Lease a result channel: ``await`` it, or use ``async with`` to release on exit."""

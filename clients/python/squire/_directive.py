@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -18,15 +20,27 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from squire._bridge import BlockingInputs, call_soon
-from squire._errors import translate_rpc_error
+from squire._errors import RpcError, translate_rpc_error
 from squire._model import DirectiveEvent, DirectiveStarted, Plan, Progress
-from squire._wire import InputBatcher, ItemSink, directive_event, plan_request
+from squire._wire import (
+    MAX_BATCH_ITEMS,
+    InputBatcher,
+    ItemSink,
+    directive_event,
+    inputs_request,
+    plan_request,
+)
 from squire.api.v1 import squire_pb2 as pb
 
 if TYPE_CHECKING:
     from typing import Self
 
     from squire.api.v1 import squire_pb2_grpc as pb_grpc
+
+
+# How long a directive's call keeps trying to reattach when the orchestrator
+# goes away (a restart, a failover); 0 turns reattaching off.
+DEFAULT_REATTACH_TIMEOUT = 120.0
 
 
 class _Feeder:
@@ -36,15 +50,26 @@ class _Feeder:
     while pulling or encoding an input element is kept in ``error`` and the
     call is cancelled; the event reader then raises that error instead of the
     CANCELLED status it sees.
+
+    It keeps the encoded elements the orchestrator has not yet confirmed as
+    journaled (``acknowledge``), so that a call that reattaches after an
+    orchestrator restart (``attach_requests``) resends exactly the inputs the
+    journal lacks: no element is lost, none is sent twice.
     """
 
     def __init__(self, plan: Plan, inputs: Iterable[Any]) -> None:
         self._plan = plan
-        self._inputs = inputs
+        self._source = iter(inputs)
+        self._exhausted = False
         self._batcher = InputBatcher(plan.serializer)
         self.error: Exception | None = None
         self._call: Any = None
         self._attached = threading.Event()
+        self._lock = threading.Lock()
+        self._kept: deque[bytes] = deque()  # encoded elements from index _kept_from on
+        self._kept_from = 0
+        self._resume: tuple[int, bool] | None = None  # (journaled inputs, input closed)
+        self._resumed = threading.Event()
 
     @property
     def sent(self) -> int:
@@ -55,10 +80,62 @@ class _Feeder:
         self._call = call
         self._attached.set()
 
+    def acknowledge(self, journaled: int) -> None:
+        """The orchestrator holds the first ``journaled`` elements for good."""
+        with self._lock:
+            while self._kept and self._kept_from < journaled:
+                self._kept.popleft()
+                self._kept_from += 1
+
+    def preload(self, sent: list[bytes]) -> None:
+        """Every input was sent already (encoded): keep them, take no more."""
+        self._kept.extend(sent)
+        self._batcher.count = len(sent)
+        self._exhausted = True
+
     def requests(self) -> Iterator[pb.DirectiveRequest]:
         yield plan_request(self._plan)
+        yield from self._from_source()
+
+    def attach_requests(
+        self, directive_id: str, values: int, skipped: int
+    ) -> Iterator[pb.DirectiveRequest]:
+        """The request stream of a call that resumes ``directive_id``."""
+        request = pb.DirectiveRequest()
+        request.attach.directive_id = directive_id
+        request.attach.values_received = values
+        request.attach.skipped_received = skipped
+        yield request
+        if not self._resumed.wait(timeout=300.0) or self._resume is None:
+            return
+        journaled, closed = self._resume
+        if closed:
+            return
+        self.acknowledge(journaled)
+        with self._lock:
+            kept = list(self._kept)[journaled - self._kept_from :]
+        for lo in range(0, len(kept), MAX_BATCH_ITEMS):
+            yield inputs_request(kept[lo : lo + MAX_BATCH_ITEMS])
+        if not self._exhausted:
+            yield from self._from_source()
+
+    def resumed(self, journaled: int, closed: bool) -> None:
+        """The attached call's DirectiveStarted: where the input goes on."""
+        self._resume = (journaled, closed)
+        self._resumed.set()
+
+    def reset(self) -> None:
+        self._resume = None
+        self._resumed.clear()
+        self._attached.clear()
+
+    def _from_source(self) -> Iterator[pb.DirectiveRequest]:
         try:
-            yield from self._batcher.requests(self._inputs)
+            for request in self._batcher.requests(self._source):
+                with self._lock:
+                    self._kept.extend(request.inputs.items)
+                yield request
+            self._exhausted = True
         except Exception as exc:
             # Raising here would make gRPC log a traceback and fail the call
             # with a generic UNKNOWN; cancel it and report the real error.
@@ -66,6 +143,16 @@ class _Feeder:
             self._attached.wait(timeout=10.0)
             if self._call is not None:
                 self._call.cancel()
+
+
+def _code(exc: grpc.RpcError) -> grpc.StatusCode | None:
+    code = getattr(exc, "code", None)
+    return code() if callable(code) else None
+
+
+def _details(exc: grpc.RpcError) -> str:
+    details = getattr(exc, "details", None)
+    return (details() or "") if callable(details) else ""
 
 
 class DirectiveRun:
@@ -92,15 +179,53 @@ class DirectiveRun:
         inputs: Iterable[Any],
         *,
         items_to: ItemSink | None = None,
+        reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT,
     ) -> None:
         self.plan = plan
         self.directive_id: str | None = None
         self.progress: Progress | None = None
         self.finished = False
+        self.reattached = 0  # times the call resumed after the orchestrator went away
         self._items_to = items_to
+        self._stub = stub
+        self._reattach_timeout = reattach_timeout
+        self._values = 0  # item values received (not skipped)
+        self._skipped = 0
         self._feeder = _Feeder(plan, inputs)
         self._call = stub.RunDirective(self._feeder.requests())
         self._feeder.attach(self._call)
+
+    @classmethod
+    def resume(
+        cls,
+        stub: pb_grpc.DirectiveServiceStub,
+        plan: Plan,
+        directive_id: str,
+        *,
+        sent: list[bytes],
+        values: int,
+        skipped: int,
+        first: grpc.RpcError | RpcError,
+        items_to: ItemSink | None = None,
+        reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT,
+    ) -> DirectiveRun:
+        """A run that reattaches to ``directive_id``, accepted with the
+        encoded inputs ``sent`` (all of them), of which the caller has
+        received ``values`` values and ``skipped`` skipped items."""
+        run = cls.__new__(cls)
+        run.plan = plan
+        run.directive_id = directive_id
+        run.progress = None
+        run.finished = False
+        run.reattached = 0
+        run._items_to = items_to
+        run._stub = stub
+        run._reattach_timeout = reattach_timeout
+        run._values, run._skipped = values, skipped
+        run._feeder = _Feeder(plan, ())
+        run._feeder.preload(sent)
+        run._reattach(first)
+        return run
 
     @property
     def inputs_sent(self) -> int:
@@ -118,11 +243,25 @@ class DirectiveRun:
                 self.finished = True
                 raise
             except grpc.RpcError as exc:
+                if self._may_reattach(exc):
+                    self._reattach(exc)
+                    continue
                 self.finished = True
                 if self._feeder.error is not None:
                     # The cancellation was ours, to stop the call: the cause is the input.
                     raise self._feeder.error from None
                 raise translate_rpc_error(exc) from exc
+            kind = message.WhichOneof("kind")
+            if kind == "items":
+                batch = message.items.items
+                skipped = sum(1 for item in batch if item.skipped)
+                self._skipped += skipped
+                self._values += len(batch) - skipped
+            elif kind == "progress":
+                self._feeder.acknowledge(message.progress.received)
+            elif kind == "started" and message.started.attached:
+                self._feeder.resumed(message.started.received, message.started.input_closed)
+                continue  # the caller saw its directive start once
             try:
                 event = directive_event(message, self.plan.serializer, self._items_to)
             except BaseException:
@@ -134,6 +273,54 @@ class DirectiveRun:
                 self.progress = event
             if event is not None:
                 return event
+
+    def _may_reattach(self, exc: grpc.RpcError) -> bool:
+        return (
+            _code(exc) is grpc.StatusCode.UNAVAILABLE
+            and self.directive_id is not None  # it was accepted (journaled)
+            and self._feeder.error is None
+            and not self.finished
+            and self._reattach_timeout > 0
+        )
+
+    def _reattach(self, first: grpc.RpcError | RpcError) -> None:
+        """The orchestrator went away mid-directive: attach to it again, with
+        backoff, until it answers or ``reattach_timeout`` passes."""
+        deadline = time.monotonic() + self._reattach_timeout
+        delay = 0.05
+        error: grpc.RpcError | RpcError = first
+        while time.monotonic() < deadline:
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 1.0)
+            self._feeder.reset()
+            assert self.directive_id is not None
+            call = self._stub.RunDirective(
+                self._feeder.attach_requests(self.directive_id, self._values, self._skipped)
+            )
+            self._feeder.attach(call)
+            try:
+                message = next(call)
+            except StopIteration:
+                return
+            except grpc.RpcError as exc:
+                error = exc
+                code = _code(exc)
+                retry = code is grpc.StatusCode.UNAVAILABLE or (
+                    code is grpc.StatusCode.FAILED_PRECONDITION
+                    and "already has a caller" in (_details(exc))
+                )
+                if retry:
+                    continue
+                break
+            self._call = call
+            self.reattached += 1
+            if message.WhichOneof("kind") == "started":
+                self._feeder.resumed(message.started.received, message.started.input_closed)
+            return
+        self.finished = True
+        if isinstance(error, RpcError):
+            raise error
+        raise translate_rpc_error(error) from None
 
     def cancel(self) -> None:
         """Cancel the directive if it is still running. Idempotent."""
@@ -178,13 +365,16 @@ class AsyncDirectiveRun:
         inputs: Iterable[Any] | AsyncIterable[Any],
         *,
         items_to: ItemSink | None = None,
+        reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._inputs: BlockingInputs | None = None
         if isinstance(inputs, AsyncIterable):
             self._inputs = BlockingInputs(inputs, self._loop)
             inputs = self._inputs
-        self._run = DirectiveRun(stub, plan, inputs, items_to=items_to)
+        self._run = DirectiveRun(
+            stub, plan, inputs, items_to=items_to, reattach_timeout=reattach_timeout
+        )
         self._events: asyncio.Queue[DirectiveEvent | _End] = asyncio.Queue()
         self._credits = threading.Semaphore(self._PREFETCH)
         self._end: _End | None = None

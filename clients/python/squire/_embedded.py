@@ -128,6 +128,9 @@ class _Processes:
             *("--port", "0"),
             *("--port-file", str(self._port_file)),
             *("--metrics-port", "0"),
+            # Its own journal, gone with the cluster: the embedded cluster
+            # runs the durable default, and never meets another's directives.
+            *("--state-dir", str(Path(self._tmp.name) / "state")),
         )
 
     def port(self) -> int | None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from squire._directive import DEFAULT_REATTACH_TIMEOUT, DirectiveRun
 from squire._errors import RpcError, Unavailable, rpc_error, translate_rpc_error
 from squire._model import DirectiveEvent, DirectiveStarted, Plan, Progress
 from squire._wire import ItemSink, directive_event, plan_request
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
     from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 SESSION_MAX_ITEMS = 64
+CLOSED = "the directive session was closed"  # by this client
+ENDED = "the directive session stream ended"
+
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 _Inbox = deque[pb.SessionEvent | RpcError]
@@ -53,7 +57,7 @@ class DirectiveSession:
     """
 
     def __init__(self, stub: pb_grpc.DirectiveServiceStub) -> None:
-        self._stub = stub
+        self.stub = stub
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._calls: dict[int, _Inbox] = {}
@@ -79,7 +83,7 @@ class DirectiveSession:
                 while True:
                     inbox = self._calls.get(call_id)
                     if inbox is None:
-                        return Unavailable("the directive session was closed", "UNAVAILABLE")
+                        return Unavailable(CLOSED, "UNAVAILABLE")
                     if inbox:
                         return inbox.popleft()
                     if not self._reading:
@@ -94,12 +98,12 @@ class DirectiveSession:
         message: pb.SessionEvent | None = None
         error: RpcError | None = None
         if stream is None:
-            error = Unavailable("the directive session was closed", "UNAVAILABLE")
+            error = Unavailable(CLOSED, "UNAVAILABLE")
         else:
             try:
                 message = next(stream)
             except StopIteration:
-                error = Unavailable("the directive session stream ended", "UNAVAILABLE")
+                error = Unavailable(ENDED, "UNAVAILABLE")
             except grpc.RpcError as exc:
                 error = translate_rpc_error(exc)
             except BaseException:
@@ -136,7 +140,7 @@ class DirectiveSession:
         with self._cond:
             requests, stream = self._requests, self._stream
             self._requests = self._stream = None
-            error = Unavailable("the directive session was closed", "UNAVAILABLE")
+            error = Unavailable(CLOSED, "UNAVAILABLE")
             for inbox in self._calls.values():
                 inbox.append(error)
             self._cond.notify_all()
@@ -152,7 +156,7 @@ class DirectiveSession:
             while (request := requests.get()) is not None:
                 yield request
 
-        self._stream = self._stub.RunDirectives(outgoing())
+        self._stream = self.stub.RunDirectives(outgoing())
         self._requests = requests
 
 
@@ -166,6 +170,7 @@ class SessionRun:
         inputs: Sequence[Any],
         *,
         items_to: ItemSink | None = None,
+        reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT,
     ) -> None:
         self.plan = plan
         self.directive_id: str | None = None
@@ -178,6 +183,11 @@ class SessionRun:
         if items:
             request.inputs.items.extend(items)
         self._sent = len(items)
+        self._items = items  # kept: a reattach after an orchestrator restart may resend them
+        self._values = 0
+        self._skipped = 0
+        self._resumed: DirectiveRun | None = None
+        self._reattach_timeout = reattach_timeout
         self._session = session
         self._call_id = session.start(request)
         self._pending: list[DirectiveEvent] = []
@@ -190,15 +200,33 @@ class SessionRun:
         return self
 
     def __next__(self) -> DirectiveEvent:
+        if self._resumed is not None:
+            resumed = next(self._resumed)
+            self.progress = self._resumed.progress
+            return resumed
         while not self._pending:
             if self.finished:
                 raise StopIteration
             message = self._session.receive(self._call_id)
             if isinstance(message, RpcError):
-                self.finished = True
                 self._session.done(self._call_id)
+                if self._may_reattach(message):
+                    # The orchestrator went away: go on with a call of its own.
+                    self._resumed = DirectiveRun.resume(
+                        self._session.stub, self.plan, self.directive_id or "",
+                        sent=self._items, values=self._values, skipped=self._skipped,
+                        first=message, items_to=self._items_to,
+                        reattach_timeout=self._reattach_timeout,
+                    )
+                    return next(self)
+                self.finished = True
                 raise message
             for raw in message.events:
+                if raw.WhichOneof("kind") == "items":
+                    batch = raw.items.items
+                    skipped = sum(1 for item in batch if item.skipped)
+                    self._skipped += skipped
+                    self._values += len(batch) - skipped
                 event = directive_event(raw, self.plan.serializer, self._items_to)
                 if isinstance(event, DirectiveStarted):
                     self.directive_id = event.directive_id
@@ -214,7 +242,17 @@ class SessionRun:
                     raise rpc_error(name, message.end.message)
         return self._pending.pop(0)
 
+    def _may_reattach(self, error: RpcError) -> bool:
+        return (
+            error.code == "UNAVAILABLE"
+            and error.message not in (CLOSED, ENDED)
+            and self.directive_id is not None
+            and self._reattach_timeout > 0
+        )
+
     def cancel(self) -> None:
+        if self._resumed is not None:
+            self._resumed.cancel()
         if not self.finished:
             self.finished = True
             self._session.cancel(self._call_id)

@@ -864,6 +864,125 @@ class ReleaseChannelResponse(_message.Message):
 Global___ReleaseChannelResponse: _TypeAlias = ReleaseChannelResponse  # noqa: Y015
 
 @_typing.final
+class ListDirectivesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDirectivesRequest: _TypeAlias = ListDirectivesRequest  # noqa: Y015
+
+@_typing.final
+class DirectiveInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTIVE_ID_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DETACHED_FIELD_NUMBER: _builtins.int
+    ATTACHED_FIELD_NUMBER: _builtins.int
+    AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    RECEIVED_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    directive_id: _builtins.str
+    plan: _builtins.str
+    """e.g. "map(fib_at) -> fold(sum)" """
+    state: _builtins.str
+    """running | done | failed | cancelled"""
+    detached: _builtins.bool
+    attached: _builtins.bool
+    """a caller is attached now"""
+    age_seconds: _builtins.float
+    """since it was accepted"""
+    received: _builtins.int
+    """input elements"""
+    completed: _builtins.int
+    """elements through every map stage (or skipped)"""
+    message: _builtins.str
+    """why it failed or was cancelled"""
+    def __init__(
+        self,
+        *,
+        directive_id: _builtins.str = ...,
+        plan: _builtins.str = ...,
+        state: _builtins.str = ...,
+        detached: _builtins.bool = ...,
+        attached: _builtins.bool = ...,
+        age_seconds: _builtins.float = ...,
+        received: _builtins.int = ...,
+        completed: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_seconds", b"age_seconds", "attached", b"attached", "completed", b"completed", "detached", b"detached", "directive_id", b"directive_id", "message", b"message", "plan", b"plan", "received", b"received", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DirectiveInfo: _TypeAlias = DirectiveInfo  # noqa: Y015
+
+@_typing.final
+class ListDirectivesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTIVES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def directives(self) -> _containers.RepeatedCompositeFieldContainer[Global___DirectiveInfo]: ...
+    def __init__(
+        self,
+        *,
+        directives: _abc.Iterable[Global___DirectiveInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directives", b"directives"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDirectivesResponse: _TypeAlias = ListDirectivesResponse  # noqa: Y015
+
+@_typing.final
+class CancelDirectiveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTIVE_ID_FIELD_NUMBER: _builtins.int
+    directive_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        directive_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directive_id", b"directive_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelDirectiveRequest: _TypeAlias = CancelDirectiveRequest  # noqa: Y015
+
+@_typing.final
+class CancelDirectiveResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelDirectiveResponse: _TypeAlias = CancelDirectiveResponse  # noqa: Y015
+
+@_typing.final
 class MapStage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -944,11 +1063,16 @@ class Plan(_message.Message):
     SERIALIZER_FIELD_NUMBER: _builtins.int
     EXPECTED_ITEMS_FIELD_NUMBER: _builtins.int
     TASK_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    DETACHED_FIELD_NUMBER: _builtins.int
     serializer: Global___Serializer.ValueType
     expected_items: _builtins.int
     """progress total hint; 0 = unknown"""
     task_timeout_seconds: _builtins.float
     """0 = none"""
+    detached: _builtins.bool
+    """The directive runs on when its caller goes away (otherwise it is
+    cancelled); any caller attaches to it later by id (AttachDirective).
+    """
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Stage]: ...
     def __init__(
@@ -958,10 +1082,11 @@ class Plan(_message.Message):
         serializer: Global___Serializer.ValueType = ...,
         expected_items: _builtins.int = ...,
         task_timeout_seconds: _builtins.float = ...,
+        detached: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_items", b"expected_items", "serializer", b"serializer", "stages", b"stages", "task_timeout_seconds", b"task_timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detached", b"detached", "expected_items", b"expected_items", "serializer", b"serializer", "stages", b"stages", "task_timeout_seconds", b"task_timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -993,41 +1118,102 @@ class DirectiveRequest(_message.Message):
 
     PLAN_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    ATTACH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def plan(self) -> Global___Plan: ...
     @_builtins.property
     def inputs(self) -> Global___InputBatch: ...
+    @_builtins.property
+    def attach(self) -> Global___AttachDirective:
+        """instead of the plan: resume a directive"""
+
     def __init__(
         self,
         *,
         plan: Global___Plan | None = ...,
         inputs: Global___InputBatch | None = ...,
+        attach: Global___AttachDirective | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "kind", b"kind", "plan", b"plan"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "inputs", b"inputs", "kind", b"kind", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "kind", b"kind", "plan", b"plan"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "inputs", b"inputs", "kind", b"kind", "plan", b"plan"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["plan", "inputs"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["plan", "inputs", "attach"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___DirectiveRequest: _TypeAlias = DirectiveRequest  # noqa: Y015
 
 @_typing.final
-class DirectiveStarted(_message.Message):
+class AttachDirective(_message.Message):
+    """The first request of a call that resumes a directive already accepted:
+    after an orchestrator restart, a broken connection, or to read a detached
+    directive. Needs a journal (--store other than memory:). Items the caller
+    already has are not sent again: values are emitted in one order and
+    skipped elements in another, so the caller gives how many of each it has.
+    The call then continues as the first one would have: the remaining items,
+    progress, and the end; if DirectiveStarted.input_closed is false, the
+    caller sends the inputs from DirectiveStarted.received on.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIRECTIVE_ID_FIELD_NUMBER: _builtins.int
+    VALUES_RECEIVED_FIELD_NUMBER: _builtins.int
+    SKIPPED_RECEIVED_FIELD_NUMBER: _builtins.int
     directive_id: _builtins.str
-    """the directive's channel id (its routing key)"""
+    values_received: _builtins.int
+    """IndexedResult values (not skipped) the caller has"""
+    skipped_received: _builtins.int
+    """skipped IndexedResults the caller has"""
     def __init__(
         self,
         *,
         directive_id: _builtins.str = ...,
+        values_received: _builtins.int = ...,
+        skipped_received: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directive_id", b"directive_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directive_id", b"directive_id", "skipped_received", b"skipped_received", "values_received", b"values_received"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachDirective: _TypeAlias = AttachDirective  # noqa: Y015
+
+@_typing.final
+class DirectiveStarted(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIRECTIVE_ID_FIELD_NUMBER: _builtins.int
+    RECEIVED_FIELD_NUMBER: _builtins.int
+    INPUT_CLOSED_FIELD_NUMBER: _builtins.int
+    ATTACHED_FIELD_NUMBER: _builtins.int
+    SERIALIZER_FIELD_NUMBER: _builtins.int
+    directive_id: _builtins.str
+    """the directive's channel id (its routing key)"""
+    received: _builtins.int
+    """Input elements the orchestrator holds (journaled). After an attach, the
+    caller resumes its input from this index.
+    """
+    input_closed: _builtins.bool
+    """its input already ended: send no more"""
+    attached: _builtins.bool
+    """this call attached to an accepted directive"""
+    serializer: Global___Serializer.ValueType
+    """set when attached: how the items are encoded"""
+    def __init__(
+        self,
+        *,
+        directive_id: _builtins.str = ...,
+        received: _builtins.int = ...,
+        input_closed: _builtins.bool = ...,
+        attached: _builtins.bool = ...,
+        serializer: Global___Serializer.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "directive_id", b"directive_id", "input_closed", b"input_closed", "received", b"received", "serializer", b"serializer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -386,6 +386,16 @@ class DirectiveServiceStub:
                 request_serializer=squire_dot_api_dot_v1_dot_squire__pb2.SessionRequest.SerializeToString,
                 response_deserializer=squire_dot_api_dot_v1_dot_squire__pb2.SessionEvent.FromString,
                 _registered_method=True)
+        self.ListDirectives = channel.unary_unary(
+                '/squire.api.v1.DirectiveService/ListDirectives',
+                request_serializer=squire_dot_api_dot_v1_dot_squire__pb2.ListDirectivesRequest.SerializeToString,
+                response_deserializer=squire_dot_api_dot_v1_dot_squire__pb2.ListDirectivesResponse.FromString,
+                _registered_method=True)
+        self.CancelDirective = channel.unary_unary(
+                '/squire.api.v1.DirectiveService/CancelDirective',
+                request_serializer=squire_dot_api_dot_v1_dot_squire__pb2.CancelDirectiveRequest.SerializeToString,
+                response_deserializer=squire_dot_api_dot_v1_dot_squire__pb2.CancelDirectiveResponse.FromString,
+                _registered_method=True)
 
 
 class DirectiveServiceServicer:
@@ -416,6 +426,23 @@ class DirectiveServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDirectives(self, request, context):
+        """Directives the orchestrator holds: running ones, and finished ones kept
+        for a caller to read (detached, or whose caller went away) until they
+        are read or their retention ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelDirective(self, request, context):
+        """Cancel a directive by id (NOT_FOUND if there is none). A finished one
+        is dropped with its results.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DirectiveServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -428,6 +455,16 @@ def add_DirectiveServiceServicer_to_server(servicer, server):
                     servicer.RunDirectives,
                     request_deserializer=squire_dot_api_dot_v1_dot_squire__pb2.SessionRequest.FromString,
                     response_serializer=squire_dot_api_dot_v1_dot_squire__pb2.SessionEvent.SerializeToString,
+            ),
+            'ListDirectives': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDirectives,
+                    request_deserializer=squire_dot_api_dot_v1_dot_squire__pb2.ListDirectivesRequest.FromString,
+                    response_serializer=squire_dot_api_dot_v1_dot_squire__pb2.ListDirectivesResponse.SerializeToString,
+            ),
+            'CancelDirective': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelDirective,
+                    request_deserializer=squire_dot_api_dot_v1_dot_squire__pb2.CancelDirectiveRequest.FromString,
+                    response_serializer=squire_dot_api_dot_v1_dot_squire__pb2.CancelDirectiveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +523,60 @@ class DirectiveService:
             '/squire.api.v1.DirectiveService/RunDirectives',
             squire_dot_api_dot_v1_dot_squire__pb2.SessionRequest.SerializeToString,
             squire_dot_api_dot_v1_dot_squire__pb2.SessionEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDirectives(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squire.api.v1.DirectiveService/ListDirectives',
+            squire_dot_api_dot_v1_dot_squire__pb2.ListDirectivesRequest.SerializeToString,
+            squire_dot_api_dot_v1_dot_squire__pb2.ListDirectivesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelDirective(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squire.api.v1.DirectiveService/CancelDirective',
+            squire_dot_api_dot_v1_dot_squire__pb2.CancelDirectiveRequest.SerializeToString,
+            squire_dot_api_dot_v1_dot_squire__pb2.CancelDirectiveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -198,6 +198,15 @@ class DirectiveServiceStub:
     Errors end only their call (SessionEvent.end), never the session; a
     session that ends cancels its unfinished calls.
     """
+    ListDirectives: _grpc.UnaryUnaryMultiCallable[_squire_pb2.ListDirectivesRequest, _squire_pb2.ListDirectivesResponse]
+    """Directives the orchestrator holds: running ones, and finished ones kept
+    for a caller to read (detached, or whose caller went away) until they
+    are read or their retention ends.
+    """
+    CancelDirective: _grpc.UnaryUnaryMultiCallable[_squire_pb2.CancelDirectiveRequest, _squire_pb2.CancelDirectiveResponse]
+    """Cancel a directive by id (NOT_FOUND if there is none). A finished one
+    is dropped with its results.
+    """
 
 @_typing.type_check_only
 class DirectiveServiceAsyncStub(DirectiveServiceStub):
@@ -218,6 +227,15 @@ class DirectiveServiceAsyncStub(DirectiveServiceStub):
     RPC. A call's plan, inputs and end of input may travel in one request.
     Errors end only their call (SessionEvent.end), never the session; a
     session that ends cancels its unfinished calls.
+    """
+    ListDirectives: _aio.UnaryUnaryMultiCallable[_squire_pb2.ListDirectivesRequest, _squire_pb2.ListDirectivesResponse]  # type: ignore[assignment]
+    """Directives the orchestrator holds: running ones, and finished ones kept
+    for a caller to read (detached, or whose caller went away) until they
+    are read or their retention ends.
+    """
+    CancelDirective: _aio.UnaryUnaryMultiCallable[_squire_pb2.CancelDirectiveRequest, _squire_pb2.CancelDirectiveResponse]  # type: ignore[assignment]
+    """Cancel a directive by id (NOT_FOUND if there is none). A finished one
+    is dropped with its results.
     """
 
 class DirectiveServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -248,6 +266,27 @@ class DirectiveServiceServicer(metaclass=_abc_1.ABCMeta):
         RPC. A call's plan, inputs and end of input may travel in one request.
         Errors end only their call (SessionEvent.end), never the session; a
         session that ends cancels its unfinished calls.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDirectives(
+        self,
+        request: _squire_pb2.ListDirectivesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_squire_pb2.ListDirectivesResponse, _abc.Awaitable[_squire_pb2.ListDirectivesResponse]]:
+        """Directives the orchestrator holds: running ones, and finished ones kept
+        for a caller to read (detached, or whose caller went away) until they
+        are read or their retention ends.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelDirective(
+        self,
+        request: _squire_pb2.CancelDirectiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_squire_pb2.CancelDirectiveResponse, _abc.Awaitable[_squire_pb2.CancelDirectiveResponse]]:
+        """Cancel a directive by id (NOT_FOUND if there is none). A finished one
+        is dropped with its results.
         """
 
 def add_DirectiveServiceServicer_to_server(servicer: DirectiveServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
