@@ -273,7 +273,7 @@ class Router(RouterState):
         )
         self.directives[key] = directive
         if self.config.journal:
-            self._out.append(Journal(key, [], 0, event.plan, now))
+            self._out.append(Journal(key, [], 0, False, event.plan, now))
         self._out.append(GrantCredit(key, self.config.directive_window))
 
     def _directive_restored(self, event: DirectiveRestored) -> None:
@@ -330,7 +330,9 @@ class Router(RouterState):
             if tasks:
                 self._enqueue(self.channels[directive.id], tasks)
             if directive.log:
-                self._out.append(Journal(directive.id, directive.log, directive.received))
+                self._out.append(
+                    Journal(directive.id, directive.log, directive.received, directive.input_closed)
+                )
                 directive.log = []
             if directive.items:
                 directive.emitted += len(directive.items)

@@ -180,10 +180,12 @@ class Durable:
         box = CallBox(key, Signal())
         window = hub.router.config.directive_window
         started = pb.DirectiveStarted(directive_id=key, attached=True)
+        plan = hub.plans.get(key)
+        if plan is not None:
+            started.serializer = plan.serializer  # type: ignore[assignment]
         if directive is not None:
             box.credit = window - (directive.received - directive.credited)
-            started.input_closed = directive.input_closed
-            started.serializer = directive.plan.serializer  # type: ignore[assignment]
+            box.input_journaled = started.input_closed = directive.input_closed
         else:
             assert end is not None
             box.end = end

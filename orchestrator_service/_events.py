@@ -264,6 +264,7 @@ class Journal:
     directive_id: str
     records: list[Record]
     received: int  # input elements the directive holds after these records
+    input_closed: bool = False  # and whether its input has ended
     plan: PlanSpec | None = None
     created_at: float = 0.0
 

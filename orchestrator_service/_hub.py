@@ -84,6 +84,7 @@ class CallBox:
     end: EndCall | None = None
     accepted: int = 0  # input elements journaled (what an attaching caller resumes from)
     journaled: bool = False  # its plan is committed: "started" may go out
+    input_journaled: bool = False  # the end of its input is committed
 
 
 @dataclass(eq=False)
@@ -280,6 +281,7 @@ class Hub:
             box = self.calls.get(instruction.directive_id)
             if box is not None:
                 box.accepted = instruction.received
+                box.input_journaled = instruction.input_closed
                 box.journaled = True
                 box.signal()
             return None

@@ -22,6 +22,7 @@ from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from orchestrator_service._core import Router
+from orchestrator_service._directive_servicer import DirectiveServicer
 from orchestrator_service._durable import Durable, Retention
 from orchestrator_service._events import AcceptingStopped, DrainRequested, Tick
 from orchestrator_service._hub import Hub
@@ -37,7 +38,6 @@ from orchestrator_service._security import (
 )
 from orchestrator_service._servicer import (
     ChannelServicer,
-    DirectiveServicer,
     StatusServicer,
     WorkerServicer,
 )
@@ -184,8 +184,14 @@ class Orchestrator:
         await self._stopped.wait()
 
     async def shutdown(self, grace: float | None = None) -> None:
-        """Idempotent: refuse new directives (UNAVAILABLE), let running ones
-        finish within ``grace`` seconds, drain workers, stop."""
+        """Idempotent: refuse new directives (UNAVAILABLE), then stop.
+
+        Without a journal, running directives get ``grace`` seconds to
+        finish and the workers are drained (told to finish and leave). With
+        one, running directives stay in the journal: their calls end with
+        UNAVAILABLE (the SDKs reattach to the next start), the workers are
+        not drained (they reconnect to it), and only leased channels, which
+        are not journaled, get the grace."""
         if self.state in (State.DRAINING, State.CLOSED):
             await self._stopped.wait()
             return
@@ -207,7 +213,8 @@ class Orchestrator:
             )
             for box in list(self.hub.calls.values()):
                 box.signal()
-        self.hub.handle(DrainRequested(max(0.0, deadline - time.monotonic())))
+        else:
+            self.hub.handle(DrainRequested(max(0.0, deadline - time.monotonic())))
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

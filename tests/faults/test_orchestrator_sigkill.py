@@ -79,6 +79,8 @@ def test_orchestrator_sigkill_during_map(ledger: Ledger, env: dict[str, str], lo
         with squire.Client(c.target) as client:
             for round_no in range(rounds):
                 tag = f"okill{int(twice)}{round_no}"
+                # A new directive needs the orchestrator up (only running ones reattach).
+                wait_until(c.serving, 30, message="the orchestrator serving")
                 before = kills[0]
                 run = consume(square_map(N, tag, sleep=0.001).events(client), ledger, tag,
                               _killer(c, rng, N, kills, twice=twice))
@@ -108,6 +110,7 @@ def test_orchestrator_sigkill_during_map_then_fold(ledger: Ledger, env: dict[str
         with squire.Client(c.target) as client:
             for round_no in range(2):
                 tag = f"ofold{round_no}"
+                wait_until(c.serving, 30, message="the orchestrator serving")
                 stream = (squire.IndexedStream.from_iterable(range(n))
                           .map("fault_square", tag=tag, sleep=0.001).fold("fault_sum"))
                 maybe_kill = _killer(c, rng, n, kills)

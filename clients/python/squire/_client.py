@@ -19,8 +19,9 @@ import grpc.aio
 from squire._async_channel import AsyncChannelHandle, AsyncLease
 from squire._channel import ChannelHandle
 from squire._credentials import Credentials, PemSource
-from squire._directive import DEFAULT_REATTACH_TIMEOUT, AsyncDirectiveRun, DirectiveRun
+from squire._directive import AsyncDirectiveRun, DirectiveRun
 from squire._errors import SquireError, translate_rpc_error
+from squire._feeder import DEFAULT_REATTACH_TIMEOUT
 from squire._model import Plan
 from squire._session import SESSION_MAX_ITEMS, DirectiveSession, SessionRun
 from squire._wire import ItemSink, status_dict
@@ -158,6 +159,43 @@ class Client:
             self._directives, plan, inputs, items_to=items_to,
             reattach_timeout=self.reattach_timeout,
         )
+
+    def attach(self, directive_id: str) -> DirectiveRun:
+        """Attach to a directive accepted earlier (a detached one, see
+        :meth:`IndexedStream.submit`, or one whose caller went away) and
+        stream its events from the start: its items, progress, the fold
+        value, the end. Needs an orchestrator with a journal."""
+        self._check_open()
+        return DirectiveRun.attach(
+            self._directives, directive_id, reattach_timeout=self.reattach_timeout
+        )
+
+    def directives(self, *, timeout: float | None = 10.0) -> list[dict[str, Any]]:
+        """The directives the orchestrator holds, running and finished-unread,
+        as plain data (DirectiveInfo field names)."""
+        self._check_open()
+        try:
+            response = self._directives.ListDirectives(
+                pb.ListDirectivesRequest(), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            raise translate_rpc_error(exc) from exc
+        return [
+            {field.name: value for field, value in d.ListFields()} | {
+                "directive_id": d.directive_id, "state": d.state,
+            }
+            for d in response.directives
+        ]
+
+    def cancel(self, directive_id: str, *, timeout: float | None = 10.0) -> None:
+        """Cancel a directive by id (a finished one is dropped with its results)."""
+        self._check_open()
+        try:
+            self._directives.CancelDirective(
+                pb.CancelDirectiveRequest(directive_id=directive_id), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            raise translate_rpc_error(exc) from exc
 
     def lease_channel(self, *, serializer: str | Serializer = "json") -> ChannelHandle:
         """Lease a fresh result channel; see :class:`ChannelHandle` for its life cycle."""

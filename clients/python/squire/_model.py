@@ -53,6 +53,7 @@ class Plan:
     serializer: Serializer = Serializer.JSON
     expected_items: int | None = None  # a progress hint; None = unknown
     task_timeout: float | None = None  # seconds per task; None = no limit
+    detached: bool = False  # runs on when its caller leaves (see IndexedStream.submit)
 
     def __post_init__(self) -> None:
         for stage in self.stages[:-1]:

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from squire._directive import DEFAULT_REATTACH_TIMEOUT, DirectiveRun
+from squire._directive import DirectiveRun
 from squire._errors import RpcError, Unavailable, rpc_error, translate_rpc_error
+from squire._feeder import DEFAULT_REATTACH_TIMEOUT
 from squire._model import DirectiveEvent, DirectiveStarted, Plan, Progress
 from squire._wire import ItemSink, directive_event, plan_request
 from squire.api.v1 import squire_pb2 as pb

@@ -10,6 +10,7 @@ builds the plan, streams the inputs and collects what comes back.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -21,6 +22,7 @@ from collections.abc import (
 )
 from typing import TYPE_CHECKING, Any
 
+from squire._directive import DirectiveRun
 from squire._errors import SquireError
 from squire._model import (
     DirectiveEvent,
@@ -29,6 +31,7 @@ from squire._model import (
     ItemBatch,
     MapStage,
     Plan,
+    Progress,
     Stage,
 )
 from squire._wire import gather_items
@@ -36,7 +39,7 @@ from squire_kernel.serde import Serializer
 
 if TYPE_CHECKING:
     from squire._client import AsyncClient, Client
-    from squire._directive import AsyncDirectiveRun, DirectiveRun
+    from squire._directive import AsyncDirectiveRun
     from squire._progress import ProgressReporter
     from squire._session import SessionRun
     from squire.api.v1 import squire_pb2 as pb
@@ -153,6 +156,27 @@ class IndexedStream:
                 collector.add(event)
                 reporter.update(event)
         return collector.result(run.inputs_sent)
+
+    def submit(self, client: Client, *, serializer: str | Serializer = "json") -> str:
+        """Start the directive *detached* and return its id once the
+        orchestrator has journaled the plan and every input; it runs on
+        without this caller. Read it later, from any process, with
+        :meth:`Client.attach` (or ``squire results ID``). Needs an
+        orchestrator with a journal (the default store)."""
+        plan = dataclasses.replace(self.plan(serializer), detached=True, expected_items=None)
+        run = DirectiveRun(client._directives, plan, self._sync_source(),
+                           reattach_timeout=client.reattach_timeout)
+        try:
+            for event in run:
+                # Progress counts journaled inputs only; total is set once the
+                # end of the input is journaled too.
+                if (isinstance(event, Progress) and run._feeder.exhausted
+                        and run.inputs_sent and event.total == event.received == run.inputs_sent):
+                    break
+        finally:
+            run.cancel()  # a detached directive lives on
+        assert run.directive_id is not None
+        return run.directive_id
 
     async def run_async(
         self,

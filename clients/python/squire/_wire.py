@@ -54,6 +54,7 @@ def plan_request(plan: Plan) -> pb.DirectiveRequest:
             serializer=pb.Serializer.ValueType(plan.serializer),
             expected_items=plan.expected_items or 0,
             task_timeout_seconds=plan.task_timeout or 0.0,
+            detached=plan.detached,
         )
     )
 

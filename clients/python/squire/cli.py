@@ -6,6 +6,15 @@
     squire status [--target HOST:PORT] [--json] [--watch [--interval 1]]
         what the orchestrator is doing (target: $SQUIRE_TARGET, else
         127.0.0.1:50051)
+    squire directives [--json]
+        the directives the orchestrator holds: running, and finished ones
+        kept for a caller to read (detached, or left by their caller)
+    squire results ID
+        attach to directive ID and print its results as JSON lines:
+        {"index": i, "value": v} (or "skipped": error) per item, then
+        {"fold": v} for a fold; exit 0 once it is done
+    squire cancel ID
+        cancel directive ID (a finished one is dropped with its results)
 
 Exit codes: 0 success (Ctrl-C ends ``--watch`` successfully), 1 a Squire
 error (message on stderr), 130 Ctrl-C otherwise (one line on stderr; a
@@ -31,6 +40,7 @@ from rich.text import Text
 from squire._client import Client
 from squire._embedded import embedded
 from squire._errors import RpcError, SquireError, Unavailable
+from squire._model import FoldValue, ItemBatch, Skipped
 from squire._status_view import render_status
 from squire._stream import IndexedStream
 
@@ -101,7 +111,91 @@ def _parser() -> argparse.ArgumentParser:
                         help="file holding a client token (default $SQUIRE_TOKEN_FILE, "
                         "else the token in $SQUIRE_CLIENT_TOKEN)")
     status.set_defaults(command=_status)
+
+    listing = commands.add_parser("directives", help="list the directives the orchestrator holds")
+    _connection_flags(listing)
+    listing.add_argument("--json", action="store_true", help="one JSON object per directive")
+    listing.set_defaults(command=_directives)
+    results = commands.add_parser("results", help="stream a directive's results as JSON lines")
+    _connection_flags(results)
+    results.add_argument("directive_id", metavar="ID", help="the directive's id")
+    results.set_defaults(command=_results)
+    cancel = commands.add_parser("cancel", help="cancel a directive by id")
+    _connection_flags(cancel)
+    cancel.add_argument("directive_id", metavar="ID", help="the directive's id")
+    cancel.set_defaults(command=_cancel)
     return parser
+
+
+def _connection_flags(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "--target", default=env("SQUIRE_TARGET", DEFAULT_TARGET),
+        help=f"orchestrator host:port (default $SQUIRE_TARGET or {DEFAULT_TARGET})",
+    )
+    parser.add_argument("--tls-ca", default=env("SQUIRE_TLS_CA"),
+                        help="PEM CA of the orchestrator's certificate (default $SQUIRE_TLS_CA)")
+    parser.add_argument("--tls-cert", default=env("SQUIRE_TLS_CERT"),
+                        help="PEM client certificate (default $SQUIRE_TLS_CERT)")
+    parser.add_argument("--tls-key", default=env("SQUIRE_TLS_KEY"),
+                        help="PEM key of --tls-cert (default $SQUIRE_TLS_KEY)")
+    parser.add_argument("--token-file", default=env("SQUIRE_TOKEN_FILE"),
+                        help="file holding a client token (default $SQUIRE_TOKEN_FILE, "
+                        "else the token in $SQUIRE_CLIENT_TOKEN)")
+
+
+def _client(args: argparse.Namespace) -> Client:
+    try:
+        token = (
+            Path(args.token_file).read_text().strip()
+            if args.token_file
+            else os.environ.get("SQUIRE_CLIENT_TOKEN") or None
+        )
+        return Client(args.target, tls_ca=args.tls_ca or None, tls_cert=args.tls_cert or None,
+                      tls_key=args.tls_key or None, token=token)
+    except (OSError, ValueError) as exc:  # an unreadable or malformed file
+        raise SquireError(f"cannot set up the connection: {exc}") from exc
+
+
+def _directives(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        rows = client.directives()
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+        return 0
+    if not rows:
+        print("no directives")
+        return 0
+    print(f"{'directive':32}  {'state':9}  {'detached':8}  {'done':>13}  plan")
+    for row in rows:
+        done = f"{row.get('completed', 0)}/{row.get('received', 0)}"
+        print(f"{row['directive_id']:32}  {row['state']:9}  "
+              f"{'yes' if row.get('detached') else 'no':8}  {done:>13}  {row.get('plan', '')}")
+    return 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    with _client(args) as client, client.attach(args.directive_id) as run:
+        for event in run:
+            if isinstance(event, ItemBatch):
+                for index, value in event.items:
+                    if isinstance(value, Skipped):
+                        line = {"index": index, "skipped": value.error}
+                    else:
+                        line = {"index": index, "value": value}
+                    print(json.dumps(line, default=str), flush=False)
+                sys.stdout.flush()
+            elif isinstance(event, FoldValue):
+                print(json.dumps({"fold": event.value}, default=str), flush=True)
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.cancel(args.directive_id)
+    print(f"cancelled {args.directive_id}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
