@@ -17,7 +17,6 @@ from types import TracebackType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
@@ -30,6 +29,7 @@ from orchestrator_service._interceptor import SecurityInterceptor
 from orchestrator_service._journal import Store, open_store
 from orchestrator_service._metrics import OrchestratorMetrics
 from orchestrator_service._model import RouterConfig
+from orchestrator_service._reflection import enable_reflection
 from orchestrator_service._security import (
     Limits,
     SecurityConfig,
@@ -142,9 +142,7 @@ class Orchestrator:
             StatusServicer(self.hub, lambda: self.state.value, __version__), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), server)
         address = f"{self.config.host}:{self.config.port}"
         try:
             check_free(self.config.host, self.config.port, "--port")

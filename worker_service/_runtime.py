@@ -304,7 +304,8 @@ class WorkerRuntime:
             try:
                 welcomed = await self._connect_once()
             except HelloRejected as exc:
-                log.error("%s", exc)
+                # Raised from run(), not logged here: whoever runs the worker
+                # reports it (the command line logs it once).
                 self._rejected = exc
                 return
             except (

@@ -5,6 +5,10 @@ workers (real processes on 127.0.0.1, started as the file's ``harness``
 says) and must give the case's ``expect``. The Node client runs the same file
 (``clients/node/test/conformance.test.js``); both must agree.
 
+The ``wire_cases`` send bytes to a method and read bytes back, below any
+client API: frames that do not parse, and server reflection on both
+protocol versions.
+
 A case goes through the SDK (``IndexedStream(...).map(...).fold(...).run``)
 whenever the SDK can express it. Raw input bytes, and plans the SDK refuses
 to build (a fold before the last stage), go through the generated stubs, so
@@ -30,6 +34,7 @@ from squire.api.v1 import squire_pb2_grpc as pb_grpc
 CASES_FILE = Path(__file__).with_name("cases.json")
 SUITE: dict[str, Any] = json.loads(CASES_FILE.read_text(encoding="utf-8"))
 CASES: list[dict[str, Any]] = SUITE["cases"]
+WIRE_CASES: list[dict[str, Any]] = SUITE["wire_cases"]
 EXPECT_KEYS = ({"value"}, {"items"}, {"error_code", "message_contains"},
                {"error_code", "message_starts_with"})
 WIRE_SERIALIZER = {"json": pb.SERIALIZER_JSON, "msgpack": pb.SERIALIZER_MSGPACK}
@@ -159,6 +164,7 @@ def _check(case: dict[str, Any], outcome: Outcome) -> None:
 def test_cases_file_is_well_formed() -> None:
     names = [case["name"] for case in CASES]
     assert len(names) == len(set(names)), "case names must be unique"
+    assert set(SUITE) == {"about", "harness", "cases", "wire_cases"}
     assert set(SUITE["harness"]) == {"orchestrator_args", "workers"}
     for case in CASES:
         where = case["name"]
@@ -188,3 +194,49 @@ def test_case(case: dict[str, Any], client: Client, live: Cluster) -> None:
         else:
             outcome = _run_sdk(client, stream, serializer)
     _check(case, outcome)
+
+
+def test_wire_cases_are_well_formed() -> None:
+    names = [case["name"] for case in CASES + WIRE_CASES]
+    assert len(names) == len(set(names)), "case names must be unique"
+    for case in WIRE_CASES:
+        where = case["name"]
+        assert set(case) <= {"name", "about", "method", "kind", "request_hex", "expect"}, where
+        assert case["kind"] in ("unary", "stream"), where
+        bytes.fromhex(case["request_hex"])
+        assert set(case["expect"]) in ({"error_code", "message_contains"},
+                                       {"response_contains"}), where
+
+
+def identity(data: bytes) -> bytes:
+    return data
+
+
+def _call_wire(target: str, case: dict[str, Any]) -> tuple[list[bytes], Outcome]:
+    """Send the case's one request frame (then half-close); the response frames
+    and how the call ended."""
+    request = bytes.fromhex(case["request_hex"])
+    with grpc.insecure_channel(target) as channel:
+        try:
+            if case["kind"] == "unary":
+                call = channel.unary_unary(case["method"], request_serializer=identity,
+                                           response_deserializer=identity)
+                return [call(request, timeout=RPC_TIMEOUT)], Outcome()
+            stream = channel.stream_stream(case["method"], request_serializer=identity,
+                                           response_deserializer=identity)
+            return list(stream(iter([request]), timeout=RPC_TIMEOUT)), Outcome()
+        except grpc.RpcError as exc:
+            return [], Outcome(code=exc.code().name, message=exc.details() or "")
+
+
+@pytest.mark.parametrize("case", WIRE_CASES, ids=[case["name"] for case in WIRE_CASES])
+def test_wire_case(case: dict[str, Any], live: Cluster) -> None:
+    responses, outcome = _call_wire(live.target, case)
+    expect = case["expect"]
+    if "error_code" in expect:
+        _check(case, outcome)
+        return
+    assert outcome.code is None, f"expected success, got {outcome.code}: {outcome.message}"
+    answer = b"".join(responses)
+    missing = [text for text in expect["response_contains"] if text.encode() not in answer]
+    assert missing == [], f"the answer lacks {missing}"

@@ -125,7 +125,7 @@ async def test_entry_point_fails_on_a_bad_ops_module() -> None:
     assert b"cannot load ops module 'no_such_module_here'" in stderr
 
 
-async def test_entry_point_fails_when_rejected(orchestrator: FakeOrchestrator) -> None:
+async def test_entry_point_fails_when_rejected_logging_it_once(orchestrator: FakeOrchestrator) -> None:
     orchestrator.reject = __import__("grpc").StatusCode.ALREADY_EXISTS
     proc = await start_worker(
         "--ops", "worker.ops_for_tests", "--orchestrator", orchestrator.address,
@@ -133,7 +133,7 @@ async def test_entry_point_fails_when_rejected(orchestrator: FakeOrchestrator) -
     )
     _, stderr = await until(proc.communicate(), timeout=15)
     assert proc.returncode == 3
-    assert b"rejected this worker (ALREADY_EXISTS)" in stderr
+    assert stderr.count(b"rejected this worker (ALREADY_EXISTS)") == 1, stderr.decode()
 
 
 async def test_module_entry_point_with_process_executor(

@@ -1,7 +1,9 @@
 // @ts-check
 /**
- * The contract, loaded at run time from the repository's proto/ folder (the
- * single source of truth; this package keeps no copy that could drift).
+ * The contract, loaded at run time. In the repository it is proto/ at the
+ * root (the single source of truth: no copy here that could drift); a packed
+ * package carries the file it was built from in its own proto/ folder
+ * (scripts/pack-proto.js, run by `npm pack`).
  */
 
 import { existsSync } from 'node:fs';
@@ -11,8 +13,11 @@ import path from 'node:path';
 import grpc from '@grpc/grpc-js';
 import protoLoader from '@grpc/proto-loader';
 
-/** proto/ at the repository root, resolved from this file (clients/node/src/). */
-export const PROTO_ROOT = fileURLToPath(new URL('../../../proto/', import.meta.url));
+const PACKAGE_PROTO = fileURLToPath(new URL('../proto/', import.meta.url));
+const REPOSITORY_PROTO = fileURLToPath(new URL('../../../proto/', import.meta.url));
+
+/** The folder the contract is loaded from: the package's own, else the repository's. */
+export const PROTO_ROOT = existsSync(PACKAGE_PROTO) ? PACKAGE_PROTO : REPOSITORY_PROTO;
 export const PROTO_FILE = 'squire/api/v1/squire.proto';
 
 // camelCase fields, uint64 as Number (indices and ids stay far below 2^53),
@@ -38,7 +43,7 @@ export function loadApi() {
   if (api === undefined) {
     const file = path.join(PROTO_ROOT, PROTO_FILE);
     if (!existsSync(file)) {
-      throw new Error(`the Squire contract is not at ${file}: this package loads it from the repository's proto/ folder`);
+      throw new Error(`the Squire contract is not at ${file}: a packed @squire/client carries it in proto/, a checkout loads it from the repository's proto/ folder`);
     }
     const definition = protoLoader.loadSync(PROTO_FILE, LOAD_OPTIONS);
     api = /** @type {any} */ (grpc.loadPackageDefinition(definition)).squire.api.v1;

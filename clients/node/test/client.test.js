@@ -234,6 +234,20 @@ describe('errors', () => {
     assert.throws(() => stream([1]).fold('sum').map('fib_at'), /fold must be the last stage/);
   });
 
+  test('params are checked when a worker calls the operation, as the README says', async () => {
+    // The plan is accepted: the orchestrator does not know multiply_by's signature.
+    await rejectsWith(stream([1, 2]).map('multiply_by').run(client), 'ABORTED',
+      /^Fatal operation error: multiply_by\(\) missing 1 required keyword-only argument: 'factor' \[TypeError in 'multiply_by' at element \d\]/);
+    await rejectsWith(stream(['abc']).map('length', { unit: 'chars' }).run(client), 'ABORTED',
+      /unexpected keyword argument 'unit'/);
+    // No element, no call: nothing fails.
+    assert.deepEqual(await stream([]).map('multiply_by').run(client), []);
+    // Params that are not a mapping: this client refuses them before sending
+    // (the orchestrator would answer INVALID_ARGUMENT when the plan arrives).
+    await assert.rejects(async () => client.run([{ map: 'multiply_by', params: /** @type {any} */ ([2]) }], [1]),
+      TypeError);
+  });
+
   test('an undecodable payload: INVALID_ARGUMENT', async () => {
     await rejectsWith(client.run([{ map: 'length' }], ['{oops'], { raw: true }), 'INVALID_ARGUMENT', /not valid JSON/);
   });

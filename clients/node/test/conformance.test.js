@@ -7,11 +7,16 @@
 // when it can express it; a plan the builder refuses (a fold before the last
 // stage) is sent as data with client.run(), which leaves judging it to the
 // orchestrator, and raw input bytes use client.run(..., {raw: true}).
+//
+// The "wire_cases" send bytes to a method and read bytes back, below any
+// client API: frames that do not parse, and server reflection on both
+// protocol versions (grpc-js with pass-through serializers).
 
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 
+import grpc from '@grpc/grpc-js';
 import { SquireError, stream } from '@squire/client';
 
 import { CASES_FILE, startCluster } from './harness.js';
@@ -56,6 +61,44 @@ async function run(client, testCase) {
   }
 }
 
+/** @param {Buffer} data */
+const identity = (data) => data;
+
+/**
+ * Send a wire case's one request frame (then half-close): the response
+ * frames, or how the call failed.
+ * @param {string} target
+ * @param {any} testCase
+ * @returns {Promise<{ responses: Buffer[], code?: string, message?: string }>}
+ */
+function callWire(target, testCase) {
+  const client = new grpc.Client(target, grpc.credentials.createInsecure());
+  const request = Buffer.from(testCase.request_hex, 'hex');
+  const deadline = Date.now() + 60_000;
+  /** @type {Buffer[]} */
+  const responses = [];
+  return new Promise((resolve) => {
+    /** @param {grpc.ServiceError | null} err */
+    const end = (err) => {
+      client.close();
+      resolve(err ? { responses, code: grpc.status[err.code], message: err.details } : { responses });
+    };
+    if (testCase.kind === 'unary') {
+      client.makeUnaryRequest(testCase.method, identity, identity, request, { deadline }, (err, response) => {
+        if (response) responses.push(response);
+        end(err);
+      });
+      return;
+    }
+    const call = client.makeBidiStreamRequest(testCase.method, identity, identity, { deadline });
+    call.on('data', (/** @type {Buffer} */ data) => responses.push(data));
+    call.on('error', (/** @type {grpc.ServiceError} */ err) => end(err));
+    call.on('end', () => end(null));
+    call.write(request);
+    call.end();
+  });
+}
+
 /**
  * @param {any} testCase
  * @param {{ value?: unknown, code?: string, message?: string }} outcome
@@ -97,6 +140,20 @@ describe('conformance: tests/conformance/cases.json', () => {
   for (const testCase of suite.cases) {
     test(testCase.name, { timeout: 60_000 }, async () => {
       check(testCase, await run(/** @type {import('@squire/client').Client} */ (cluster.client), testCase));
+    });
+  }
+
+  for (const testCase of suite.wire_cases) {
+    test(`wire: ${testCase.name}`, { timeout: 60_000 }, async () => {
+      const outcome = await callWire(cluster.target, testCase);
+      if ('error_code' in testCase.expect) {
+        check(testCase, outcome);
+        return;
+      }
+      assert.equal(outcome.code, undefined, `expected success, got ${outcome.code}: ${outcome.message}`);
+      const answer = Buffer.concat(outcome.responses);
+      const missing = testCase.expect.response_contains.filter((/** @type {string} */ text) => !answer.includes(text));
+      assert.deepEqual(missing, [], `the answer lacks ${missing}`);
     });
   }
 });
