@@ -32,7 +32,7 @@ from orchestrator_service._journal_records import (
     decode_records,
     decode_summary,
 )
-from orchestrator_service._model import Code, ProgressSnapshot, RouterError
+from orchestrator_service._model import Code, PlanSpec, ProgressSnapshot, RouterError
 from orchestrator_service._restore import replay
 from orchestrator_service._signal import Signal
 
@@ -56,6 +56,14 @@ class Missing:
 class Retention:
     reattach_grace: float = 120.0  # a restored directive waits this long for its caller
     retention: float = 86_400.0  # a finished, unread directive's results are kept this long
+
+
+def check_detached(hub: Hub, plan: PlanSpec) -> None:
+    if plan.detached and hub.store is None:
+        raise RouterError(
+            Code.FAILED_PRECONDITION,
+            "a detached directive needs a journal; this orchestrator runs with --store memory:",
+        )
 
 
 def records_of(stream: StoredStream) -> list[Record]:

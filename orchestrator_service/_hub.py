@@ -128,6 +128,7 @@ class Hub:
         self._forgotten: set[str] = set()  # dropped before their end came out of the core
         self.read_at: dict[str, float] = {}  # ended, end written to a caller: since when
         self.plans: dict[str, PlanSpec] = {}  # of every journaled directive
+        self.removed = 0  # directives dropped from the journal (compaction follows)
         # Set while the orchestrator stops with a journal: calls end with
         # UNAVAILABLE and this message, and their directives live on.
         self.closing: str | None = None
@@ -230,6 +231,7 @@ class Hub:
         del self.released[directive_id]
         self.accepted.pop(directive_id, None)
         self.store.write([RemoveStream(directive_id)])
+        self.removed += 1
 
     def _execute(self, instructions: list[Instruction]) -> None:
         refused: Refused | None = None

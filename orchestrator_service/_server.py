@@ -53,6 +53,9 @@ SERVICE_NAMES = tuple(
 )
 
 
+COMPACT_INTERVAL = 30.0  # seconds between journal compactions, when something was removed
+
+
 class State(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
@@ -290,8 +293,17 @@ class Orchestrator:
         return any(not c.directive for c in self.router.channels.values())
 
     async def _tick(self) -> None:
+        compacted_at, removed = time.monotonic(), 0
+        compacting: asyncio.Task[None] | None = None
         while True:
             await asyncio.sleep(self.config.tick_interval)
             self.hub.handle(Tick())
-            if self.store.durable:
-                self.durable.sweep()
+            if not self.store.durable:
+                continue
+            self.durable.sweep()
+            # Give the space of removed directives back now and then (off the loop).
+            now = time.monotonic()
+            if (self.hub.removed != removed and now - compacted_at >= COMPACT_INTERVAL
+                    and (compacting is None or compacting.done())):
+                removed, compacted_at = self.hub.removed, now
+                compacting = asyncio.create_task(self.store.compact())

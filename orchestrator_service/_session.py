@@ -22,6 +22,7 @@ import grpc
 from squire.api.v1 import squire_pb2 as pb
 
 from orchestrator_service import _convert as convert
+from orchestrator_service._durable import check_detached
 from orchestrator_service._events import (
     DirectiveCancelled,
     DirectiveSubmitted,
@@ -92,6 +93,7 @@ class Session:
                     f"call {request.call_id}: its first request must carry the plan",
                 )
             plan = convert.plan_from_pb(request.plan)
+            check_detached(hub, plan)
             slot = acquire_directive_slot()  # RESOURCE_EXHAUSTED past a limit
             directive_id = hub.new_id()
             box = hub.calls[directive_id] = CallBox(directive_id, self._signal)
@@ -197,7 +199,8 @@ class Session:
         hub = self._hub
         for call in self._calls.values():
             key = call.box.directive_id
-            if call.box.end is None and hub.closing is None:
+            plan = hub.plans.get(key)
+            if call.box.end is None and hub.closing is None and not (plan and plan.detached):
                 hub.handle(DirectiveCancelled(key))
                 hub.forget(key)
             hub.calls.pop(key, None)

@@ -205,3 +205,13 @@ async def test_two_orchestrators_never_share_one_journal(journal: str) -> None:
         second = Orchestrator(config(journal))
         with pytest.raises(StoreInUse, match="in use by another orchestrator"):
             await second.start()
+
+
+async def test_a_detached_directive_needs_a_journal() -> None:
+    async with Orchestrator(config("memory:")) as orch:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}") as channel:
+            stub = pb_grpc.DirectiveServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await read_all(stub.RunDirective(iter([plan_request(detached=True)])))
+            assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            assert "detached directive needs a journal" in (err.value.details() or "")
