@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from orchestrator_service._core import Router
+from orchestrator_service._journal_types import Store
 from orchestrator_service._model import QueueKey, Stats, TaskRecord, queue_label
 from squire_kernel.metrics import FamiliesCollector, HistogramChild, HistogramFamily
 
@@ -137,6 +138,48 @@ class RouterCollector(Collector):
         )
 
 
+class JournalCollector(Collector):
+    """The journal's counters, read from the store's stats at scrape time."""
+
+    def __init__(self, store: Store, recovery_seconds: float, resumed: int) -> None:
+        self._store = store
+        self._recovery = recovery_seconds
+        self._resumed = resumed
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._store.stats
+        yield CounterMetricFamily(
+            "squire_journal_commits", "Journal transactions committed (group commits).",
+            value=stats.commits,
+        )
+        yield CounterMetricFamily(
+            "squire_journal_entries", "Journal entries committed (each a batch of records).",
+            value=stats.entries,
+        )
+        yield CounterMetricFamily(
+            "squire_journal_failed_commits",
+            "Journal commits that failed and were retried (disk full, read-only).",
+            value=stats.failed_commits,
+        )
+        yield GaugeMetricFamily(
+            "squire_journal_bytes", "Size of the journal on disk (database and write-ahead log).",
+            value=stats.journal_bytes(),
+        )
+        yield GaugeMetricFamily(
+            "squire_journal_failing",
+            "1 while journal commits fail (new work is refused), else 0.",
+            value=1 if self._store.failure is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "squire_recovery_seconds", "How long this orchestrator's start took to restore "
+            "its journal.", value=self._recovery,
+        )
+        yield GaugeMetricFamily(
+            "squire_directives_resumed", "Directives restored from the journal at start.",
+            value=self._resumed,
+        )
+
+
 class OrchestratorMetrics:
     """Registers the collector and histograms; ``serve(port)`` exposes /metrics."""
 
@@ -197,6 +240,28 @@ class OrchestratorMetrics:
         if child is None:
             child = self._latency_children[key] = self.task_latency.labels(queue_label(key))
         return child
+
+    def watch_journal(self, store: Store, recovery_seconds: float, resumed: int) -> None:
+        """Export the journal's figures; commit latency and batch size are
+        observed on the store's writer thread (its only writer)."""
+        self.registry.register(JournalCollector(store, recovery_seconds, resumed))
+        latency = HistogramFamily(
+            "squire_journal_commit_seconds", "Journal commit latency (one group commit).", [],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                     0.25, 1),
+        )
+        size = HistogramFamily(
+            "squire_journal_commit_entries", "Entries per journal commit (the group size).", [],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
+        )
+        self.registry.register(FamiliesCollector([latency, size]))
+        latency_child, size_child = latency.labels(), size.labels()
+
+        def observe(seconds: float, writes: int, entries: int, nbytes: int) -> None:
+            latency_child.observe(seconds)
+            size_child.observe(entries)
+
+        store.stats.observers.append(observe)
 
     def directive_ended(self, outcome: str, seconds: float) -> None:
         self.directive_duration.labels(outcome).observe(seconds)

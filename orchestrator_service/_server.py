@@ -278,6 +278,8 @@ class Orchestrator:
         self.hub.journal_to(self.store)
         self.resumed = self.durable.recover(recovered)
         self.recovery_seconds = recovered.seconds + time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.watch_journal(self.store, self.recovery_seconds, self.resumed)
         log.info(
             "journal opened",
             extra={

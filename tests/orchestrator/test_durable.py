@@ -215,3 +215,22 @@ async def test_a_detached_directive_needs_a_journal() -> None:
                 await read_all(stub.RunDirective(iter([plan_request(detached=True)])))
             assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
             assert "detached directive needs a journal" in (err.value.details() or "")
+
+
+async def test_the_journal_has_metrics(journal: str) -> None:
+    from prometheus_client import generate_latest
+
+    async with Orchestrator(config(journal)) as orch:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}") as channel:
+            stub = pb_grpc.DirectiveServiceStub(channel)
+            directive_id = await submit_detached(stub, list(range(10)))
+            assert directive_id
+        assert orch.metrics is not None
+        text = (await asyncio.to_thread(generate_latest, orch.metrics.registry)).decode()
+    for name in ("squire_journal_commits_total", "squire_journal_bytes",
+                 "squire_journal_commit_seconds_bucket", "squire_journal_commit_entries_count",
+                 "squire_recovery_seconds", "squire_directives_resumed", "squire_journal_failing"):
+        assert name in text, name
+    commits = next(line for line in text.splitlines()
+                   if line.startswith("squire_journal_commits_total"))
+    assert float(commits.split()[-1]) >= 2
