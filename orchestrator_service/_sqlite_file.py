@@ -265,7 +265,9 @@ def compact(conn: sqlite3.Connection) -> None:
     """Free pages go back to the filesystem (incremental vacuum writes the
     shrunk file into the WAL; the TRUNCATE checkpoint copies it into the
     database, truncates both)."""
-    conn.execute("PRAGMA incremental_vacuum").fetchall()
+    # execute() steps a statement without result columns once, and each step
+    # of incremental_vacuum frees one page; executescript steps it to the end
+    conn.executescript("PRAGMA incremental_vacuum;")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
