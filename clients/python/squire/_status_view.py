@@ -87,7 +87,7 @@ def _queues(queues: list[Mapping[str, Any]]) -> Table:
 
 def _channels(channels: list[Mapping[str, Any]]) -> Table:
     table = _table(
-        "channels", "channel", "kind", "sender", "published", "completed", "queued", "in flight"
+        "channels", "channel", "kind", "sender", "published", "completed", "queued", "leased"
     )
     for c in channels:
         table.add_row(
