@@ -16,7 +16,7 @@ from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from orchestrator_service import _convert as convert
-from orchestrator_service._durable import Durable, Missing, check_detached, write_missing
+from orchestrator_service._durable import Durable, Missing, check_journal, write_missing
 from orchestrator_service._events import (
     DirectiveCancelled,
     DirectiveSubmitted,
@@ -57,7 +57,7 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
                     Code.INVALID_ARGUMENT, "the first DirectiveRequest must carry the plan"
                 )
             plan = convert.plan_from_pb(first.plan)
-            check_detached(hub, plan)
+            check_journal(hub, plan)
             hub.calls[directive_id] = box
             hub.handle(DirectiveSubmitted(directive_id, plan))
         except RouterError as exc:

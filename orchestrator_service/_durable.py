@@ -58,7 +58,17 @@ class Retention:
     retention: float = 86_400.0  # a finished, unread directive's results are kept this long
 
 
-def check_detached(hub: Hub, plan: PlanSpec) -> None:
+def check_journal(hub: Hub, plan: PlanSpec) -> None:
+    """Refuse a new directive the journal cannot take: while its commits
+    fail (disk full: RESOURCE_EXHAUSTED; read-only or broken: UNAVAILABLE),
+    or a detached one without a journal. Running directives are not touched;
+    what they already had acknowledged is committed once the fault is gone."""
+    failure = hub.store.failure if hub.store is not None else None
+    if failure is not None:
+        raise RouterError(
+            Code(failure.code) if failure.code in Code.__members__ else Code.UNAVAILABLE,
+            f"new directives are refused while the journal cannot be written: {failure.message}",
+        )
     if plan.detached and hub.store is None:
         raise RouterError(
             Code.FAILED_PRECONDITION,

@@ -22,7 +22,7 @@ import grpc
 from squire.api.v1 import squire_pb2 as pb
 
 from orchestrator_service import _convert as convert
-from orchestrator_service._durable import check_detached
+from orchestrator_service._durable import check_journal
 from orchestrator_service._events import (
     DirectiveCancelled,
     DirectiveSubmitted,
@@ -93,7 +93,7 @@ class Session:
                     f"call {request.call_id}: its first request must carry the plan",
                 )
             plan = convert.plan_from_pb(request.plan)
-            check_detached(hub, plan)
+            check_journal(hub, plan)
             slot = acquire_directive_slot()  # RESOURCE_EXHAUSTED past a limit
             directive_id = hub.new_id()
             box = hub.calls[directive_id] = CallBox(directive_id, self._signal)
