@@ -73,8 +73,7 @@ def tasks_to_pb(tasks: list[TaskRecord]) -> list[pb.OrchestratorMessage]:
     for task in tasks:
         data = task.input
         kind = task.kind
-        metadata = task.metadata
-        n = len(data) + len(metadata)
+        n = len(data)
         if kind:
             n += sum(map(len, task.operands))
         size += n
@@ -91,7 +90,6 @@ def tasks_to_pb(tasks: list[TaskRecord]) -> list[pb.OrchestratorMessage]:
         msg.task_id = task.task_id
         msg.operation = task.operation
         msg.input = data
-        msg.attempt = task.attempt
         msg.lease_id = task.lease_id
         if task.serializer != JSON:
             msg.serializer = task.serializer  # type: ignore[assignment]  # an int, checked at publish
@@ -100,8 +98,6 @@ def tasks_to_pb(tasks: list[TaskRecord]) -> list[pb.OrchestratorMessage]:
             msg.operands.extend(task.operands)
         if task.params:
             msg.params = task.params
-        if metadata:
-            msg.metadata = metadata
         if task.timeout_seconds:
             msg.timeout_seconds = task.timeout_seconds
     return messages

@@ -81,6 +81,9 @@ def sort_results(
     reports = outcomes.reports
     key: str | None = None
     group = Outcomes.Group()
+    # The current group's columns, bound once per run of one routing key:
+    # per task only the appends are left (Group.add, inlined).
+    tasks, outputs, times = group.tasks, group.outputs, group.seconds
     done = 0
     for lease_id, task_id, output, error, retries, seconds in results:
         task = pop(lease_id, None)
@@ -101,7 +104,13 @@ def sort_results(
             if found is None:
                 found = groups[key] = Outcomes.Group()
             group = found
+            tasks, outputs, times = group.tasks, group.outputs, group.seconds
         group.retries += retries
-        group.add(task, output, error, seconds)
+        if error is None and group.errors is None:
+            tasks.append(task)
+            outputs.append(output)
+            times.append(seconds)
+        else:
+            group.add(task, output, error, seconds)
     outcomes.done = done
     return outcomes

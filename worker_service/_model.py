@@ -48,8 +48,6 @@ class TaskSpec:
     input: bytes
     operands: tuple[bytes, ...]
     serializer: int
-    metadata: bytes
-    attempt: int
     lease_id: int
     timeout_seconds: float
     retries: int = 0

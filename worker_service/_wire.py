@@ -22,8 +22,7 @@ def tasks_from_wire(tasks: Iterable[pb.Task]) -> list[TaskSpec]:
     return [
         TaskSpec(
             t.routing_key, t.task_id, t.operation, kind, t.params, t.input,
-            tuple(t.operands) if kind else (), t.serializer, t.metadata, t.attempt,
-            t.lease_id, t.timeout_seconds,
+            tuple(t.operands) if kind else (), t.serializer, t.lease_id, t.timeout_seconds,
         )
         for t in tasks
         for kind in (t.kind,)  # read once (a one-item loop compiles to an assignment)
@@ -91,12 +90,11 @@ class ResultBuffer:
     def add(self, results: Iterable[Report]) -> None:
         """Add reported results, each in place."""
         # The hot path is an ok result: _results() inlined, and fields set
-        # one by one after add() (faster than keyword arguments).
+        # one by one after add() (faster than keyword arguments). Metadata
+        # and attempt are not echoed: the orchestrator keeps both.
+        add = self._add
         for task, outcome in results:
-            metadata = task.metadata
-            size = len(outcome) if isinstance(outcome, bytes) else len(outcome.message)
-            n = len(metadata) + size
-            add = self._add
+            n = len(outcome) if isinstance(outcome, bytes) else len(outcome.message)
             if add is None or self._size + n > MAX_BATCH_BYTES:
                 add = self._results(n)
             else:
@@ -104,15 +102,12 @@ class ResultBuffer:
             msg = add()
             msg.routing_key = task.routing_key
             msg.task_id = task.task_id
-            msg.attempt = task.attempt
             msg.lease_id = task.lease_id
             msg.execution_seconds = task.elapsed
             if isinstance(outcome, bytes):
                 msg.ok.output = outcome
             else:
                 fill_execution_err(msg.err, outcome)
-            if metadata:
-                msg.metadata = metadata
             if task.retries:
                 msg.retries = task.retries
 

@@ -31,8 +31,7 @@ async def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> No
 def run_task(task: pb.Task) -> pb.TaskResult:
     ser = Serializer.from_wire(task.serializer)
     result = pb.TaskResult(
-        routing_key=task.routing_key, task_id=task.task_id, metadata=task.metadata,
-        attempt=task.attempt, lease_id=task.lease_id,
+        routing_key=task.routing_key, task_id=task.task_id, lease_id=task.lease_id,
     )
     try:
         params = decode_params(task.params, ser)

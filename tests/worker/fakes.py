@@ -45,8 +45,6 @@ def task(
     task_id: int = 1,
     params: dict[str, Any] | None = None,
     serializer: Serializer = Serializer.JSON,
-    metadata: bytes = b"",
-    attempt: int = 1,
     lease_id: int = 0,
     timeout: float = 0.0,
 ) -> pb.Task:
@@ -58,8 +56,6 @@ def task(
         params=encode(params, serializer) if params is not None else b"",
         input=encode(value, serializer),
         serializer=serializer.value,  # type: ignore[arg-type]
-        metadata=metadata,
-        attempt=attempt,
         lease_id=lease_id,
         timeout_seconds=timeout,
     )
@@ -82,7 +78,6 @@ def combine(
         params=encode(params, serializer) if params is not None else b"",
         operands=[encode(o, serializer) for o in operands],
         serializer=serializer.value,  # type: ignore[arg-type]
-        attempt=1,
     )
 
 

@@ -45,7 +45,7 @@ class HandPool(_PoolExecutor):
 
 
 def spec(task_id: int, operation: str = "echo", value: bytes = b"1") -> TaskSpec:
-    return TaskSpec("rk", task_id, operation, 0, b"", value, (), 0, b"", 1, task_id, 0.0)
+    return TaskSpec("rk", task_id, operation, 0, b"", value, (), 0, task_id, 0.0)
 
 
 async def _started(concurrency: int) -> tuple[HandPool, list[ExecutionFinished | PoolCrashed]]:

@@ -47,7 +47,7 @@ class Clock:
 
 
 def spec(task_id: int, key: str = "rk", *, timeout: float = 0.0) -> TaskSpec:
-    return TaskSpec(key, task_id, "echo", 0, b"", b"1", (), 0, b"", 1, task_id, timeout)
+    return TaskSpec(key, task_id, "echo", 0, b"", b"1", (), 0, task_id, timeout)
 
 
 def transient(policy: RetryStrategy, task: TaskSpec) -> Transient:

@@ -142,8 +142,8 @@ class Sim:
             self.next_id += 1
             timeout = self.rng.choice([0.0, 0.0, 0.0, 0.25])
             task = TaskSpec(
-                self.rng.choice(KEYS), self.next_id, "op", 0, b"", b"", (), 0, b"", 1,
-                self.next_id, timeout,
+                self.rng.choice(KEYS), self.next_id, "op", 0, b"", b"", (), 0, self.next_id,
+                timeout,
             )
             self.policies[task] = self.rng.choice(POLICIES)
             tasks.append(task)

@@ -156,8 +156,6 @@ class Task(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     OPERANDS_FIELD_NUMBER: _builtins.int
     SERIALIZER_FIELD_NUMBER: _builtins.int
-    METADATA_FIELD_NUMBER: _builtins.int
-    ATTEMPT_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     routing_key: _builtins.str
@@ -172,10 +170,6 @@ class Task(_message.Message):
     input: _builtins.bytes
     """APPLY only"""
     serializer: Global___Serializer.ValueType
-    metadata: _builtins.bytes
-    """directive-owned, opaque, echoed in the result"""
-    attempt: _builtins.int
-    """1 on first dispatch, +1 on each re-dispatch"""
     lease_id: _builtins.int
     """the lease this dispatch holds; echoed in the result"""
     timeout_seconds: _builtins.float
@@ -195,14 +189,12 @@ class Task(_message.Message):
         input: _builtins.bytes = ...,
         operands: _abc.Iterable[_builtins.bytes] | None = ...,
         serializer: Global___Serializer.ValueType = ...,
-        metadata: _builtins.bytes = ...,
-        attempt: _builtins.int = ...,
         lease_id: _builtins.int = ...,
         timeout_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "input", b"input", "kind", b"kind", "lease_id", b"lease_id", "metadata", b"metadata", "operands", b"operands", "operation", b"operation", "params", b"params", "routing_key", b"routing_key", "serializer", b"serializer", "task_id", b"task_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "kind", b"kind", "lease_id", b"lease_id", "operands", b"operands", "operation", b"operation", "params", b"params", "routing_key", b"routing_key", "serializer", b"serializer", "task_id", b"task_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -293,6 +285,11 @@ Global___ExecutionErr: _TypeAlias = ExecutionErr  # noqa: Y015
 
 @_typing.final
 class TaskResult(_message.Message):
+    """A task's outcome: from a worker to the orchestrator (routing_key, task_id,
+    lease_id, outcome, execution_seconds, retries), and from the orchestrator
+    to a channel's client, which also gets the task's metadata and attempt.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ROUTING_KEY_FIELD_NUMBER: _builtins.int
