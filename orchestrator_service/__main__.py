@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=float(_env("retention", str(Retention().retention))),
                    help="a finished directive's results nobody has read are kept this long "
                    "(default %(default)s s)")
+    p.add_argument("--adoption-grace", type=float,
+                   default=float(_env("adoption_grace", str(d.adoption_grace))),
+                   help="after a restart, dispatch waits this long for workers to reconnect "
+                   "with the tasks they ran on, so those are not run again (default %(default)s s)")
     p.add_argument("--lease-timeout", type=float,
                    default=float(_env("lease_timeout", str(d.lease_timeout))),
                    help="a worker silent this long loses its tasks (default %(default)s s)")
@@ -142,6 +146,7 @@ async def serve(args: argparse.Namespace) -> None:
         store=store_url(args),
         retention=Retention(reattach_grace=args.reattach_grace, retention=args.retention),
         router=RouterConfig(
+            adoption_grace=args.adoption_grace,
             lease_timeout=args.lease_timeout,
             heartbeat_interval=args.heartbeat_interval,
             no_worker_timeout=args.no_worker_timeout,

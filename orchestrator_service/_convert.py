@@ -17,6 +17,7 @@ from orchestrator_service._model import (
     ErrorInfo,
     ErrorKind,
     FoldStage,
+    HeldTask,
     MapStage,
     PlanSpec,
     ProgressSnapshot,
@@ -55,6 +56,9 @@ def hello_from_pb(msg: pb.WorkerHello, peer: str) -> WorkerHello:
         prefetch=msg.prefetch,
         peer=peer,
         version=msg.version,
+        held=tuple(
+            HeldTask(h.routing_key, h.task_id, h.lease_id, h.digest) for h in msg.held
+        ),
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from orchestrator_service import _admission as admission
+from orchestrator_service._adopt import adopt
 from orchestrator_service._channel import Channel
 from orchestrator_service._directive import Directive
 from orchestrator_service._dispatch import Worker
@@ -127,6 +128,10 @@ class Router(RouterState):
         worker = Worker(event.hello, self.clock())
         self.workers[worker.id] = worker
         self.offered |= worker.supports
+        if event.hello.held:
+            self.stats.adopted += adopt(
+                worker, event.hello.held, self.channels, self.workers, self.queues, self._ready
+            )
         self._dispatch_needed = True
 
     def _worker_disconnected(self, event: WorkerDisconnected) -> None:
@@ -199,8 +204,9 @@ class Router(RouterState):
                 self.stats.late += 1
                 continue
             if not self._redeliver(channel, task, error):
-                channel.leased -= 1
-                outcomes.add(task, b"", error, 0.0)  # it is the task's outcome after all
+                # It is the task's outcome after all: delivered with its group
+                # (which takes it off the channel's leased count).
+                outcomes.add(task, b"", error, 0.0)
 
     # =========================================================== channels
 
@@ -292,6 +298,8 @@ class Router(RouterState):
         self.directives[key] = directive
         if outstanding:
             self._enqueue(channel, sorted(outstanding.values(), key=lambda t: t.task_id))
+            if self.config.adoption_grace > 0 and self.adoption_until is None:
+                self.adoption_until = now + self.config.adoption_grace
         # What finished before the restart counts as published and completed.
         channel.published += directive.tasks_done
         channel.completed += directive.tasks_done
@@ -372,6 +380,8 @@ class Router(RouterState):
 
     def _tick(self, event: Tick) -> None:
         now = self.clock()
+        if self.adoption_until is not None and now >= self.adoption_until:
+            self._dispatch_needed = True
         timeout = self.config.lease_timeout
         for worker in [w for w in self.workers.values() if now - w.last_seen > timeout]:
             self._out.append(

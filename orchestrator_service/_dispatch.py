@@ -33,8 +33,9 @@ class Worker:
         self.last_seen = now
         self.completed = 0
         self.executing = self.buffered = 0  # as of the worker's last heartbeat
-        # Leases held when the window last changed: a window lowered below
-        # them lets them finish, but nothing more is sent until below it.
+        # Leases held when the window last changed (or adopted at hello, see
+        # _adopt): over the window they may finish, but nothing more is sent
+        # until below it.
         self.held_at_resize = 0
 
     @property

@@ -38,6 +38,7 @@ OUTCOMES = {
     "late": ("late", "a result for a directive that had already ended"),
     "cancelled": ("cancelled", "queued tasks dropped by cancel, terminate or release"),
     "poison": ("poison", "a task failed for killing its worker too often"),
+    "adopted": ("adopted", "held by a reconnecting worker from its earlier stream, leased back"),
 }
 
 

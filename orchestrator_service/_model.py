@@ -140,6 +140,18 @@ class WorkerHello:
     prefetch: int
     peer: str = ""
     version: str = ""
+    held: tuple[HeldTask, ...] = ()  # tasks it holds from an earlier stream
+
+
+@dataclass(frozen=True, slots=True)
+class HeldTask:
+    """A task a worker still runs (or has the result of) from an earlier
+    stream; see ``squire_kernel.wire.task_digest`` for ``digest``."""
+
+    routing_key: str
+    task_id: int
+    lease_id: int
+    digest: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +215,9 @@ class RouterConfig:
     max_fold_operands: int = 64
     max_workers: int = 1_000
     journal: bool = False  # directives journal their calls (``Journal`` instructions)
+    # After directives were restored, dispatch waits this long for the workers
+    # that ran their tasks to reconnect and have them adopted (see _adopt).
+    adoption_grace: float = 3.0
 
 
 @dataclass(slots=True)
@@ -225,3 +240,4 @@ class Stats:
     retried: int = 0  # transient-error retries workers made
     timeouts: int = 0  # tasks re-queued after running past their timeout
     directives_cancelled: int = 0  # directives cancelled by their caller
+    adopted: int = 0  # held tasks of a reconnecting worker leased back to it

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -272,9 +271,7 @@ class Orchestrator:
         recovered = await self.store.open()
         started = time.monotonic()
         self.epoch = recovered.epoch
-        # Lease ids are unique across epochs: a result for a lease of an
-        # earlier orchestrator never matches a lease of this one.
-        self.router._lease_ids = itertools.count((recovered.epoch << 40) + 1)
+        self.router.begin_epoch(recovered.epoch)
         self.hub.journal_to(self.store)
         self.resumed = self.durable.recover(recovered)
         self.recovery_seconds = recovered.seconds + time.monotonic() - started

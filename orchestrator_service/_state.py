@@ -51,11 +51,21 @@ class RouterState:
         self.offered: set[QueueKey] = set()  # what any worker ever offered (for hints)
         self._ready: dict[str, Channel] = {}  # channels with queued tasks, round-robin order
         self._lease_ids = itertools.count(1)
+        self.epoch = 0
         self._worker_rotation = 0
         self._dispatch_needed = False
+        # Dispatch waits until then for the workers of restored directives.
+        self.adoption_until: float | None = None
         self._out: list[Instruction] = []
         self._touched: dict[str, Directive] = {}
         self._done: list[TaskRecord] = []
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Lease ids from now on carry ``epoch``: unique across orchestrator
+        runs, so a result for a lease of an earlier run never matches a lease
+        of this one unless this one adopted it (see ``_adopt``)."""
+        self.epoch = epoch
+        self._lease_ids = itertools.count((epoch << 40) + 1)
 
     # ============================================================ queries
 
@@ -99,6 +109,10 @@ class RouterState:
     def _pump(self) -> None:
         """Fill every worker's free credit (see ``_dispatch``)."""
         self._dispatch_needed = False
+        if self.adoption_until is not None:
+            if self.clock() < self.adoption_until:
+                return  # a Tick after it dispatches
+            self.adoption_until = None
         if self.workers and self._ready:
             self._worker_rotation = (self._worker_rotation + 1) % len(self.workers)
             sent = dispatch(

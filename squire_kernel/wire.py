@@ -4,6 +4,8 @@ values of either side. The generated wire types are :mod:`squire.api.v1`
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from typing import Protocol
 
 from squire.api.v1 import squire_pb2 as pb
@@ -34,3 +36,19 @@ def fill_execution_err(err: pb.ExecutionErr, error: ErrorFields) -> None:
     err.retries_exhausted = error.retries_exhausted
     err.retries = error.retries
     err.kind = pb.ErrorKind.ValueType(error.kind)
+
+
+def task_digest(
+    kind: int, operation: str, params: bytes, input: bytes, operands: Sequence[bytes]
+) -> int:
+    """A task's computation as 64 bits: what a worker names, in its hello, a
+    task it still holds from an earlier stream. An orchestrator adopts that
+    task's result only for a task of its own with the same digest, so a task
+    id reused for another computation (a fold combine regrouped after a
+    restart) is never mistaken for it."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in (operation.encode(), params, input, *operands):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    h.update(bytes((kind,)))
+    return int.from_bytes(h.digest(), "little")

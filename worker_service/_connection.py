@@ -11,6 +11,11 @@ Reading, writing and heartbeats are concurrent tasks in the session's
 TaskGroup. All writes go through the single writer (a gRPC stream allows one
 write at a time), which sends everything reported since its last write as
 one ResultBatch.
+
+A connection starts from what the one before it left (``Carry``): the tasks
+that ran on when that stream broke, its results not yet written, and what
+the executor finished in between. It sends those results first; its hello
+named them all, so the orchestrator leased them back (see ``_adopt`` there).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -38,7 +44,11 @@ from worker_service._scheduler_events import (
     DrainExpired,
     DrainRequested,
     Event,
+    ExecutionFinished,
+    Holdover,
     Instruction,
+    PoolCrashed,
+    Report,
     Run,
     SchedulerConfig,
     SendCredit,
@@ -58,6 +68,26 @@ CLOSE_TIMEOUT = 5.0
 _STREAM_ERRORS = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
 
 
+@dataclass(slots=True)
+class Carry:
+    """What one stream leaves to the next: the scheduler's holdover, results
+    the old stream had reported but not written, and executor completions
+    that arrived while no stream was up."""
+
+    holdover: Holdover = field(default_factory=Holdover)
+    unsent: list[Report] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.holdover or self.unsent or self.events)
+
+    def held(self) -> list[pb.HeldTask]:
+        """The tasks to name in the next hello."""
+        tasks = [*self.holdover.running, *(t for t, _ in self.holdover.reports)]
+        tasks += [t for t, _ in self.unsent]
+        return _wire.held(tasks)
+
+
 class ConnectionEnd(enum.Enum):
     BROKEN = "broken"    # the stream failed or the orchestrator ended it
     DRAINED = "drained"  # the drain finished and the stream was closed cleanly
@@ -75,8 +105,12 @@ class Connection:
         on_drain_request: Callable[[float | None], None],
         metrics: WorkerMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        carry: Carry | None = None,
     ) -> None:
         self._metrics = metrics
+        self._carry_in = carry if carry is not None else Carry()
+        # What this stream leaves to the next, filled when it ends.
+        self.carry = Carry()
         self._call = call
         self._executor = executor
         self._aborted = aborted
@@ -90,6 +124,10 @@ class Connection:
         self._handling = False
         self._timer: asyncio.TimerHandle | None = None
         self._outbox = _wire.ResultBuffer()
+        # Reports in the outbox, and those of the messages being written:
+        # if the stream breaks before they are written, they are carried.
+        self._outbox_reports: list[Report] = []
+        self._writing_reports: list[Report] = []
 
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tg: asyncio.TaskGroup | None = None
@@ -118,13 +156,23 @@ class Connection:
 
     async def run(self) -> ConnectionEnd:
         executor = self._executor
+        carry, self._carry_in = self._carry_in, Carry()
+        holdover = carry.holdover
         # Made and attached in one step: no run can end in between, so the
         # slots held by earlier sessions' tasks are counted exactly once.
         self._scheduler = Scheduler(
             SchedulerConfig(executor.capacity, self._window), self._clock, self._aborted,
-            occupied=executor.busy,
+            occupied=max(executor.busy - len(holdover.running) - len(holdover.detached), 0),
+            holdover=holdover,
         )
         executor.attach(self._feed_from_callback)
+        if carry.unsent:  # reported by the last stream's scheduler already
+            self._outbox.add(carry.unsent)
+            self._outbox_reports.extend(carry.unsent)
+        # The carried reports and what finished between the streams.
+        self._feed(*carry.events)
+        if self._outbox:
+            self._wake_writer.set()
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -140,7 +188,8 @@ class Connection:
                 finally:
                     self._teardown()
         finally:
-            executor.attach(None)
+            # Completions from now on belong to the next stream.
+            executor.attach(self.carry.events.append)
         if self._error is not None:
             raise self._error
         assert self._end is not None
@@ -163,9 +212,16 @@ class Connection:
             self._ended.set()
 
     def _teardown(self) -> None:
-        # Whatever still runs belongs to a stream that is gone (or was handed
-        # back): the scheduler forgets it and lets cooperative operations stop.
+        # Whatever still runs goes on for the next stream (a drained one has
+        # nothing left), with the reports that were not written.
         self._feed(StreamBroken())
+        assert self._scheduler is not None
+        carry = self.carry
+        if self._scheduler.holdover is not None:
+            carry.holdover = self._scheduler.holdover
+        carry.unsent = self._writing_reports + self._outbox_reports
+        self._writing_reports, self._outbox_reports = [], []
+        self._executor.attach(carry.events.append)
         if self._timer is not None:
             self._timer.cancel()
         for task in list(self._tasks):
@@ -203,6 +259,8 @@ class Connection:
         """Feed an event from a loop callback, where an exception has no owner:
         it ends the session, and run() raises it."""
         if self._end is not None:
+            if isinstance(event, ExecutionFinished | PoolCrashed):
+                self.carry.events.append(event)  # the next stream reports it
             return
         try:
             self._feed(event)
@@ -220,6 +278,7 @@ class Connection:
                 self._executor.submit(tasks)
             case SendResults(results):
                 self._outbox.add(results)
+                self._outbox_reports.extend(results)
                 if self._metrics is not None:
                     self._metrics.record_results(results)
                 self._wake_writer.set()
@@ -293,8 +352,11 @@ class Connection:
                     window, self._credit_due = self._credit_due, None
                     await call.write(_wire.credit(window))
                 while self._outbox:
+                    self._writing_reports = self._outbox_reports
+                    self._outbox_reports = []
                     for message in self._outbox.take():
                         await call.write(message)
+                    self._writing_reports = []
                 if self._heartbeat_due:
                     self._heartbeat_due = False
                     await call.write(_wire.heartbeat(self.running, self.buffered))

@@ -30,7 +30,7 @@ from squire_kernel.operations import Registry, import_ops_module
 from worker_service import _credentials, _wire
 from worker_service._abort import AbortMemory
 from worker_service._config import ExecutorKind, WorkerConfig
-from worker_service._connection import Connection
+from worker_service._connection import Carry, Connection
 from worker_service._errors import HelloRejected, LifecycleError, OpsLoadError
 from worker_service._executor import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
 from worker_service._probe import ProbeServer, WorkerMetrics
@@ -118,6 +118,8 @@ class WorkerRuntime:
         self._executor: Executor | None = None
         self._run_claimed = False
         self._session: Connection | None = None
+        # What the last stream left: tasks running on, results not written.
+        self._carry = Carry()
         self._connect_task: asyncio.Task[None] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._rejected: HelloRejected | None = None
@@ -204,6 +206,7 @@ class WorkerRuntime:
 
     async def _run(self) -> None:
         executor = self._executor = self._make_executor()
+        executor.attach(self._carry.events.append)
         self._start_probe()
         try:
             if self._lifecycle.state is WorkerState.STARTING:
@@ -344,6 +347,7 @@ class WorkerRuntime:
                     or DEFAULT_HEARTBEAT_INTERVAL,
                     on_drain_request=self.request_drain,
                     metrics=self.metrics,
+                    carry=self._carry,
                 )
                 if self._welcomed_once and self.metrics is not None:
                     self.metrics.reconnects.inc()
@@ -354,6 +358,7 @@ class WorkerRuntime:
                 try:
                     await session.run()
                 finally:
+                    self._carry = session.carry
                     self._session = None
                     if self._lifecycle.state is WorkerState.RUNNING:
                         self._lifecycle.to(WorkerState.CONNECTING)
@@ -365,7 +370,7 @@ class WorkerRuntime:
         config = self.config
         hello = _wire.hello(
             config.worker_id, self.registry.operations, self.registry.monoids,
-            config.concurrency, config.effective_prefetch, __version__,
+            config.concurrency, config.effective_prefetch, __version__, self._carry.held(),
         )
         try:
             async with asyncio.timeout(config.handshake_timeout):

@@ -17,11 +17,14 @@ Invariants, which ``validate()`` asserts:
 - a suspect of a shared pool crash runs alone;
 - once draining, nothing waits in the FIFO or for a retry; once the stream
   is closed or broken, nothing is held and nothing more is sent.
+
+A broken stream does not stop what runs: its running tasks and unsent
+reports become the ``holdover`` the next stream's scheduler starts from
+(named in that stream's hello, so the orchestrator adopts their results).
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +39,7 @@ from worker_service._model import (
     exhausted,
     timed_out,
 )
+from worker_service._scheduler_check import validate_scheduler
 from worker_service._scheduler_events import (
     AbortAllReceived,
     AbortReceived,
@@ -45,7 +49,9 @@ from worker_service._scheduler_events import (
     DrainRequested,
     Event,
     ExecutionFinished,
+    Holdover,
     Instruction,
+    Phase,
     PoolCrashed,
     Report,
     Run,
@@ -61,13 +67,6 @@ from worker_service._scheduler_events import (
 log = logging.getLogger("worker_service.scheduler")
 
 
-class Phase(enum.Enum):
-    RUNNING = "running"    # taking tasks
-    DRAINING = "draining"  # credit 0 sent: finishing what runs, returning the rest
-    CLOSED = "closed"      # drained: the stream is being closed, nothing more is sent
-    BROKEN = "broken"      # the stream is gone: everything was forgotten
-
-
 class Scheduler:
     def __init__(
         self,
@@ -76,6 +75,7 @@ class Scheduler:
         aborted: AbortMemory,
         *,
         occupied: int = 0,
+        holdover: Holdover | None = None,
     ) -> None:
         if config.capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {config.capacity}")
@@ -97,8 +97,14 @@ class Scheduler:
         self._drain_at: float | None = None
         self._wake_at: float | None = None
 
-        self._received = self._reported = self._dropped = 0
+        self._received = self._reported = self._dropped = self._handed_over = 0
         self._warned_window = False
+        # Reports of an earlier stream, sent with this stream's first step.
+        self._carried: list[Report] = []
+        # What this stream leaves to the next one, once it broke.
+        self.holdover: Holdover | None = None
+        if holdover is not None:
+            self._take_over(holdover)
         # The output of the handle() call under way.
         self._out: list[Instruction] = []
         self._reports: list[Report] = []
@@ -131,7 +137,8 @@ class Scheduler:
             return []
         out: list[Instruction] = []
         self._out = out
-        self._reports = []
+        self._reports = self._carried
+        self._carried = []
         self._cancel = []
         for event in events:
             self._apply(event)
@@ -305,12 +312,24 @@ class Scheduler:
         self._waiting.clear()
         self._drain_at = self._clock() + grace
 
+    def _take_over(self, holdover: Holdover) -> None:
+        self._running.update(holdover.running)
+        for task, started in holdover.running.items():
+            if task.timeout_seconds > 0:
+                self._deadlines[task] = started + task.timeout_seconds
+        self._detached |= holdover.detached
+        self._carried = list(holdover.reports)
+        self._received = len(holdover.running) + len(holdover.reports)
+
     def _on_broken(self) -> None:
-        # The orchestrator re-queues whatever this stream held; a result
-        # sent on a later stream would be a duplicate.
-        self._dropped += self.buffered + len(self._running) + len(self._reports)
+        # What waits is re-queued by the orchestrator (a new one does it from
+        # its journal). What runs goes on, and it and the reports not yet
+        # sent are handed over: the next stream names them in its hello.
+        self.holdover = Holdover(dict(self._running), self._reports, set(self._detached))
+        self._handed_over = len(self._running) + len(self._reports)
+        self._dropped += self.buffered
         self._reports = []
-        self._cancel.extend(self._running)  # let cooperative operations stop
+        self._detached = set()
         self._alone.clear()
         self._queue.clear()
         self._running.clear()
@@ -430,28 +449,4 @@ class Scheduler:
 
     def validate(self) -> None:
         """Assert every invariant of the module docstring."""
-        fifo = [*self._alone, *self._queue]
-        queued, running, waiting = set(fifo), set(self._running), set(self._waiting)
-        assert len(queued) == len(fifo), "a task is twice in the FIFO"
-        assert all(task.suspect for task in self._alone)
-        assert not any(task.suspect for task in self._queue), "a suspect would not run alone"
-        places = (queued, running, waiting, self._detached)
-        assert sum(map(len, places)) == len(set().union(*places)), "a task is in two places"
-        held = len(fifo) + len(running) + len(waiting)
-        assert self._received == held + self._reported + self._dropped, (
-            f"received {self._received} != held {held} + reported {self._reported}"
-            f" + dropped {self._dropped}"
-        )
-        taken = self.slots_taken
-        assert taken <= self._capacity, f"{taken} slots taken of {self._capacity}"
-        assert set(self._deadlines) <= running, "a deadline for a task not running"
-        assert all(t.timeout_seconds > 0 for t in self._deadlines)
-        if self._isolated is not None:
-            assert running == {self._isolated} and taken == 1, "a suspect does not run alone"
-        if self.phase is not Phase.RUNNING:
-            assert not fifo and not waiting, f"tasks wait while {self.phase.value}"
-        if self.phase in (Phase.CLOSED, Phase.BROKEN):
-            assert not running, f"tasks run while {self.phase.value}"
-            assert self._drain_at is None
-        if self.phase is Phase.BROKEN:
-            assert self._wake_at is None
+        validate_scheduler(self)

@@ -13,8 +13,9 @@ a task's identity (not its task id) ties a completion to its run.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from worker_service._model import Failure, Outcome, TaskSpec
 
@@ -24,10 +25,33 @@ Executed = tuple[TaskSpec, Outcome, float]
 Report = tuple[TaskSpec, bytes | Failure]
 
 
+class Phase(enum.Enum):
+    RUNNING = "running"    # taking tasks
+    DRAINING = "draining"  # credit 0 sent: finishing what runs, returning the rest
+    CLOSED = "closed"      # drained: the stream is being closed, nothing more is sent
+    BROKEN = "broken"      # the stream is gone: everything was forgotten
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     capacity: int  # executor slots: tasks running at once
     window: int    # the credit window the orchestrator should respect
+
+
+@dataclass(slots=True)
+class Holdover:
+    """What a broken stream leaves to the next one: tasks still running (and
+    since when), results not yet sent, and the slots of runs already
+    reported (timed out, handed back) that have not ended. The next stream
+    names the first two in its hello and reports them, so a restarted
+    orchestrator adopts their results instead of running them again."""
+
+    running: dict[TaskSpec, float] = field(default_factory=dict)
+    reports: list[Report] = field(default_factory=list)
+    detached: set[TaskSpec] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.running or self.reports or self.detached)
 
 
 # ----------------------------------------------------------------- events

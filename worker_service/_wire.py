@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 
 from squire.api.v1 import squire_pb2 as pb
 
-from squire_kernel.wire import fill_execution_err
+from squire_kernel.wire import fill_execution_err, task_digest
 from worker_service._model import TaskSpec
 from worker_service._scheduler_events import Report
 
@@ -29,6 +29,17 @@ def tasks_from_wire(tasks: Iterable[pb.Task]) -> list[TaskSpec]:
     ]
 
 
+def held(tasks: Iterable[TaskSpec]) -> list[pb.HeldTask]:
+    """``tasks`` as a hello names them: held from an earlier stream."""
+    return [
+        pb.HeldTask(
+            routing_key=t.routing_key, task_id=t.task_id, lease_id=t.lease_id,
+            digest=task_digest(t.kind, t.operation, t.params, t.input, t.operands),
+        )
+        for t in tasks
+    ]
+
+
 def hello(
     worker_id: str,
     operations: Iterable[str],
@@ -36,6 +47,7 @@ def hello(
     capacity: int,
     prefetch: int,
     version: str,
+    held: Iterable[pb.HeldTask] = (),
 ) -> pb.WorkerMessage:
     return pb.WorkerMessage(
         hello=pb.WorkerHello(
@@ -45,6 +57,7 @@ def hello(
             capacity=capacity,
             prefetch=prefetch,
             version=version,
+            held=held,
         )
     )
 

@@ -34,7 +34,9 @@ from squire_kernel.serde import decode, encode
 from .sim import Driver, Sim, hello
 from .test_simulation import Chaos, expected
 
-CONFIG = RouterConfig(journal=True, directive_window=40, max_fold_operands=3)
+CONFIG = RouterConfig(
+    journal=True, directive_window=40, max_fold_operands=3, adoption_grace=0.0
+)
 
 
 def restart(old: Driver, config: RouterConfig = CONFIG) -> Driver:
@@ -43,6 +45,7 @@ def restart(old: Driver, config: RouterConfig = CONFIG) -> Driver:
     new = type(old).__new__(type(old))
     new.__dict__.update(old.__dict__)
     Driver.__init__(new, config, old.clock)
+    new.router.begin_epoch(old.router.epoch + 1)  # as the store gives a new one
     new._ids = old._ids  # ids stay unique across restarts
     new.directives = {}
     for directive_id, (plan, created, records) in old.journal.items():
@@ -165,11 +168,19 @@ class CrashingChaos(Chaos):
             c.released = True
 
     def crash(self) -> None:
+        """The core dies; a new one restores from the journal, and some of the
+        workers (running on) reconnect to it naming what they hold."""
         self.crashes += 1
-        self.held.clear()
+        hellos = {w.id: w.hello for w in self.d.router.workers.values()}
         self.stale.clear()
         self.d = restart(self.d, self.config)
         self.restored += len(self.d.router.directives)
+        for worker_id, base in hellos.items():
+            if self.rng.random() < 0.6:
+                self.rejoin(worker_id, base)
+            else:
+                self.held.pop(worker_id, None)
+        self.held = {w: h for w, h in self.held.items() if w in self.d.router.workers}
 
 
 @pytest.mark.parametrize("seed", range(60))

@@ -521,6 +521,21 @@ def test_timeouts_are_retried_then_fatal() -> None:
     assert "ran longer than 0.5 s" in d.failure[1]
 
 
+def test_a_channel_task_that_times_out_too_often_is_delivered_once_as_its_error() -> None:
+    s = Driver(RouterConfig(max_timeouts=2))
+    w = s.connect(hello("w1", capacity=1, prefetch=0))
+    c = s.lease()
+    s.publish(c.id, [TaskRecord("", 1, "length", input=b'"slow"', timeout_seconds=0.5)])
+    timeout = ErrorInfo("TaskTimeout", "ran longer than 0.5 s", kind=ErrorKind.TIMEOUT)
+    for _ in range(2):
+        (t,) = w.outbox
+        w.outbox.clear()
+        s.report(w, [err(t, timeout)])  # validate(): the leased count stays exact
+    (result,) = s.take(c, 10)
+    assert result.error is not None and result.error.kind is ErrorKind.TIMEOUT
+    assert s.router.channels[c.id].leased == 0
+
+
 def test_successes_with_a_stale_lease_or_a_released_channel_are_dropped() -> None:
     s = Driver()
     w = s.connect(hello("w1"))

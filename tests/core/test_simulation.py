@@ -15,11 +15,13 @@ closed and never released).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
 import pytest
 
+from orchestrator_service._adopt import digest
 from orchestrator_service._events import (
     DrainRequested,
     ResultsArrived,
@@ -34,11 +36,13 @@ from orchestrator_service._model import (
     ErrorInfo,
     ErrorKind,
     FoldStage,
+    HeldTask,
     MapStage,
     PlanSpec,
     RouterConfig,
     RouterError,
     TaskRecord,
+    WorkerHello,
 )
 from squire_kernel.serde import decode, encode
 
@@ -119,6 +123,17 @@ class Chaos:
         for lease_id, task_id, task in self.held.pop(worker_id, []):
             self.stale.append((worker_id, lease_id, task_id, task))
 
+    def rejoin(self, worker_id: str, base: WorkerHello) -> None:
+        """``worker_id``'s stream broke; it reconnects naming what it holds."""
+        held = self.held.get(worker_id, [])
+        refs = tuple(HeldTask(t.routing_key, task_id, lease_id, digest(t))
+                     for lease_id, task_id, t in held)
+        try:
+            self.d.connect(dataclasses.replace(base, held=refs))
+        except RouterError as exc:  # draining, or its old stream is still there
+            assert exc.code in (Code.UNAVAILABLE, Code.ALREADY_EXISTS), exc
+            self.forget(worker_id)
+
     def outcome(self, task: TaskRecord, honest: bool) -> tuple[bytes, ErrorInfo | None]:
         roll = 1.0 if honest else self.rng.random()
         if roll < 0.03:
@@ -162,8 +177,8 @@ class Chaos:
         action = rng.choices(
             ["connect", "kill", "report", "late", "submit", "inputs", "end_input", "cancel",
              "lease", "publish", "take", "close", "release", "tick", "heartbeat", "credit",
-             "drain"],
-            weights=[4, 2, 30, 2, 3, 8, 3, 1, 1, 4, 3, 1, 1, 4, 4, 1, 0.2],
+             "drain", "rejoin"],
+            weights=[4, 2, 30, 2, 3, 8, 3, 1, 1, 4, 3, 1, 1, 4, 4, 1, 0.2, 2],
         )[0]
         workers = list(d.router.workers)
         if action == "connect":
@@ -252,11 +267,21 @@ class Chaos:
             d.set_window(d.workers[worker_id], rng.randint(0, 6))
         elif action == "drain":
             d.handle(DrainRequested(1.0))
+        elif action == "rejoin" and workers:
+            victim = rng.choice(workers)
+            base = d.router.workers[victim].hello
+            d.handle(WorkerDisconnected(victim))
+            self.rejoin(victim, base)
         self.collect()
 
     def settle(self) -> None:
         """Every worker turns honest and a full one joins; run to the end."""
         d = self.d
+        # Past any adoption grace, with every worker heard from just now.
+        d.clock.now += d.router.config.adoption_grace
+        for worker_id in list(d.router.workers):
+            d.heartbeat(d.workers[worker_id])
+        d.tick()
         d.connect(hello("final", operations=OPS, monoids=("sum",), capacity=4, prefetch=4))
         for s in self.directives:
             if not s.ended_input:

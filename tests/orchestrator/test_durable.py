@@ -26,7 +26,8 @@ from .conftest import WireWorker, wait_for
 def config(store: str, port: int = 0) -> OrchestratorConfig:
     return OrchestratorConfig(
         port=port, grace=2.0, tick_interval=0.05, store=store,
-        router=RouterConfig(no_worker_timeout=30.0, lease_timeout=2.0),
+        # The wire workers here send no heartbeat: no adoption grace to sit out.
+        router=RouterConfig(no_worker_timeout=30.0, lease_timeout=2.0, adoption_grace=0.0),
     )
 
 

@@ -14,6 +14,7 @@ from squire.api.v1 import squire_pb2 as pb
 
 import worker_service
 from squire_kernel.serde import Serializer, decode
+from squire_kernel.wire import task_digest
 from worker_service import (
     ExecutorKind,
     HelloRejected,
@@ -500,7 +501,7 @@ async def test_second_drain_request_cuts_the_grace_short(orchestrator: FakeOrche
 async def test_reconnects_after_the_orchestrator_restarts(orchestrator: FakeOrchestrator) -> None:
     async with WorkerRuntime(config(orchestrator, executor=THREAD, concurrency=2)) as worker:
         first = await orchestrator.session()
-        first.send_tasks(task("gated", "old", task_id=1), task("echo", "hi", task_id=2))
+        first.send_tasks(task("gated", "old", task_id=1, lease_id=41), task("echo", "hi", task_id=2))
         await first.wait_results(1)
         await wait_for(lambda: GATE.running == 1, what="old task running")
         await orchestrator.stop(0)
@@ -509,13 +510,42 @@ async def test_reconnects_after_the_orchestrator_restarts(orchestrator: FakeOrch
         await orchestrator.start()  # same port
         second = await orchestrator.session(2)
         await wait_for(lambda: worker.ready, what="ready again")
-        # The old session's task saw its abort signal; its result is never
-        # sent on the new session (the orchestrator re-queues it).
-        await wait_for(lambda: GATE.running == 0, what="old task to stop")
+        # The old task ran on; the new hello names it, so the orchestrator
+        # can lease it back instead of running it again.
+        assert GATE.running == 1
+        (held,) = second.hello.held
+        assert (held.routing_key, held.task_id, held.lease_id) == ("rk", 1, 41)
+        expected = task_digest(0, "gated", b"", task("gated", "old").input, ())
+        assert held.digest == expected
         second.send_tasks(task("echo", "new", task_id=3))
         await second.wait_results(1)
-        assert [r.task_id for r in second.results] == [3]
-        assert ok(second.result(3)) == "new"
+        GATE.release.set()
+        await second.wait_results(2)
+        assert sorted(r.task_id for r in second.results) == [1, 3]
+        assert ok(second.result(1)) == "old" and ok(second.result(3)) == "new"
+        assert second.result(1).lease_id == 41
+
+
+async def test_results_of_a_broken_stream_are_sent_on_the_next(
+    orchestrator: FakeOrchestrator,
+) -> None:
+    """A task that finishes while no stream is up is reported on the next one."""
+    async with WorkerRuntime(
+        config(orchestrator, executor=THREAD, concurrency=1, reconnect_min=0.3, reconnect_max=0.3)
+    ) as worker:
+        first = await orchestrator.session()
+        first.send_tasks(task("gated", "v", task_id=7, lease_id=70))
+        await wait_for(lambda: GATE.running == 1, what="task running")
+        await orchestrator.stop(0)
+        await wait_for(lambda: worker.state is WorkerState.CONNECTING, what="connecting")
+        GATE.release.set()  # it finishes between the streams
+        await wait_for(lambda: GATE.running == 0, what="task done")
+        await orchestrator.start()
+        second = await orchestrator.session(2)
+        assert [h.task_id for h in second.hello.held] == [7]
+        await second.wait_results(1)
+        assert ok(second.result(7)) == "v" and second.result(7).lease_id == 70
+        assert first.results == []
 
 
 async def test_waits_for_an_unreachable_orchestrator(orchestrator: FakeOrchestrator) -> None:

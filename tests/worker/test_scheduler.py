@@ -426,28 +426,62 @@ def test_a_shared_crash_while_draining_or_aborted_is_not_run_again() -> None:
 
 # ------------------------------------------------------------- broken stream
 
-def test_a_broken_stream_forgets_everything_and_sends_nothing() -> None:
+def test_a_broken_stream_hands_over_what_runs_and_what_was_not_sent() -> None:
     h = Harness(capacity=1)
     a, b, c = spec(1), spec(2), spec(3)
     h.receive(a, b, c)
     h.finish(a, transient(After(2, 1.0), a))
     assert h.wake is not None
     out = h(ExecutionFinished([(b, b"ok", 0.1)]), StreamBroken())
-    # b's result was never sent: the orchestrator re-queues b, and a result
-    # on a later stream would be a duplicate.
+    # b's result was not sent on this stream: it goes to the next one. a
+    # (waiting for a retry) and c (queued) are re-queued by the orchestrator.
     assert not any(isinstance(i, SendResults) for i in out)
     assert not h.results and h.wake is None
     assert h.scheduler.running == h.scheduler.buffered == 0
+    holdover = h.scheduler.holdover
+    assert holdover is not None and holdover.reports == [(b, b"ok")] and not holdover.running
     assert h(TasksReceived([spec(4)]), Tick(), DrainRequested(1.0)) == []
 
 
-def test_running_tasks_are_signalled_when_the_stream_breaks() -> None:
+def test_running_tasks_run_on_when_the_stream_breaks() -> None:
     h = Harness(capacity=3)
-    a, b, slow = spec(1), spec(2), spec(3, timeout=1.0)
+    a, b, slow = spec(1), spec(2, timeout=5.0), spec(3, timeout=1.0)
     h.receive(a, b, slow)
     h.clock.now += 1.0
     h(Tick(), StreamBroken())  # slow times out in the same step
-    assert h.cancelled == [slow, a, b] and not h.results
+    # Only the timed-out run is signalled; a and b go on for the next stream.
+    assert h.cancelled == [slow] and not h.results
+    holdover = h.scheduler.holdover
+    assert holdover is not None
+    assert list(holdover.running) == [a, b] and holdover.detached == {slow}
+    assert [(task, type(outcome)) for task, outcome in holdover.reports] == [(slow, Failure)]
+
+
+def test_the_next_stream_starts_from_the_holdover() -> None:
+    old = Harness(capacity=3)
+    a, b, slow = spec(1), spec(2, timeout=5.0), spec(3, timeout=1.0)
+    old.receive(a, b, slow)
+    old.clock.now += 1.0
+    old(Tick(), StreamBroken())
+    holdover = old.scheduler.holdover
+    assert holdover is not None
+
+    h = Harness(capacity=3)
+    h.clock.now = old.clock.now
+    h.scheduler = Scheduler(
+        SchedulerConfig(3, 8), h.clock, h.aborted, holdover=holdover,
+    )
+    h.scheduler.validate()
+    assert h.scheduler.slots_taken == 3  # a and b run, slow's run has not ended
+    h.receive(spec(4))  # no free slot: it waits
+    assert h.results[("rk", 3)].kind is ErrorKind.TIMEOUT  # carried, sent first
+    assert h.started == [] and h.scheduler.buffered == 1
+    h(ExecutionFinished([(a, b"a", 1.5)]))  # a carried run ends: reported here
+    assert h.results[("rk", 1)] == b"a"
+    assert [t.task_id for t in h.started] == [4]
+    h.clock.now += 4.0  # b's deadline (5 s from its start) passes on this stream
+    h(Tick())
+    assert h.results[("rk", 2)].kind is ErrorKind.TIMEOUT
 
 
 # ----------------------------------------------------------------- layering

@@ -71,20 +71,29 @@ class Sim:
         self.in_flight: dict[TaskSpec, RetryStrategy] = {}
         self.next_id = 0
         self.sessions = 0
+        self.sent_ever: set[TaskSpec] = set()  # reported on any stream
+        self.policies: dict[TaskSpec, RetryStrategy] = {}
         self._new_session()
 
     def _new_session(self) -> None:
+        """The next stream: after a break it starts from the holdover."""
         self.sessions += 1
+        holdover = self.scheduler.holdover if self.sessions > 1 else None
+        carried: set[TaskSpec] = set()
+        occupied = len(self.in_flight)
+        if holdover is not None:
+            carried = set(holdover.running) | {task for task, _ in holdover.reports}
+            occupied -= len(holdover.running) + len(holdover.detached)
         self.scheduler = Scheduler(
             SchedulerConfig(self.capacity, self.window), self.clock, self.aborted,
-            occupied=len(self.in_flight),
+            occupied=occupied, holdover=holdover,
         )
-        self.received: set[TaskSpec] = set()
+        self.scheduler.validate()
+        self.received: set[TaskSpec] = carried
         self.after_close: set[TaskSpec] = set()
         self.reported: set[TaskSpec] = set()
         self.closed = self.broken = False
         self.wake: float | None = None
-        self.policies: dict[TaskSpec, RetryStrategy] = {}
 
     # ------------------------------------------------------------ feeding
 
@@ -106,7 +115,9 @@ class Sim:
                     for task, _ in results:
                         assert task in self.received, "reported on another session"
                         assert task not in self.reported, f"{task} reported twice"
+                        assert task not in self.sent_ever, f"{task} reported on two streams"
                         self.reported.add(task)
+                        self.sent_ever.add(task)
                 case CancelRunning(tasks):
                     assert all(task in self.in_flight for task in tasks)
                 case Wake(at):

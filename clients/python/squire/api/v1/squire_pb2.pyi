@@ -366,6 +366,7 @@ class WorkerHello(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     PREFETCH_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """unique among connected workers"""
     capacity: _builtins.int
@@ -381,6 +382,14 @@ class WorkerHello(_message.Message):
     def monoids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """monoid names offered (combine tasks)"""
 
+    @_builtins.property
+    def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldTask]:
+        """Tasks this worker still holds from an earlier stream (to this or to an
+        earlier orchestrator): running, or finished with the result not yet
+        sent. The orchestrator leases each back to this worker when it has the
+        same task pending, so its result counts instead of the task running again.
+        """
+
     def __init__(
         self,
         *,
@@ -390,14 +399,48 @@ class WorkerHello(_message.Message):
         capacity: _builtins.int = ...,
         prefetch: _builtins.int = ...,
         version: _builtins.str = ...,
+        held: _abc.Iterable[Global___HeldTask] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "monoids", b"monoids", "operations", b"operations", "prefetch", b"prefetch", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "held", b"held", "monoids", b"monoids", "operations", b"operations", "prefetch", b"prefetch", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerHello: _TypeAlias = WorkerHello  # noqa: Y015
+
+@_typing.final
+class HeldTask(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTING_KEY_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    routing_key: _builtins.str
+    task_id: _builtins.int
+    lease_id: _builtins.int
+    """the lease it was dispatched under; its result echoes it"""
+    digest: _builtins.int
+    """squire_kernel.wire.task_digest of kind, operation, params, input and
+    operands: a task is adopted only when the orchestrator's task of that id
+    is the same computation.
+    """
+    def __init__(
+        self,
+        *,
+        routing_key: _builtins.str = ...,
+        task_id: _builtins.int = ...,
+        lease_id: _builtins.int = ...,
+        digest: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "lease_id", b"lease_id", "routing_key", b"routing_key", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldTask: _TypeAlias = HeldTask  # noqa: Y015
 
 @_typing.final
 class Credit(_message.Message):
