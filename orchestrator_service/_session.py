@@ -3,7 +3,8 @@
 Each call is an ordinary directive in the core; only the transport differs
 from RunDirective. The reader turns SessionRequests into Router events; the
 writer sends, per call with news, one SessionEvent holding its events in
-order (``started`` rides with the first batch) and, on the last one, the
+order (``started`` rides with the first batch, or goes out as soon as the
+directive is journaled) and, on the last one, the
 CallEnd that RunDirective would have sent as the gRPC status.
 
 Flow control is per session: the reader stops reading while the session's
@@ -163,10 +164,12 @@ class Session:
         due = now - call.last_progress >= PROGRESS_INTERVAL
         if not call.started_sent and self._hub.store is not None and not box.journaled:
             return None  # accepted means journaled: nothing goes out before the plan is
-        if not call.started_sent and not (items or end or due):
+        if not call.started_sent and not (items or end or due) and self._hub.store is None:
             # A small directive is often done before anything else is worth
             # a message: its started event goes out with its results and end
             # (one message per call, not two), or on the progress clock.
+            # Not when it is journaled: with its id, the caller can reattach
+            # if the orchestrator dies while its (expensive) tasks run.
             return None
         message = pb.SessionEvent(call_id=call.call_id)
         events = message.events

@@ -113,10 +113,11 @@ def test_a_broken_session_fails_its_calls_instead_of_hanging() -> None:
 
 def test_every_waiting_session_call_fails_when_the_stream_breaks() -> None:
     """Leader/follower reading: whichever thread reads the stream when it
-    breaks, every thread waiting for a call of that stream gets the error."""
+    breaks, every thread waiting for a call of that stream gets the error.
+    (Without a journal: a journaled call would reattach and wait instead.)"""
     from concurrent.futures import ThreadPoolExecutor, wait
 
-    with procs.cluster() as c:
+    with procs.cluster(orchestrator_args=("--store", "memory:")) as c:
         c.start_worker("w1", executor="inline")
         client = squire.Client(c.target)
         assert IndexedStream.from_iterable([3]).map("fib_at").run(client) == [2]
