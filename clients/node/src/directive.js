@@ -88,7 +88,8 @@ export class Skipped {
  * @property {any} call
  * @property {AsyncIterator<any>} messages
  * @property {boolean} ended it has its status
- * @property {Promise<unknown>} endedPromise
+ * @property {Promise<unknown>} endedPromise settles with the call's status
+ * @property {any} status the call's status once it has it
  */
 
 /**
@@ -362,10 +363,12 @@ export class DirectiveRun {
       call,
       messages: call[Symbol.asyncIterator](),
       ended: false,
+      status: null,
       endedPromise: new Promise((resolve) => {
-        call.on('status', () => {
+        call.on('status', (/** @type {any} */ status) => {
           attempt.ended = true;
-          resolve(undefined);
+          attempt.status = status;
+          resolve(status);
         });
       }),
     };
@@ -383,6 +386,24 @@ export class DirectiveRun {
       });
     }
     return attempt;
+  }
+
+  /**
+   * The next message of a call; done only once the call ended OK. (grpc-js
+   * ends the message stream before it emits the error of a failed call, so
+   * the end alone does not say how the call ended.)
+   * @param {Attempt} attempt
+   * @returns {Promise<IteratorResult<any>>}
+   */
+  async #next(attempt) {
+    const step = await attempt.messages.next();
+    if (!step.done) return step;
+    const status = /** @type {any} */ (await attempt.endedPromise);
+    if (status.code !== 0) {
+      const error = Object.assign(new Error(`${status.code} ${status.details}`), status);
+      throw fromGrpcError(error);
+    }
+    return step;
   }
 
   /**
@@ -406,7 +427,7 @@ export class DirectiveRun {
       let failure;
       try {
         for (;;) {
-          const step = await attempt.messages.next();
+          const step = await this.#next(attempt);
           if (step.done) return;
           const event = this.#event(step.value, attempt);
           if (event !== undefined) yield event;
@@ -449,7 +470,7 @@ export class DirectiveRun {
     while (Date.now() < deadline) {
       await this.#sleep(Math.min(backoff, deadline - Date.now()));
       backoff = Math.min(backoff * 2, MAX_BACKOFF_MS);
-      if (this.#cancelled || this.#clientClosed?.aborted) break;
+      if (this.#cancelled || this.#clientClosed?.aborted || Date.now() >= deadline) break;
       const attempt = this.#open(false);
       /** @type {IteratorResult<any> | null} */
       let step;
@@ -483,7 +504,7 @@ export class DirectiveRun {
   async #firstMessage(attempt, deadline) {
     /** @type {NodeJS.Timeout | undefined} */
     let timer;
-    const next = attempt.messages.next();
+    const next = this.#next(attempt);
     next.catch(() => undefined);
     const timeout = new Promise((resolve) => {
       timer = setTimeout(resolve, Math.max(0, deadline - Date.now()), null);
