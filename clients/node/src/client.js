@@ -150,7 +150,7 @@ export class Client {
   /**
    * Start the plan *detached* and resolve with its directive id once the
    * orchestrator has journaled the plan, every input and the end of the
-   * input. The directive runs on without this caller (leaving never cancels
+   * input, and has let go of this call (the id can be attached to at once). The directive runs on without this caller (leaving never cancels
    * it); read its results later, from any client, with {@link attach}, list
    * it with {@link directives}, cancel it with {@link cancel}. The
    * orchestrator keeps its results until they are read, or for its
@@ -166,16 +166,38 @@ export class Client {
     // No progress hint: Progress.total stays 0 until the end of the input is journaled.
     const run = new DirectiveRun(this.#directives, normalizePlan(plan), inputs,
       { ...options, expectedItems: 0 }, this.#context(true));
+    let left = false;
     for await (const event of run) {
       // Progress counts journaled inputs only, and its total is set once the
       // end of the input is journaled too: then the directive is safe.
       if (event.type === 'progress' && run.inputsSent > 0
         && event.progress.total === run.inputsSent && event.progress.received === run.inputsSent) {
+        left = true;
         break; // leaving ends the call; a detached directive runs on
       }
     }
-    if (run.directiveId === null) throw new SquireError('INTERNAL', 'the directive ended without starting');
-    return run.directiveId;
+    const id = run.directiveId;
+    if (id === null) throw new SquireError('INTERNAL', 'the directive ended without starting');
+    // The orchestrator lets go of the call a moment after it was cancelled;
+    // until then an attach is refused ("already has a caller attached").
+    // Resolve once the id can be attached to.
+    if (left) await this.#untilDetached(id, Date.now() + this.timeoutMs);
+    return id;
+  }
+
+  /**
+   * Poll ListDirectives until `id` has no caller attached (or is gone), or `deadline`.
+   * @param {string} id
+   * @param {number} deadline
+   */
+  async #untilDetached(id, deadline) {
+    for (let pause = 5; ; pause = Math.min(pause * 2, 200)) {
+      const rows = await this.directives({ timeoutMs: Math.max(1, deadline - Date.now()) }).catch(() => null);
+      const row = rows?.find((d) => d.directiveId === id);
+      if (rows !== null && (row === undefined || !row.attached)) return;
+      if (Date.now() + pause >= deadline || this.#closed) return;
+      await new Promise((resolve) => setTimeout(resolve, pause));
+    }
   }
 
   /**
