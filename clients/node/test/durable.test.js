@@ -1,8 +1,9 @@
 // Durable directives with the Node client against real services (issue 15):
 // an orchestrator journaling to its --state-dir (the default SQLite store) is
-// SIGKILLed mid-directive and restarted on the same port and state
-// directory; the client's runs reattach by themselves and every index
-// arrives exactly once with its exact value. Detached directives: submit,
+// SIGKILLed mid-directive (a map, a chain ending in a fold, session calls)
+// and restarted on the same port and state directory; the client's runs
+// reattach by themselves and every index arrives exactly once with its
+// exact value. Detached directives: submit,
 // leave, attach from another client (across a kill too); list and cancel by
 // id; and a run whose orchestrator does not come back in time rejects with
 // the error its call failed with.
@@ -122,6 +123,31 @@ describe('a run reattaches across an orchestrator SIGKILL', () => {
     assert.ok(run.reattached >= 1, `reattached ${run.reattached} times`);
     assert.equal(run.duplicatesDropped, 0, 'the orchestrator sent no index twice');
     assert.equal(run.inputsSent, n);
+  });
+
+  test('a chain map -> map -> fold: killed mid-directive, the fold value exact', { timeout: 90_000 }, async () => {
+    await serving();
+    const client = newClient();
+    const n = 1600;
+    // Multiples of 2^-10: their sums are exact in any grouping the tree reduction takes.
+    const xs = range(n).map((i) => ((i % 8) + 1) / 1024);
+    const run = stream(xs).map('sleep').map('multiply_by', { factor: 2 }).fold('sum').events(client);
+    /** @type {Promise<void> | null} */
+    let restart = null;
+    /** @type {unknown[]} */
+    const folds = [];
+    for await (const event of run) {
+      // A fold emits no items: kill on the progress clock.
+      if (event.type === 'progress' && restart === null && event.progress.completed >= 300) {
+        restart = cluster.restartOrchestrator();
+      } else if (event.type === 'fold') {
+        folds.push(event.value);
+      }
+    }
+    await restart;
+    assert.ok(restart !== null, 'killed during the directive');
+    assert.deepEqual(folds, [2 * xs.reduce((a, b) => a + b, 0)]);
+    assert.ok(run.reattached >= 1, `reattached ${run.reattached} times`);
   });
 
   test('run() and small session calls in flight complete across the kill', { timeout: 90_000 }, async () => {
