@@ -151,6 +151,8 @@ export class DirectiveRun {
   duplicatesDropped = 0;
   #cancelled = false;
   #finished = false;
+  /** @type {DirectiveEvent | undefined} what the first message of a reattached call gave the caller */
+  #resumedEvent = undefined;
   /** @type {(() => void) | null} wakes a reattach backoff */
   #wakeBackoff = null;
 
@@ -331,6 +333,7 @@ export class DirectiveRun {
         if (detail !== CLOSED_MESSAGE && detail !== ENDED_MESSAGE && this.#mayReattach(error)) {
           // The orchestrator went away: go on with a call of its own.
           const attempt = await this.#reattach(/** @type {SquireError} */ (error));
+          this.#resumedEvent = undefined; // the caller saw its started event
           yield* this.#callEvents(attempt);
           return;
         }
@@ -439,6 +442,9 @@ export class DirectiveRun {
       const error = fromGrpcError(failure);
       if (!this.#mayReattach(error)) throw error;
       attempt = await this.#reattach(/** @type {SquireError} */ (error));
+      const resumed = this.#resumedEvent;
+      this.#resumedEvent = undefined;
+      if (resumed !== undefined) yield resumed;
     }
   }
 
@@ -449,7 +455,9 @@ export class DirectiveRun {
    */
   #mayReattach(error) {
     return error instanceof SquireError && error.code === 'UNAVAILABLE'
-      && this.directiveId !== null && this.#startedSeen
+      // A run knows its directive is journaled from its started event; one
+      // that attaches by id knows it from the start.
+      && this.directiveId !== null && (this.#startedSeen || this.#attachTo !== null)
       && this.#reattachTimeoutMs > 0
       && this.#feeder.failure === null
       && !this.#cancelled && !this.#signal?.aborted && !this.#clientClosed?.aborted;
@@ -487,7 +495,9 @@ export class DirectiveRun {
       }
       if (step === null) break; // the deadline passed while the call waited
       this.reattached += 1;
-      if (!step.done) this.#event(step.value, attempt);
+      // (Its started event is news to the caller only for an attach by id
+      // whose first call failed.)
+      if (!step.done) this.#resumedEvent = this.#event(step.value, attempt);
       return attempt;
     }
     if (this.#cancelled) throw new SquireError('CANCELLED', 'Cancelled on client');

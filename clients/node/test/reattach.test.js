@@ -256,3 +256,34 @@ test('cancelling (or closing the client) during the backoff stops reattaching', 
   client.close();
   await assert.rejects(closing, (err) => err instanceof SquireError && err.code === 'UNAVAILABLE');
 });
+
+test('attach(id) retries while the orchestrator is away, and reads on from what it has', async () => {
+  script = async (call, number) => {
+    await call.until((rs) => rs.length >= 1);
+    assert.equal(call.requests[0].kind, 'attach');
+    const { valuesReceived, skippedReceived } = call.requests[0].attach;
+    if (number === 1) {
+      call.fail(grpc.status.UNAVAILABLE, 'failed to connect');
+      return;
+    }
+    call.write({ started: { directiveId: 'd7', attached: true, received: 3, inputClosed: true, serializer: 'SERIALIZER_MSGPACK' } });
+    if (number === 2) {
+      assert.deepEqual([valuesReceived, skippedReceived], [0, 0]);
+      call.write({ items: { items: [{ index: 2, value: Buffer.from([0x2a]) }] } });
+      call.fail(grpc.status.UNAVAILABLE, 'Connection dropped');
+      return;
+    }
+    assert.deepEqual([valuesReceived, skippedReceived], [1, 0]);
+    call.write({ items: { items: [{ index: 0, value: Buffer.from([0x01]) }, { index: 1, value: Buffer.from([0x02]) }] } });
+    call.end();
+  };
+  const run = newClient().attach('d7');
+  /** @type {any[]} */
+  const events = [];
+  for await (const event of run) events.push(event);
+  assert.deepEqual(events.map((e) => e.type), ['started', 'items', 'items']);
+  const values = events.filter((e) => e.type === 'items').flatMap((e) => e.items.map((/** @type {any} */ i) => [i.index, i.value]));
+  assert.deepEqual(values.sort(), [[0, 1], [1, 2], [2, 42]], 'msgpack, as the started event said');
+  assert.equal(run.reattached, 2);
+  assert.equal(run.inputsSent, 3);
+});
