@@ -13,6 +13,7 @@ import grpc from '@grpc/grpc-js';
 
 import { Client, SquireError, stream } from '@squire/client';
 
+import { waitUntil } from './harness.js';
 import { loadApi } from '../src/proto.js';
 
 /** @param {unknown} value */
@@ -103,7 +104,7 @@ function newClient(options) {
 /** The input values a call sent, in order. @param {any[]} requests */
 const inputsOf = (requests) => requests.filter((r) => r.kind === 'inputs').flatMap((r) => r.inputs.items.map(parse));
 
-test('the run reattaches with what it has and resends only the inputs not journaled', async () => {
+test('the run reattaches with what it has and resends only the inputs not journaled', { timeout: 30_000 }, async () => {
   calls = [];
   script = async (call, number) => {
     if (number === 1) {
@@ -143,7 +144,7 @@ test('the run reattaches with what it has and resends only the inputs not journa
   assert.equal(calls[0].requests[0].kind, 'plan');
 });
 
-test('an input still being read goes on on the reattached call; input_closed sends nothing more', async () => {
+test('an input still being read goes on on the reattached call; input_closed sends nothing more', { timeout: 30_000 }, async () => {
   /** @type {() => void} */
   let release = () => undefined;
   const held = new Promise((resolve) => {
@@ -191,7 +192,7 @@ test('an input still being read goes on on the reattached call; input_closed sen
   assert.equal(await stream([1, 2]).fold('sum').run(newClient()), 42);
 });
 
-test('a refusal of the attach ends the run with it; the time passing gives the first error', async () => {
+test('a refusal of the attach ends the run with it; the time passing gives the first error', { timeout: 30_000 }, async () => {
   calls = [];
   script = async (call, number) => {
     if (number === 1) {
@@ -231,7 +232,7 @@ test('a refusal of the attach ends the run with it; the time passing gives the f
 
 });
 
-test('cancelling (or closing the client) during the backoff stops reattaching', async () => {
+test('cancelling (or closing the client) during the backoff stops reattaching', { timeout: 30_000 }, async () => {
   calls = [];
   script = async (call, number) => {
     if (number === 1) {
@@ -245,19 +246,19 @@ test('cancelling (or closing the client) during the backoff stops reattaching', 
   const controller = new AbortController();
   const reason = new Error('enough');
   const running = stream([1]).map('x').run(newClient(), { signal: controller.signal });
-  while (calls.length < 3) await new Promise((resolve) => setImmediate(resolve));
+  await waitUntil(() => calls.length >= 3, { timeoutMs: 10_000, message: 'two attach attempts' });
   controller.abort(reason);
   await assert.rejects(running, (err) => err === reason);
 
   calls = [];
   const client = newClient();
   const closing = stream([1]).map('x').run(client);
-  while (calls.length < 3) await new Promise((resolve) => setImmediate(resolve));
+  await waitUntil(() => calls.length >= 3, { timeoutMs: 10_000, message: 'two attach attempts' });
   client.close();
   await assert.rejects(closing, (err) => err instanceof SquireError && err.code === 'UNAVAILABLE');
 });
 
-test('attach(id) retries while the orchestrator is away, and reads on from what it has', async () => {
+test('attach(id) retries while the orchestrator is away, and reads on from what it has', { timeout: 30_000 }, async () => {
   script = async (call, number) => {
     await call.until((rs) => rs.length >= 1);
     assert.equal(call.requests[0].kind, 'attach');
