@@ -217,7 +217,7 @@ describe('detached directives', () => {
     assert.deepEqual(again, order);
   });
 
-  test('attach(id).result(): a detached fold', async () => {
+  test('attach(id).result(): a detached fold', { timeout: 60_000 }, async () => {
     await serving();
     const client = newClient();
     const id = await stream(range(50)).map('multiply_by', { factor: 3 }).fold('sum').submit(client, { serializer: 'msgpack' });
@@ -227,7 +227,7 @@ describe('detached directives', () => {
     assert.equal(await newClient().attach(id).result(), 3675, 'a second reader gets the same value');
   });
 
-  test('list and cancel by id; unknown ids are NOT_FOUND', async () => {
+  test('list and cancel by id; unknown ids are NOT_FOUND', { timeout: 60_000 }, async () => {
     await serving();
     const client = newClient();
     const id = await stream(range(2000).map(() => 0.05)).map('sleep').submit(client);
