@@ -9,6 +9,10 @@ The ``wire_cases`` send bytes to a method and read bytes back, below any
 client API: frames that do not parse, and server reflection on both
 protocol versions.
 
+The ``directive_cases`` are steps on durable directives by id: a detached
+submit, attach, ListDirectives, CancelDirective, through the SDK's
+``IndexedStream.submit``, ``Client.attach``, ``directives`` and ``cancel``.
+
 A case goes through the SDK (``IndexedStream(...).map(...).fold(...).run``)
 whenever the SDK can express it. Raw input bytes, and plans the SDK refuses
 to build (a fold before the last stage), go through the generated stubs, so
@@ -27,7 +31,7 @@ import grpc
 import msgpack
 import pytest
 from procs import Cluster, cluster  # tests/ is on sys.path: it has no __init__.py
-from squire import Client, IndexedStream, RpcError
+from squire import Client, FoldValue, IndexedStream, ItemBatch, RpcError
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
@@ -35,6 +39,8 @@ CASES_FILE = Path(__file__).with_name("cases.json")
 SUITE: dict[str, Any] = json.loads(CASES_FILE.read_text(encoding="utf-8"))
 CASES: list[dict[str, Any]] = SUITE["cases"]
 WIRE_CASES: list[dict[str, Any]] = SUITE["wire_cases"]
+DIRECTIVE_CASES: list[dict[str, Any]] = SUITE["directive_cases"]
+STEP_KINDS = ("submit", "attach", "list", "cancel")
 EXPECT_KEYS = ({"value"}, {"items"}, {"error_code", "message_contains"},
                {"error_code", "message_starts_with"})
 WIRE_SERIALIZER = {"json": pb.SERIALIZER_JSON, "msgpack": pb.SERIALIZER_MSGPACK}
@@ -164,7 +170,7 @@ def _check(case: dict[str, Any], outcome: Outcome) -> None:
 def test_cases_file_is_well_formed() -> None:
     names = [case["name"] for case in CASES]
     assert len(names) == len(set(names)), "case names must be unique"
-    assert set(SUITE) == {"about", "harness", "cases", "wire_cases"}
+    assert set(SUITE) == {"about", "harness", "cases", "wire_cases", "directive_cases"}
     assert set(SUITE["harness"]) == {"orchestrator_args", "workers"}
     for case in CASES:
         where = case["name"]
@@ -197,7 +203,7 @@ def test_case(case: dict[str, Any], client: Client, live: Cluster) -> None:
 
 
 def test_wire_cases_are_well_formed() -> None:
-    names = [case["name"] for case in CASES + WIRE_CASES]
+    names = [case["name"] for case in CASES + WIRE_CASES + DIRECTIVE_CASES]
     assert len(names) == len(set(names)), "case names must be unique"
     for case in WIRE_CASES:
         where = case["name"]
@@ -240,3 +246,110 @@ def test_wire_case(case: dict[str, Any], live: Cluster) -> None:
     answer = b"".join(responses)
     missing = [text for text in expect["response_contains"] if text.encode() not in answer]
     assert missing == [], f"the answer lacks {missing}"
+
+
+# ------------------------------------------------------- directive cases
+
+
+def test_directive_cases_are_well_formed() -> None:
+    for case in DIRECTIVE_CASES:
+        where = case["name"]
+        assert set(case) <= {"name", "about", "steps"}, where
+        bound: set[str] = set()
+        for step in case["steps"]:
+            kinds = [kind for kind in STEP_KINDS if kind in step]
+            assert len(kinds) == 1, where
+            kind = kinds[0]
+            if kind == "submit":
+                assert set(step) <= {"submit", "as", "expect"}, where
+                assert set(step["submit"]) <= {"plan", "inputs", "serializer"}, where
+                if "as" in step:
+                    bound.add(step["as"])
+            elif kind == "list":
+                assert set(step) == {"list"}, where
+                assert len(set(step["list"]) & {"includes", "excludes"}) == 1, where
+                target = step["list"].get("includes") or step["list"]["excludes"]
+                assert target["ref"] in bound, where
+            else:
+                assert set(step) == {kind, "expect"}, where
+                target = step[kind]
+                assert len(set(target) & {"id", "ref"}) == 1 and set(target) <= {"id", "ref"}, where
+                assert "id" in target or target["ref"] in bound, where
+                assert set(step["expect"]) in (*EXPECT_KEYS, {"ok"}), where
+
+
+def _directive_id(step_target: dict[str, Any], ids: dict[str, str]) -> str:
+    return ids[step_target["ref"]] if "ref" in step_target else str(step_target["id"])
+
+
+def _attach(client: Client, directive_id: str) -> Outcome:
+    """Attach by id and read to the end: the fold value if one came, else the
+    map results in index order (every index from 0 exactly once)."""
+    values: dict[int, Any] = {}
+    fold: list[Any] = []
+    try:
+        for event in client.attach(directive_id):
+            if isinstance(event, ItemBatch):
+                for index, value in event.items:
+                    assert index not in values, f"index {index} delivered twice"
+                    values[index] = value
+            elif isinstance(event, FoldValue):
+                fold.append(event.value)
+    except RpcError as exc:
+        return Outcome(code=exc.code, message=exc.message)
+    if fold:
+        assert len(fold) == 1 and not values, f"one fold value and no items, got {fold}, {values}"
+        return Outcome(value=fold[0])
+    assert sorted(values) == list(range(len(values))), f"missing results: {sorted(values)}"
+    return Outcome(value=[values[i] for i in range(len(values))])
+
+
+@pytest.mark.parametrize("case", DIRECTIVE_CASES, ids=[case["name"] for case in DIRECTIVE_CASES])
+def test_directive_case(case: dict[str, Any], client: Client) -> None:
+    ids: dict[str, str] = {}
+    for number, step in enumerate(case["steps"]):
+        where = f"step {number} of {case['name']}"
+        if "submit" in step:
+            spec = step["submit"]
+            stream = _stream(spec)
+            try:
+                directive_id = stream.submit(client, serializer=spec.get("serializer", "json"))
+            except RpcError as exc:
+                outcome = Outcome(code=exc.code, message=exc.message)
+            else:
+                outcome = Outcome(value=directive_id)
+                if "as" in step:
+                    ids[step["as"]] = directive_id
+            if "expect" in step and "ok" not in step["expect"]:
+                _check(step, outcome)
+            else:
+                assert outcome.code is None, f"{where}: {outcome}"
+        elif "list" in step:
+            rows = {row["directive_id"]: row for row in client.directives()}
+            if "includes" in step["list"]:
+                want = step["list"]["includes"]
+                directive_id = ids[want["ref"]]
+                assert directive_id in rows, f"{where}: {directive_id} not listed in {rows}"
+                row = rows[directive_id]
+                for field, value in want.items():
+                    if field != "ref":
+                        assert row.get(field, _DEFAULTS.get(field)) == value, f"{where}: {field} of {row}"
+            else:
+                assert ids[step["list"]["excludes"]["ref"]] not in rows, f"{where}: {rows}"
+        elif "attach" in step:
+            _check(step, _attach(client, _directive_id(step["attach"], ids)))
+        else:
+            try:
+                client.cancel(_directive_id(step["cancel"], ids))
+                outcome = Outcome()
+            except RpcError as exc:
+                outcome = Outcome(code=exc.code, message=exc.message)
+            if "ok" in step["expect"]:
+                assert outcome.code is None, f"{where}: {outcome}"
+            else:
+                _check(step, outcome)
+
+
+# Client.directives() leaves out fields at their proto default.
+_DEFAULTS: dict[str, Any] = {"detached": False, "attached": False, "received": 0, "completed": 0,
+                             "plan": "", "message": ""}

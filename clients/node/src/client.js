@@ -7,7 +7,8 @@
 import grpc from '@grpc/grpc-js';
 
 import { Channel } from './channel.js';
-import { DirectiveRun, collect, items } from './directive.js';
+import { SquireError } from './errors.js';
+import { DEFAULT_REATTACH_TIMEOUT_MS, DirectiveRun, collect, items } from './directive.js';
 import { normalizePlan } from './plan.js';
 import { loadApi } from './proto.js';
 import { unary } from './rpc.js';
@@ -28,6 +29,27 @@ const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
  *   most 64 elements run as calls of one shared RunDirectives stream (opened on first
  *   use, re-opened after it breaks) instead of a RunDirective call each; false gives
  *   every directive its own RunDirective call
+ * @property {number} [reattachTimeoutMs] default 120 000 (120 s): how long a directive's run
+ *   keeps trying to reattach when the orchestrator goes away mid-directive (a crash, a
+ *   restart, a rolling upgrade). The run resumes where it was, every index exactly once:
+ *   the caller sees a slower directive, not an error. Once it passes, the run rejects with
+ *   the error the call first failed with (UNAVAILABLE). 0 turns reattaching off. Needs an
+ *   orchestrator with a journal (its default store); RunOptions.reattachTimeoutMs
+ *   overrides it per run
+ */
+
+/**
+ * What ListDirectives says of a directive (Client.directives).
+ * @typedef {object} DirectiveInfo
+ * @property {string} directiveId
+ * @property {string} plan e.g. 'map(fib_at) -> fold(sum)'
+ * @property {string} state running | done | failed | cancelled
+ * @property {boolean} detached
+ * @property {boolean} attached a caller is attached now
+ * @property {number} ageSeconds since it was accepted
+ * @property {number} received input elements
+ * @property {number} completed elements through every map stage (or skipped)
+ * @property {string} message why it failed or was cancelled
  */
 
 export class Client {
@@ -37,6 +59,9 @@ export class Client {
   /** @type {DirectiveSession | null} */
   #session = null;
   #closed = false;
+  /** Aborted by close(): runs stop reattaching. */
+  #closing = new AbortController();
+  #reattachTimeoutMs;
 
   /**
    * @param {string} target host:port of the orchestrator, e.g. '127.0.0.1:50051'
@@ -55,6 +80,11 @@ export class Client {
     };
     this.target = target;
     this.timeoutMs = options.timeoutMs ?? 10_000;
+    const reattach = options.reattachTimeoutMs ?? DEFAULT_REATTACH_TIMEOUT_MS;
+    if (typeof reattach !== 'number' || !(reattach >= 0)) {
+      throw new RangeError(`reattachTimeoutMs is a number of milliseconds >= 0, got ${reattach}`);
+    }
+    this.#reattachTimeoutMs = reattach;
     const interceptors = options.token === undefined ? [] : [bearer(options.token)];
     this.#status = new api.StatusService(target, credentials, { ...channelOptions, interceptors });
     // One connection for all three services.
@@ -114,7 +144,121 @@ export class Client {
    */
   events(plan, inputs, options) {
     this.#checkOpen();
-    return new DirectiveRun(this.#directives, normalizePlan(plan), inputs, options, this.#session);
+    return new DirectiveRun(this.#directives, normalizePlan(plan), inputs, options, this.#context(false));
+  }
+
+  /**
+   * Start the plan *detached* and resolve with its directive id once the
+   * orchestrator has journaled the plan, every input and the end of the
+   * input, and has let go of this call (the id can be attached to at once). The directive runs on without this caller (leaving never cancels
+   * it); read its results later, from any client, with {@link attach}, list
+   * it with {@link directives}, cancel it with {@link cancel}. The
+   * orchestrator keeps its results until they are read, or for its
+   * --retention. Needs an orchestrator with a journal (FAILED_PRECONDITION
+   * otherwise). The inputs always go on a RunDirective call of their own.
+   * @param {import('./plan.js').Plan} plan
+   * @param {Iterable<unknown> | AsyncIterable<unknown>} inputs
+   * @param {Omit<import('./directive.js').RunOptions, 'expectedItems'>} [options]
+   * @returns {Promise<string>}
+   */
+  async submit(plan, inputs, options = {}) {
+    this.#checkOpen();
+    // No progress hint: Progress.total stays 0 until the end of the input is journaled.
+    const run = new DirectiveRun(this.#directives, normalizePlan(plan), inputs,
+      { ...options, expectedItems: 0 }, this.#context(true));
+    let left = false;
+    for await (const event of run) {
+      // Progress counts journaled inputs only, and its total is set once the
+      // end of the input is journaled too: then the directive is safe.
+      if (event.type === 'progress' && run.inputsSent > 0
+        && event.progress.total === run.inputsSent && event.progress.received === run.inputsSent) {
+        left = true;
+        break; // leaving ends the call; a detached directive runs on
+      }
+    }
+    const id = run.directiveId;
+    if (id === null) throw new SquireError('INTERNAL', 'the directive ended without starting');
+    // The orchestrator lets go of the call a moment after it was cancelled;
+    // until then an attach is refused ("already has a caller attached").
+    // Resolve once the id can be attached to.
+    if (left) await this.#untilDetached(id, Date.now() + this.timeoutMs);
+    return id;
+  }
+
+  /**
+   * Poll ListDirectives until `id` has no caller attached (or is gone), or `deadline`.
+   * @param {string} id
+   * @param {number} deadline
+   */
+  async #untilDetached(id, deadline) {
+    for (let pause = 5; ; pause = Math.min(pause * 2, 200)) {
+      const rows = await this.directives({ timeoutMs: Math.max(1, deadline - Date.now()) }).catch(() => null);
+      const row = rows?.find((d) => d.directiveId === id);
+      if (rows !== null && (row === undefined || !row.attached)) return;
+      if (Date.now() + pause >= deadline || this.#closed) return;
+      await new Promise((resolve) => setTimeout(resolve, pause));
+    }
+  }
+
+  /**
+   * Attach to a directive accepted earlier (a detached one, see
+   * {@link submit}, or one whose caller went away) and stream its events
+   * from the start: started, its items, progress, the fold value, the end.
+   * Iterate the run with `for await`, or `await run.result()`. Rejects (on
+   * iteration) with NOT_FOUND for an id the orchestrator does not hold, and
+   * FAILED_PRECONDITION when another caller is attached or the orchestrator
+   * has no journal. If the directive's input was still open, attaching ends
+   * it. Reattaches by itself like any run (see reattachTimeoutMs).
+   * @param {string} directiveId
+   * @param {Pick<import('./directive.js').RunOptions, 'onProgress' | 'signal' | 'reattachTimeoutMs'>} [options]
+   * @returns {DirectiveRun}
+   */
+  attach(directiveId, options = {}) {
+    this.#checkOpen();
+    const { onProgress, signal, reattachTimeoutMs } = options;
+    return new DirectiveRun(this.#directives, null, null, { onProgress, signal, reattachTimeoutMs },
+      this.#context(false), directiveId);
+  }
+
+  /**
+   * The directives the orchestrator holds: running ones, and finished ones
+   * kept for a caller to read (detached, or left by their caller).
+   * @param {{ timeoutMs?: number }} [options]
+   * @returns {Promise<DirectiveInfo[]>}
+   */
+  async directives(options = {}) {
+    this.#checkOpen();
+    const response = await unary(this.#directives, 'ListDirectives', {}, options.timeoutMs ?? this.timeoutMs);
+    return response.directives.map((/** @type {any} */ d) => ({ ...d }));
+  }
+
+  /**
+   * Cancel a directive by id: its queued tasks are dropped, running ones
+   * aborted; a finished one is dropped with its results. Rejects with
+   * NOT_FOUND if the orchestrator holds no such directive.
+   * @param {string} directiveId
+   * @param {{ timeoutMs?: number }} [options]
+   * @returns {Promise<void>}
+   */
+  async cancel(directiveId, options = {}) {
+    this.#checkOpen();
+    if (typeof directiveId !== 'string' || directiveId === '') {
+      throw new TypeError(`a directive id is a non-empty string, got ${JSON.stringify(directiveId)}`);
+    }
+    await unary(this.#directives, 'CancelDirective', { directiveId }, options.timeoutMs ?? this.timeoutMs);
+  }
+
+  /**
+   * @param {boolean} detached
+   * @returns {import('./directive.js').RunContext}
+   */
+  #context(detached) {
+    return {
+      session: detached ? null : this.#session,
+      reattachTimeoutMs: this.#reattachTimeoutMs,
+      closed: this.#closing.signal,
+      detached,
+    };
   }
 
   /**
@@ -136,6 +280,7 @@ export class Client {
   close() {
     if (this.#closed) return;
     this.#closed = true;
+    this.#closing.abort();
     this.#session?.close();
     this.#status.close();
   }

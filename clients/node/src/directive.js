@@ -9,16 +9,28 @@
  * the client's shared RunDirectives session instead (see session.js): the
  * plan and every encoded input go out in one message. The events, errors and
  * options are the same either way.
+ *
+ * When the orchestrator goes away mid-directive (a crash, a restart, a
+ * rolling upgrade: the call fails with UNAVAILABLE after the directive
+ * started, so its plan is journaled), the run reattaches by itself: new
+ * RunDirective calls with AttachDirective and the counts of values and
+ * skipped items it has, with backoff, for up to `reattachTimeoutMs`. The new
+ * orchestrator replays what the caller lacks and goes on; the inputs it had
+ * not journaled are sent again (feeder.js). The caller sees every index
+ * exactly once, and a slower directive instead of an error.
  */
 
 import { SquireError, fromGrpcError } from './errors.js';
+import { Feeder } from './feeder.js';
 import { planMessage } from './plan.js';
-import { cancelCall, writeMessage } from './rpc.js';
-import { decode, encode, parseSerializer, rawPayload } from './serde.js';
-import { SESSION_MAX_ITEMS, callEndError } from './session.js';
+import { cancelCall } from './rpc.js';
+import { decode, encode, parseSerializer, rawPayload, serializerFromWire } from './serde.js';
+import { CLOSED_MESSAGE, ENDED_MESSAGE, SESSION_MAX_ITEMS, callEndError } from './session.js';
 
-const MAX_BATCH_ITEMS = 256;
-const MAX_BATCH_BYTES = 1024 * 1024;
+/** How long a run keeps trying to reattach by default (ClientOptions.reattachTimeoutMs). */
+export const DEFAULT_REATTACH_TIMEOUT_MS = 120_000;
+const FIRST_BACKOFF_MS = 50;
+const MAX_BACKOFF_MS = 1000;
 
 /**
  * Stands in for the value of an element whose operation failed with
@@ -62,6 +74,22 @@ export class Skipped {
  * @property {(progress: Progress) => void} [onProgress] called on every progress event
  * @property {AbortSignal} [signal] aborting cancels the directive; the run rejects with signal.reason
  * @property {number} [expectedItems] progress total hint (default: the length of an array input)
+ * @property {number} [reattachTimeoutMs] how long this run keeps trying to reattach when the
+ *   orchestrator goes away mid-directive (default: the client's, 120 s); 0 turns it off
+ *
+ * @typedef {object} RunContext internal: what the Client gives its runs
+ * @property {import('./session.js').DirectiveSession | null} [session] the client's session,
+ *   for a short array input
+ * @property {number} [reattachTimeoutMs] the client's default
+ * @property {AbortSignal} [closed] aborted when the client closes: no more reattaching
+ * @property {boolean} [detached] submit the plan detached (Client.submit)
+ *
+ * @typedef {object} Attempt one RunDirective call of the run
+ * @property {any} call
+ * @property {AsyncIterator<any>} messages
+ * @property {boolean} ended it has its status
+ * @property {Promise<unknown>} endedPromise settles with the call's status
+ * @property {any} status the call's status once it has it
  */
 
 /**
@@ -69,19 +97,21 @@ export class Skipped {
  * `for await` for its {@link DirectiveEvent}s; the call starts with the first
  * iteration. A failed directive throws a SquireError (ABORTED for a fatal
  * operation error); an error thrown by the input iterable is rethrown as is.
- * Leaving the loop early cancels the directive.
+ * Leaving the loop early cancels the directive (a detached one runs on).
  *
  * An array input of at most 64 elements runs on the client's shared
  * RunDirectives session (unless the client was created with
  * `{ session: false }`); anything else gets a RunDirective call of its own.
+ * Either way the run reattaches by itself when the orchestrator goes away
+ * mid-directive (see `reattachTimeoutMs`); `reattached` counts how often.
  */
 export class DirectiveRun {
   /** @type {string | null} */
   directiveId = null;
   /** @type {Progress | null} */
   progress = null;
-  /** Input elements taken from the iterable and encoded so far. */
-  inputsSent = 0;
+  /** Times the run resumed after the orchestrator went away. */
+  reattached = 0;
 
   #stub;
   #plan;
@@ -91,99 +121,158 @@ export class DirectiveRun {
   #onProgress;
   #signal;
   #expectedItems;
-  /** @type {any} */
-  #call = null;
-  #ended = false;
-  /** @type {() => void} */
-  #markEnded = () => {};
-  /** Settles when the call has its status. */
-  #endedPromise = new Promise((resolve) => {
-    this.#markEnded = () => resolve(undefined);
-  });
+  #reattachTimeoutMs;
+  /** @type {AbortSignal | undefined} */
+  #clientClosed;
+  #detached;
   /** @type {object} */
   #planMessage;
   #iterated = false;
-  /** @type {{ error: unknown } | null} */
-  #inputFailure = null;
   /** @type {import('./session.js').DirectiveSession | null} */
   #session;
   /** @type {{ callId: number, wake: (error: unknown) => void } | null} the session call in flight */
   #sessionCall = null;
+  /** @type {Feeder} */
+  #feeder;
+  /** @type {Attempt | null} the RunDirective call in flight */
+  #attempt = null;
+  /** The directive id to attach to on the first call (Client.attach), else null. */
+  #attachTo;
+  /** The caller has seen the started event. */
+  #startedSeen = false;
+  /** Items received so far, as the orchestrator counts them for AttachDirective. */
+  #values = 0;
+  #skipped = 0;
+  /** Inputs of an attached directive (its DirectiveStarted.received once its input ended). */
+  #attachedInputs = 0;
+  /** @type {Uint8Array} a bit per index delivered to the caller */
+  #delivered = new Uint8Array(1024);
+  /** Items the orchestrator sent twice and this run dropped (0 unless something is wrong). */
+  duplicatesDropped = 0;
+  #cancelled = false;
+  #finished = false;
+  /** @type {DirectiveEvent | undefined} what the first message of a reattached call gave the caller */
+  #resumedEvent = undefined;
+  /** @type {(() => void) | null} wakes a reattach backoff */
+  #wakeBackoff = null;
 
   /**
    * @param {any} stub the DirectiveService client
-   * @param {import('./plan.js').NormalizedPlan} plan
-   * @param {Iterable<unknown> | AsyncIterable<unknown>} inputs
+   * @param {import('./plan.js').NormalizedPlan | null} plan null: attach to `attachTo`
+   * @param {Iterable<unknown> | AsyncIterable<unknown> | null} inputs
    * @param {RunOptions} [options]
-   * @param {import('./session.js').DirectiveSession | null} [session] the client's
-   *   session, for a short array input (internal: the Client passes it)
+   * @param {RunContext} [context] internal: the Client passes it
+   * @param {string | null} [attachTo] internal: Client.attach
    */
-  constructor(stub, plan, inputs, options = {}, session = null) {
-    if (inputs == null || (typeof (/** @type {any} */ (inputs)[Symbol.iterator]) !== 'function'
-      && typeof (/** @type {any} */ (inputs)[Symbol.asyncIterator]) !== 'function')) {
-      throw new TypeError('inputs must be an iterable or an async iterable');
-    }
+  constructor(stub, plan, inputs, options = {}, context = {}, attachTo = null) {
+    this.#attachTo = attachTo;
     this.#stub = stub;
-    this.#plan = plan;
-    this.#inputs = inputs;
     this.#serializer = parseSerializer(options.serializer);
     this.#raw = options.raw === true;
     this.#onProgress = options.onProgress;
     this.#signal = options.signal;
+    this.#clientClosed = context.closed;
+    this.#detached = context.detached === true;
+    const timeout = options.reattachTimeoutMs ?? context.reattachTimeoutMs ?? DEFAULT_REATTACH_TIMEOUT_MS;
+    if (typeof timeout !== 'number' || !(timeout >= 0)) {
+      throw new RangeError(`reattachTimeoutMs is a number of milliseconds >= 0, got ${timeout}`);
+    }
+    this.#reattachTimeoutMs = timeout;
+    this.#session = context.session ?? null;
+    if (attachTo !== null) {
+      if (typeof attachTo !== 'string' || attachTo === '') {
+        throw new TypeError(`a directive id is a non-empty string, got ${JSON.stringify(attachTo)}`);
+      }
+      this.#plan = { stages: [], taskTimeoutSeconds: 0, fold: false };
+      this.#inputs = null;
+      this.#expectedItems = 0;
+      this.#planMessage = {};
+      this.#session = null;
+      this.directiveId = attachTo;
+      this.#feeder = new Feeder(null, () => Buffer.alloc(0));
+      return;
+    }
+    if (inputs == null || (typeof (/** @type {any} */ (inputs)[Symbol.iterator]) !== 'function'
+      && typeof (/** @type {any} */ (inputs)[Symbol.asyncIterator]) !== 'function')) {
+      throw new TypeError('inputs must be an iterable or an async iterable');
+    }
+    this.#plan = /** @type {import('./plan.js').NormalizedPlan} */ (plan);
+    this.#inputs = inputs;
     this.#expectedItems = options.expectedItems ?? (Array.isArray(inputs) ? inputs.length : 0);
     // Encode params now, so a bad one fails the caller before anything is sent.
-    this.#planMessage = planMessage(plan, this.#serializer, this.#expectedItems);
-    this.#session = session;
+    this.#planMessage = { ...planMessage(this.#plan, this.#serializer, this.#expectedItems), detached: this.#detached };
+    this.#feeder = new Feeder(inputs, (value) => this.#encodeInput(value));
+    if (this.#detached) this.#session = null;
   }
 
-  /** Whether the plan ends with a fold. */
+  /** Whether the plan ends with a fold (for an attached run: once its fold value came). */
   get fold() {
     return this.#plan.fold;
   }
 
-  /** Cancel the directive if it still runs: its queued tasks are dropped, running ones aborted. */
+  /** Input elements taken from the iterable and encoded so far (an attached run: its directive's inputs). */
+  get inputsSent() {
+    return this.#attachTo !== null ? this.#attachedInputs : this.#feeder.sent;
+  }
+
+  /** Whether the plan was submitted detached (see Client.submit). */
+  get detached() {
+    return this.#detached;
+  }
+
+  /**
+   * Cancel the directive if it still runs: its queued tasks are dropped,
+   * running ones aborted. A detached directive runs on: only this call ends
+   * (cancel it by id with Client.cancel).
+   */
   cancel() {
-    if (this.#call !== null && !this.#ended) cancelCall(this.#call);
+    if (this.#finished) return;
+    this.#cancelled = true;
+    this.#wakeBackoff?.();
+    const attempt = this.#attempt;
+    if (attempt !== null && !attempt.ended) cancelCall(attempt.call);
     const sessionCall = this.#sessionCall;
-    if (sessionCall !== null && !this.#ended) {
-      this.#ended = true;
+    if (sessionCall !== null) {
+      this.#sessionCall = null;
       this.#session?.cancel(sessionCall.callId);
       sessionCall.wake(new SquireError('CANCELLED', 'Cancelled on client'));
     }
+  }
+
+  /**
+   * Run to the end: the fold value for a plan ending in a fold, otherwise
+   * the map results in input order (for an attached run, a fold value if
+   * one came, otherwise the map results).
+   * @returns {Promise<unknown>}
+   */
+  result() {
+    return collect(this);
   }
 
   /** @returns {AsyncGenerator<DirectiveEvent, void, undefined>} */
   async *[Symbol.asyncIterator]() {
     if (this.#iterated) throw new Error('a DirectiveRun can be iterated only once');
     this.#iterated = true;
-    const inputs = this.#inputs;
-    if (this.#session !== null && Array.isArray(inputs) && inputs.length <= SESSION_MAX_ITEMS) {
-      yield* this.#sessionEvents(this.#session, inputs);
-      return;
-    }
     const signal = this.#signal;
-    signal?.throwIfAborted();
-    const call = this.#stub.RunDirective();
-    this.#call = call;
-    call.on('status', () => {
-      this.#ended = true;
-      this.#markEnded();
-    });
     const onAbort = () => this.cancel();
-    signal?.addEventListener('abort', onAbort, { once: true });
-    this.#feed();
     try {
-      for await (const message of call) {
-        const event = this.#event(message);
-        if (event !== undefined) yield event;
+      signal?.throwIfAborted();
+      this.#checkClient();
+      signal?.addEventListener('abort', onAbort, { once: true });
+      const inputs = this.#inputs;
+      if (this.#session !== null && Array.isArray(inputs) && inputs.length <= SESSION_MAX_ITEMS) {
+        yield* this.#sessionEvents(this.#session, inputs);
+      } else {
+        yield* this.#callEvents(this.#open(true));
       }
     } catch (err) {
-      if (this.#inputFailure !== null) throw this.#inputFailure.error;
       if (signal?.aborted) throw signal.reason;
-      throw fromGrpcError(err);
+      throw err;
     } finally {
       signal?.removeEventListener('abort', onAbort);
       this.cancel();
+      this.#finished = true;
+      this.#feeder.stop();
     }
   }
 
@@ -191,15 +280,16 @@ export class DirectiveRun {
    * The run as a call of the client's session: every input encoded first (an
    * encoding error rejects before anything is sent), then plan, inputs and
    * end of input in one request; the call's events come back in session
-   * messages, the last one with its end.
+   * messages, the last one with its end. If the orchestrator goes away
+   * after the call started, the run goes on with a RunDirective call that
+   * attaches to the directive.
    * @param {import('./session.js').DirectiveSession} session
    * @param {unknown[]} inputs
    * @returns {AsyncGenerator<DirectiveEvent, void, undefined>}
    */
   async *#sessionEvents(session, inputs) {
-    const signal = this.#signal;
-    signal?.throwIfAborted();
-    const items = inputs.map((value) => (this.#raw ? rawPayload(value) : encode(value, this.#serializer)));
+    const items = inputs.map((value) => this.#encodeInput(value));
+    this.#feeder.preload(items);
     /** @type {any[]} */
     const inbox = [];
     /** @type {{ failure: { error: unknown } | null }} why the call ended without its end, if it did */
@@ -218,12 +308,10 @@ export class DirectiveRun {
         wake();
       },
       fail: (error) => {
-        this.#ended = true;
         state.failure ??= { error };
         wake();
       },
     });
-    this.inputsSent = items.length;
     this.#sessionCall = {
       callId,
       wake: (error) => {
@@ -231,149 +319,324 @@ export class DirectiveRun {
         wake();
       },
     };
-    const onAbort = () => this.cancel();
-    signal?.addEventListener('abort', onAbort, { once: true });
-    try {
-      for (;;) {
-        while (inbox.length === 0 && state.failure === null) {
-          await new Promise((resolve) => {
-            wakeUp = () => resolve(undefined);
-          });
-        }
-        const message = inbox.shift();
-        if (message === undefined) throw state.failure?.error;
-        for (const raw of message.events) {
-          const event = this.#event(raw);
-          if (event !== undefined) yield event;
-        }
-        if (message.end != null) {
-          this.#ended = true;
-          session.done(callId);
-          if (message.end.code !== 0) throw callEndError(message.end.code, message.end.message);
+    for (;;) {
+      while (inbox.length === 0 && state.failure === null) {
+        await new Promise((resolve) => {
+          wakeUp = () => resolve(undefined);
+        });
+      }
+      const message = inbox.shift();
+      if (message === undefined) {
+        this.#sessionCall = null;
+        const error = state.failure?.error;
+        const detail = error instanceof SquireError ? error.details : '';
+        if (detail !== CLOSED_MESSAGE && detail !== ENDED_MESSAGE && this.#mayReattach(error)) {
+          // The orchestrator went away: go on with a call of its own.
+          const attempt = await this.#reattach(/** @type {SquireError} */ (error));
+          this.#resumedEvent = undefined; // the caller saw its started event
+          yield* this.#callEvents(attempt);
           return;
         }
+        throw error;
       }
-    } catch (err) {
-      if (signal?.aborted) throw signal.reason;
-      throw err;
-    } finally {
-      signal?.removeEventListener('abort', onAbort);
-      this.cancel();
+      for (const raw of message.events) {
+        const event = this.#event(raw);
+        if (event !== undefined) yield event;
+      }
+      if (message.end != null) {
+        this.#sessionCall = null;
+        session.done(callId);
+        if (message.end.code !== 0) throw callEndError(message.end.code, message.end.message);
+        return;
+      }
     }
   }
 
   /**
-   * The request side: the plan, input batches, then half-close. Never
-   * rejects: an input or encoding error cancels the call and is rethrown by
-   * the event loop instead of the CANCELLED status it sees.
+   * Open a RunDirective call. The first call of a run sends the plan (or,
+   * for Client.attach, the AttachDirective) and, with the plan, starts
+   * feeding the inputs; a reattaching call sends the AttachDirective.
+   * @param {boolean} first
+   * @returns {Attempt}
    */
-  async #feed() {
-    const call = this.#call;
-    const ended = () => this.#ended;
-    /** @type {Buffer[]} */
-    let items = [];
-    let bytes = 0;
-    const flush = async () => {
-      if (items.length === 0) return true;
-      const batch = items;
-      items = [];
-      bytes = 0;
-      return writeMessage(call, ended, { inputs: { items: batch } });
+  #open(first) {
+    const call = this.#stub.RunDirective();
+    /** @type {Attempt} */
+    const attempt = {
+      call,
+      messages: call[Symbol.asyncIterator](),
+      ended: false,
+      status: null,
+      endedPromise: new Promise((resolve) => {
+        call.on('status', (/** @type {any} */ status) => {
+          attempt.ended = true;
+          attempt.status = status;
+          resolve(status);
+        });
+      }),
     };
-    /** @param {unknown} value @returns {boolean} whether the batch is full */
-    const add = (value) => {
-      const data = this.#raw ? rawPayload(value) : encode(value, this.#serializer);
-      items.push(data);
-      bytes += data.length;
-      this.inputsSent += 1;
-      return items.length >= MAX_BATCH_ITEMS || bytes >= MAX_BATCH_BYTES;
-    };
-    try {
-      if (!(await writeMessage(call, ended, { plan: this.#planMessage }))) return;
-      const inputs = /** @type {any} */ (this.#inputs);
-      if (typeof inputs[Symbol.asyncIterator] === 'function') {
-        if (!(await this.#feedAsync(inputs[Symbol.asyncIterator](), add, flush, () => items.length > 0))) return;
-      } else {
-        for (const value of inputs) {
-          if (add(value) && !(await flush())) return;
-        }
-      }
-      if (!(await flush())) return;
-      if (!this.#ended) call.end();
-    } catch (err) {
-      if (this.#ended) return; // the call is over; its own status says why
-      this.#inputFailure = { error: err };
-      cancelCall(call);
+    this.#attempt = attempt;
+    if (first && this.#attachTo === null) {
+      call.write({ plan: this.#planMessage });
+      this.#feed(attempt, 0);
+    } else {
+      call.write({
+        attach: {
+          directiveId: this.directiveId,
+          valuesReceived: this.#values,
+          skippedReceived: this.#skipped,
+        },
+      });
     }
+    return attempt;
   }
 
   /**
-   * Pull an async iterator. A partial batch is sent as soon as the source
-   * makes us wait, so a slow source does not hold back its first elements;
-   * and the call ending (a failure, a cancel) stops the wait for the source.
-   * @param {AsyncIterator<unknown>} iterator
-   * @param {(value: unknown) => boolean} add
-   * @param {() => Promise<boolean>} flush
-   * @param {() => boolean} pending
-   * @returns {Promise<boolean>} false if the call ended first
+   * The next message of a call; done only once the call ended OK. (grpc-js
+   * ends the message stream before it emits the error of a failed call, so
+   * the end alone does not say how the call ended.)
+   * @param {Attempt} attempt
+   * @returns {Promise<IteratorResult<any>>}
    */
-  async #feedAsync(iterator, add, flush, pending) {
-    const tick = Symbol('tick');
-    const ended = Symbol('ended');
-    const callEnded = this.#endedPromise.then(() => ended);
+  async #next(attempt) {
+    const step = await attempt.messages.next();
+    if (!step.done) return step;
+    const status = /** @type {any} */ (await attempt.endedPromise);
+    if (status.code !== 0) {
+      const error = Object.assign(new Error(`${status.code} ${status.details}`), status);
+      throw fromGrpcError(error);
+    }
+    return step;
+  }
+
+  /**
+   * @param {Attempt} attempt
+   * @param {number} from
+   */
+  #feed(attempt, from) {
+    void this.#feeder.feed(attempt.call, () => attempt.ended, attempt.endedPromise, from, cancelCall);
+  }
+
+  /**
+   * The events of RunDirective calls: this one's, then those of the calls
+   * that reattach after it, until the directive ends.
+   * @param {Attempt} first
+   * @returns {AsyncGenerator<DirectiveEvent, void, undefined>}
+   */
+  async *#callEvents(first) {
+    let attempt = first;
     for (;;) {
-      const next = iterator.next();
-      /** @type {Promise<IteratorResult<unknown> | symbol>[]} */
-      const waits = [next, callEnded];
-      if (pending()) waits.push(new Promise((resolve) => setImmediate(resolve, tick)));
-      let result = await Promise.race(waits);
-      if (result === tick) {
-        if (!(await flush())) result = ended;
-        else result = await Promise.race([next, callEnded]);
+      /** @type {unknown} */
+      let failure;
+      try {
+        for (;;) {
+          const step = await this.#next(attempt);
+          if (step.done) return;
+          const event = this.#event(step.value, attempt);
+          if (event !== undefined) yield event;
+        }
+      } catch (err) {
+        failure = err;
       }
-      if (result === ended) {
-        // Stop the source without waiting for it: it may be stuck.
-        next.then(() => iterator.return?.(), () => undefined).catch(() => undefined);
-        return false;
-      }
-      const step = /** @type {IteratorResult<unknown>} */ (result);
-      if (step.done) return true;
-      if (add(step.value) && !(await flush())) {
-        Promise.resolve(iterator.return?.()).catch(() => undefined);
-        return false;
-      }
+      if (this.#feeder.failure !== null) throw this.#feeder.failure.error;
+      const error = fromGrpcError(failure);
+      if (!this.#mayReattach(error)) throw error;
+      attempt = await this.#reattach(/** @type {SquireError} */ (error));
+      const resumed = this.#resumedEvent;
+      this.#resumedEvent = undefined;
+      if (resumed !== undefined) yield resumed;
     }
+  }
+
+  /**
+   * Whether a failed call resumes: the orchestrator went away (UNAVAILABLE)
+   * after the directive started, and nothing on this side ended it.
+   * @param {unknown} error
+   */
+  #mayReattach(error) {
+    return error instanceof SquireError && error.code === 'UNAVAILABLE'
+      // A run knows its directive is journaled from its started event; one
+      // that attaches by id knows it from the start.
+      && this.directiveId !== null && (this.#startedSeen || this.#attachTo !== null)
+      && this.#reattachTimeoutMs > 0
+      && this.#feeder.failure === null
+      && !this.#cancelled && !this.#signal?.aborted && !this.#clientClosed?.aborted;
+  }
+
+  /**
+   * The orchestrator went away mid-directive: attach to the directive again,
+   * with backoff, until a call gets its DirectiveStarted or
+   * `reattachTimeoutMs` passes (then `original` is thrown). A call refused
+   * for good (NOT_FOUND: the orchestrator does not hold the directive;
+   * FAILED_PRECONDITION: it has no journal) throws that refusal.
+   * @param {SquireError} original
+   * @returns {Promise<Attempt>} the call, its started event read
+   */
+  async #reattach(original) {
+    const deadline = Date.now() + this.#reattachTimeoutMs;
+    let backoff = FIRST_BACKOFF_MS;
+    while (Date.now() < deadline) {
+      await this.#sleep(Math.min(backoff, deadline - Date.now()));
+      backoff = Math.min(backoff * 2, MAX_BACKOFF_MS);
+      if (this.#cancelled || this.#clientClosed?.aborted || Date.now() >= deadline) break;
+      const attempt = this.#open(false);
+      /** @type {IteratorResult<any> | null} */
+      let step;
+      try {
+        step = await this.#firstMessage(attempt, deadline);
+      } catch (err) {
+        const error = fromGrpcError(err);
+        if (error instanceof SquireError && (error.code === 'UNAVAILABLE'
+          || (error.code === 'FAILED_PRECONDITION' && error.details.includes('already has a caller')))) {
+          continue;
+        }
+        if (this.#cancelled || this.#clientClosed?.aborted) break;
+        throw error;
+      }
+      if (step === null) break; // the deadline passed while the call waited
+      this.reattached += 1;
+      // (Its started event is news to the caller only for an attach by id
+      // whose first call failed.)
+      if (!step.done) this.#resumedEvent = this.#event(step.value, attempt);
+      return attempt;
+    }
+    if (this.#cancelled) throw new SquireError('CANCELLED', 'Cancelled on client');
+    throw original;
+  }
+
+  /**
+   * The first message of a reattaching call, or null once `deadline` passed
+   * (the call is then cancelled).
+   * @param {Attempt} attempt
+   * @param {number} deadline
+   * @returns {Promise<IteratorResult<any> | null>}
+   */
+  async #firstMessage(attempt, deadline) {
+    /** @type {NodeJS.Timeout | undefined} */
+    let timer;
+    const next = this.#next(attempt);
+    next.catch(() => undefined);
+    const timeout = new Promise((resolve) => {
+      timer = setTimeout(resolve, Math.max(0, deadline - Date.now()), null);
+    });
+    try {
+      const step = /** @type {IteratorResult<any> | null} */ (await Promise.race([next, timeout]));
+      if (step === null) cancelCall(attempt.call);
+      return step;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /**
+   * Wait `ms`, or less if the run is cancelled meanwhile.
+   * @param {number} ms
+   */
+  #sleep(ms) {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.#clientClosed?.removeEventListener('abort', done);
+        this.#wakeBackoff = null;
+        resolve(undefined);
+      };
+      const timer = setTimeout(done, Math.max(0, ms));
+      this.#wakeBackoff = done;
+      this.#clientClosed?.addEventListener('abort', done, { once: true });
+    });
+  }
+
+  #checkClient() {
+    if (this.#clientClosed?.aborted) throw new Error('the client is closed; create a new one');
+  }
+
+  /** @param {unknown} value */
+  #encodeInput(value) {
+    return this.#raw ? rawPayload(value) : encode(value, this.#serializer);
+  }
+
+  /**
+   * Mark `index` delivered; false if it was already.
+   * @param {number} index
+   */
+  #deliver(index) {
+    const byte = index >>> 3;
+    if (byte >= this.#delivered.length) {
+      const grown = new Uint8Array(Math.max(byte + 1, this.#delivered.length * 2));
+      grown.set(this.#delivered);
+      this.#delivered = grown;
+    }
+    const bit = 1 << (index & 7);
+    if (this.#delivered[byte] & bit) return false;
+    this.#delivered[byte] |= bit;
+    return true;
   }
 
   /**
    * @param {any} message a DirectiveEvent as proto-loader decodes it
-   * @returns {DirectiveEvent | undefined} undefined for an event kind this client does not know
+   * @param {Attempt} [attempt] the RunDirective call it came on (none: the session)
+   * @returns {DirectiveEvent | undefined} undefined for an event the caller does not see
    */
-  #event(message) {
-    const serializer = this.#serializer;
+  #event(message, attempt) {
     switch (message.kind) {
-      case 'started':
-        this.directiveId = message.started.directiveId;
-        return { type: 'started', directiveId: message.started.directiveId };
-      case 'items':
-        return {
-          type: 'items',
-          items: message.items.items.map((/** @type {any} */ item) => ({
+      case 'started': {
+        const started = message.started;
+        if (started.attached) {
+          // A call that attached: where the input goes on.
+          if (attempt !== undefined) {
+            if (started.inputClosed) {
+              this.#feeder.acknowledge(started.received);
+              if (!attempt.ended) attempt.call.end();
+            } else {
+              this.#feed(attempt, started.received);
+            }
+          }
+          if (this.#attachTo !== null && !this.#startedSeen) {
+            // Attached by id: the caller's first sight of the directive.
+            this.#serializer = serializerFromWire(started.serializer) ?? this.#serializer;
+            this.#attachedInputs = started.received;
+            this.#startedSeen = true;
+            return { type: 'started', directiveId: started.directiveId };
+          }
+          if (this.#attachTo !== null) this.#attachedInputs = started.received;
+          return undefined; // the caller saw its directive start once
+        }
+        this.directiveId = started.directiveId;
+        this.#startedSeen = true;
+        return { type: 'started', directiveId: started.directiveId };
+      }
+      case 'items': {
+        const serializer = this.#serializer;
+        /** @type {Item[]} */
+        const items = [];
+        for (const item of message.items.items) {
+          if (item.skipped) this.#skipped += 1;
+          else this.#values += 1;
+          if (!this.#deliver(item.index)) {
+            this.duplicatesDropped += 1;
+            continue;
+          }
+          items.push({
             index: item.index,
             value: item.skipped
               ? new Skipped(item.index, item.error)
               : decode(item.value, serializer, `the result of element ${item.index}`),
-          })),
-        };
+          });
+        }
+        return items.length > 0 ? { type: 'items', items } : undefined;
+      }
       case 'progress': {
         /** @type {Progress} */
         const progress = { ...message.progress };
+        this.#feeder.acknowledge(progress.received);
+        if (this.#attachTo !== null && progress.total > 0) this.#attachedInputs = progress.total;
         this.progress = progress;
         this.#onProgress?.(progress);
         return { type: 'progress', progress };
       }
       case 'fold':
-        return { type: 'fold', value: decode(message.fold.value, serializer, 'the fold value') };
+        if (this.#attachTo !== null) this.#plan = { ...this.#plan, fold: true };
+        return { type: 'fold', value: decode(message.fold.value, this.#serializer, 'the fold value') };
       default:
         return undefined;
     }

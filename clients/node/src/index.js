@@ -13,6 +13,7 @@
 export { Channel } from './channel.js';
 export { Client } from './client.js';
 /** @typedef {import('./client.js').ClientOptions} ClientOptions */
+/** @typedef {import('./client.js').DirectiveInfo} DirectiveInfo */
 /** @typedef {import('./directive.js').RunOptions} RunOptions */
 /** @typedef {import('./directive.js').DirectiveEvent} DirectiveEvent */
 /** @typedef {import('./directive.js').Progress} Progress */

@@ -35,6 +35,17 @@ export function wireSerializer(serializer) {
 }
 
 /**
+ * The serializer of a proto enum name (UNSPECIFIED is JSON); undefined for one this client does not know.
+ * @param {string | number | undefined} wire
+ * @returns {SerializerName | undefined}
+ */
+export function serializerFromWire(wire) {
+  if (wire === 'SERIALIZER_MSGPACK' || wire === 2) return 'msgpack';
+  if (wire === 'SERIALIZER_JSON' || wire === 'SERIALIZER_UNSPECIFIED' || wire === 1 || wire === 0) return 'json';
+  return undefined;
+}
+
+/**
  * @param {string} _key
  * @param {unknown} value
  */

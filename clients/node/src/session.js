@@ -13,7 +13,9 @@
  *
  * The stream opens on the first call, is shared by every call of the client,
  * and is re-opened by the next call after it breaks; calls in flight when it
- * breaks reject with UNAVAILABLE (or the status the stream ended with). An
+ * breaks reject with UNAVAILABLE (or the status the stream ended with),
+ * unless they had started: those reattach to their directive with a
+ * RunDirective call of their own (see directive.js). An
  * idle stream is half-closed after {@link SESSION_IDLE_MS}, so that it does
  * not keep the process alive on its own.
  */
@@ -35,7 +37,12 @@ export const SESSION_IDLE_MS = 1000;
  * @property {(error: unknown) => void} fail
  */
 
-const closedError = () => new SquireError('UNAVAILABLE', 'the directive session was closed');
+/** The details of the error a call gets when its client closed the session. */
+export const CLOSED_MESSAGE = 'the directive session was closed';
+/** ... and when the stream ended without an error while the call was in flight. */
+export const ENDED_MESSAGE = 'the directive session stream ended';
+
+const closedError = () => new SquireError('UNAVAILABLE', CLOSED_MESSAGE);
 
 /** The shared RunDirectives stream of one Client. */
 export class DirectiveSession {
@@ -123,7 +130,7 @@ export class DirectiveSession {
       if (this.#call !== call) return; // closed or idled out: nobody is waiting on it
       this.#call = null; // broken: the next call opens a new stream
       this.#clearIdle();
-      this.#failAll(error ?? new SquireError('UNAVAILABLE', 'the directive session stream ended'));
+      this.#failAll(error ?? new SquireError('UNAVAILABLE', ENDED_MESSAGE));
     });
   }
 

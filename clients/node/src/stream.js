@@ -88,6 +88,16 @@ export class IndexedStream {
   }
 
   /**
+   * Start the directive detached: resolves with its id once the orchestrator
+   * has journaled it and every input (see Client.submit).
+   * @param {import('./client.js').Client} client
+   * @param {Omit<import('./directive.js').RunOptions, 'expectedItems'>} [options]
+   */
+  submit(client, options) {
+    return client.submit(this.plan(), this.#inputs, options);
+  }
+
+  /**
    * The raw event stream (started, items, progress, fold).
    * @param {import('./client.js').Client} client
    * @param {import('./directive.js').RunOptions} [options]

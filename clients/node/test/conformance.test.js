@@ -11,6 +11,10 @@
 // The "wire_cases" send bytes to a method and read bytes back, below any
 // client API: frames that do not parse, and server reflection on both
 // protocol versions (grpc-js with pass-through serializers).
+//
+// The "directive_cases" are steps on durable directives by id: a detached
+// submit, attach, ListDirectives and CancelDirective, through the client's
+// submit(), attach(), directives() and cancel().
 
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
@@ -115,6 +119,103 @@ function check(testCase, outcome) {
   assert.deepStrictEqual(outcome.value, 'items' in expect ? expect.items : expect.value);
 }
 
+/** @param {string} name snake_case, as the cases (and the proto) name fields */
+const camel = (name) => name.replace(/_([a-z])/g, (_, c) => c.toUpperCase());
+
+/**
+ * Attach by id and read to the end: the fold value if one came, else the map
+ * results in index order (every index from 0 exactly once).
+ * @param {import('@squire/client').Client} client
+ * @param {string} directiveId
+ * @returns {Promise<{ value?: unknown, code?: string, message?: string }>}
+ */
+async function attach(client, directiveId) {
+  /** @type {Map<number, unknown>} */
+  const values = new Map();
+  /** @type {unknown[]} */
+  const folds = [];
+  try {
+    for await (const event of client.attach(directiveId)) {
+      if (event.type === 'items') {
+        for (const { index, value } of event.items) {
+          assert.ok(!values.has(index), `index ${index} delivered twice`);
+          values.set(index, value);
+        }
+      } else if (event.type === 'fold') {
+        folds.push(event.value);
+      }
+    }
+  } catch (err) {
+    if (!(err instanceof SquireError)) throw err;
+    return { code: err.code, message: err.details };
+  }
+  if (folds.length > 0) {
+    assert.ok(folds.length === 1 && values.size === 0, `one fold value and no items, got ${folds}`);
+    return { value: folds[0] };
+  }
+  const items = Array.from({ length: values.size }, (_, i) => {
+    assert.ok(values.has(i), `missing the result of ${i}`);
+    return values.get(i);
+  });
+  return { value: items };
+}
+
+/**
+ * @param {Promise<unknown>} promise
+ * @returns {Promise<{ value?: unknown, code?: string, message?: string }>}
+ */
+async function outcomeOf(promise) {
+  try {
+    return { value: await promise };
+  } catch (err) {
+    if (!(err instanceof SquireError)) throw err;
+    return { code: err.code, message: err.details };
+  }
+}
+
+/**
+ * Run a directive case's steps.
+ * @param {import('@squire/client').Client} client
+ * @param {any} testCase
+ */
+async function runSteps(client, testCase) {
+  /** @type {Map<string, string>} */
+  const ids = new Map();
+  /** @param {{ id?: string, ref?: string }} target */
+  const idOf = (target) => (target.ref !== undefined ? /** @type {string} */ (ids.get(target.ref)) : String(target.id));
+  for (const [number, step] of testCase.steps.entries()) {
+    const where = `step ${number} of ${testCase.name}`;
+    if ('submit' in step) {
+      const spec = step.submit;
+      const outcome = await outcomeOf(build(spec).submit(client, { serializer: spec.serializer ?? 'json' }));
+      if (step.expect !== undefined && !('ok' in step.expect)) {
+        check(step, outcome);
+      } else {
+        assert.equal(outcome.code, undefined, `${where}: ${JSON.stringify(outcome)}`);
+        if (step.as !== undefined) ids.set(step.as, /** @type {string} */ (outcome.value));
+      }
+    } else if ('list' in step) {
+      const rows = new Map((await client.directives()).map((row) => [row.directiveId, row]));
+      if ('includes' in step.list) {
+        const { ref, ...fields } = step.list.includes;
+        const row = /** @type {any} */ (rows.get(/** @type {string} */ (ids.get(ref))));
+        assert.ok(row, `${where}: ${ids.get(ref)} not listed in ${JSON.stringify([...rows.values()])}`);
+        for (const [field, value] of Object.entries(fields)) {
+          assert.deepStrictEqual(row[camel(field)], value, `${where}: ${field} of ${JSON.stringify(row)}`);
+        }
+      } else {
+        assert.ok(!rows.has(/** @type {string} */ (ids.get(step.list.excludes.ref))), `${where}: still listed`);
+      }
+    } else if ('attach' in step) {
+      check(step, await attach(client, idOf(step.attach)));
+    } else {
+      const outcome = await outcomeOf(client.cancel(idOf(step.cancel)));
+      if ('ok' in step.expect) assert.equal(outcome.code, undefined, `${where}: ${JSON.stringify(outcome)}`);
+      else check(step, outcome);
+    }
+  }
+}
+
 describe('conformance: tests/conformance/cases.json', () => {
   /** @type {import('./harness.js').Cluster} */
   let cluster;
@@ -140,6 +241,23 @@ describe('conformance: tests/conformance/cases.json', () => {
   for (const testCase of suite.cases) {
     test(testCase.name, { timeout: 60_000 }, async () => {
       check(testCase, await run(/** @type {import('@squire/client').Client} */ (cluster.client), testCase));
+    });
+  }
+
+  test('the directive cases are well formed', () => {
+    const names = [...suite.cases, ...suite.wire_cases, ...suite.directive_cases].map((/** @type {any} */ c) => c.name);
+    assert.equal(new Set(names).size, names.length, 'case names must be unique');
+    const kinds = ['submit', 'attach', 'list', 'cancel'];
+    for (const testCase of suite.directive_cases) {
+      for (const step of testCase.steps) {
+        assert.equal(kinds.filter((kind) => kind in step).length, 1, testCase.name);
+      }
+    }
+  });
+
+  for (const testCase of suite.directive_cases) {
+    test(`directives: ${testCase.name}`, { timeout: 60_000 }, async () => {
+      await runSteps(/** @type {import('@squire/client').Client} */ (cluster.client), testCase);
     });
   }
 

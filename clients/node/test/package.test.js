@@ -62,12 +62,17 @@ test('the example runs from the project against real services', async () => {
 
 test("the project's own code imports it and type-checks against its declarations", async () => {
   writeFileSync(path.join(project, 'app.ts'), [
-    "import { Client, SquireError, stream } from '@squire/client';",
+    "import { Client, DirectiveInfo, DirectiveRun, SquireError, stream } from '@squire/client';",
     'declare const target: string;',
-    'const client: Client = new Client(target);',
+    'const client: Client = new Client(target, { reattachTimeoutMs: 60_000 });',
     "const total: unknown = await stream([1, 2, 3]).map('multiply_by', { factor: 2 }).fold('sum').run(client);",
     'const failure: SquireError | undefined = undefined;',
-    'export { total, failure };',
+    "const submitted = async (): Promise<string> => stream([1]).map('fib_at').submit(client);",
+    'const listed = async (): Promise<DirectiveInfo[]> => client.directives({ timeoutMs: 1000 });',
+    'const attached = (id: string): DirectiveRun => client.attach(id, { reattachTimeoutMs: 0 });',
+    'const read = async (id: string): Promise<unknown> => attached(id).result();',
+    'const cancelled = async (id: string): Promise<void> => client.cancel(id);',
+    'export { total, failure, submitted, listed, read, cancelled };',
     'client.close();',
     '',
   ].join('\n'));

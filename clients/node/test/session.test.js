@@ -1,8 +1,9 @@
 // The shared RunDirectives session against a live orchestrator and Python
 // workers: small array directives ride one stream, concurrent calls each get
 // their own results, a failing call ends only itself, aborting cancels the
-// call on the orchestrator, `session: false` uses RunDirective, and a killed
-// orchestrator rejects the calls in flight instead of leaving them hanging.
+// call on the orchestrator, `session: false` uses RunDirective, and, with
+// reattaching off, a killed orchestrator rejects the calls in flight instead
+// of leaving them hanging (with it on, they reattach: durable.test.js).
 //
 // Which RPCs a client makes is observed with a grpc-js interceptor provider
 // (passed through channelOptions), so the counts are the calls on the wire.
@@ -185,9 +186,9 @@ describe('cancelling a session call', () => {
   });
 });
 
-describe('the orchestrator goes away', () => {
+describe('the orchestrator goes away, reattaching off', () => {
   test('calls in flight reject instead of hanging; calls work again once it is back', { timeout: 90_000 }, async () => {
-    const { client, count } = countingClient();
+    const { client, count } = countingClient({ reattachTimeoutMs: 0 });
     assert.deepEqual(await stream([3]).map('fib_at').run(client).catch((err) => assert.fail(`${err}\n${cluster.log('orchestrator')}`)), [2]);
     const inFlight = Promise.allSettled(range(0, 4).map((i) => stream([i]).map('nobody_offers').run(client)));
     await queued(4);
