@@ -58,6 +58,7 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
                 )
             plan = convert.plan_from_pb(first.plan)
             check_journal(hub, plan)
+            box.detached_submit = plan.detached
             hub.calls[directive_id] = box
             hub.handle(DirectiveSubmitted(directive_id, plan))
         except RouterError as exc:
@@ -108,7 +109,7 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
             # task again while it awaits (a client cancel racing a blocked
             # write), and the directive must not outlive its call.
             reader.cancel()
-            if box.end is None and not detached and not hub.closing:
+            if box.end is None and not detached and not hub.closing and not box.displaced:
                 # The client cancelled, disconnected, or its deadline passed.
                 hub.handle(DirectiveCancelled(directive_id))
                 hub.forget(directive_id)
@@ -163,6 +164,8 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
         while True:
             if hub.closing is not None:
                 await abort(context, RouterError(Code.UNAVAILABLE, hub.closing))
+            if box.displaced is not None:
+                await abort(context, RouterError(Code.ABORTED, box.displaced))
             items = box.items.take()
             events = convert.EventsToWrite()
             convert.add_items(events.new, items)
@@ -178,7 +181,7 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
                 elif exc is not None:
                     raise exc
             if box.end is not None and not box.items:
-                await self._finish(box.end, context)
+                await self._finish(box, box.end, context)
                 return
             now = time.monotonic()
             if now - last_progress >= PROGRESS_INTERVAL:
@@ -218,8 +221,10 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
             session.cancel_all()  # before awaiting: see RunDirective
             await asyncio.gather(reader, return_exceptions=True)
 
-    async def _finish(self, end: EndCall, context: grpc.aio.ServicerContext) -> None:
-        self._hub.delivered(end.directive_id)
+    async def _finish(
+        self, box: CallBox, end: EndCall, context: grpc.aio.ServicerContext
+    ) -> None:
+        self._hub.delivered(box)
         if end.code is None:
             events = convert.EventsToWrite()
             convert.add_final_events(events.new, end)

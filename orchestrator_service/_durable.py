@@ -184,10 +184,14 @@ class Durable:
                 f"no directive {key!r} (a finished one is kept until it is read, "
                 f"or for --retention {self.retention.retention:g} s)",
             )
-        if key in hub.calls:
-            raise RouterError(
-                Code.FAILED_PRECONDITION, f"directive {key!r} already has a caller attached"
-            )
+        old = hub.calls.pop(key, None)
+        if old is not None:
+            # The latest attach wins: the earlier call may be one whose
+            # connection broke unnoticed, or a detached submit still closing.
+            # It ends with ABORTED; what it had not written is replayed here.
+            old.displaced = f"another caller attached to directive {key!r}"
+            old.items = Items()
+            old.signal()
         values, skipped = hub.released.get(key, [0, 0])
         if attach.values_received > values or attach.skipped_received > skipped:
             raise RouterError(

@@ -85,6 +85,11 @@ class CallBox:
     accepted: int = 0  # input elements journaled (what an attaching caller resumes from)
     journaled: bool = False  # its plan is committed: "started" may go out
     input_journaled: bool = False  # the end of its input is committed
+    # Another caller attached: this call ends with ABORTED, the directive runs on.
+    displaced: str | None = None
+    # The call that submitted a detached directive: results it happens to get
+    # do not count as read (they are kept for --retention, for an attach).
+    detached_submit: bool = False
 
 
 @dataclass(eq=False)
@@ -210,10 +215,14 @@ class Hub:
                 continue
             self._execute(instructions)
 
-    def delivered(self, directive_id: str) -> None:
+    def delivered(self, box: CallBox) -> None:
         """A directive's end was written to its caller. Whether the caller got
         it is not known here (the connection may break just after), so the
-        journal keeps it a while longer for a reattach (``Durable.sweep``)."""
+        journal keeps it a while longer for a reattach (``Durable.sweep``).
+        A detached directive's submitter is not its reader: that changes nothing."""
+        directive_id = box.directive_id
+        if box.detached_submit:
+            return
         if self.store is not None and directive_id in self.released:
             self.read_at[directive_id] = self.router.clock()
 

@@ -97,7 +97,9 @@ class Session:
             check_journal(hub, plan)
             slot = acquire_directive_slot()  # RESOURCE_EXHAUSTED past a limit
             directive_id = hub.new_id()
-            box = hub.calls[directive_id] = CallBox(directive_id, self._signal)
+            box = hub.calls[directive_id] = CallBox(
+                directive_id, self._signal, detached_submit=plan.detached
+            )
             call = self._calls[request.call_id] = _Call(request.call_id, box, slot)
             hub.handle(DirectiveSubmitted(directive_id, plan))
         elif request.HasField("plan"):
@@ -159,6 +161,13 @@ class Session:
 
     def _news(self, call: _Call, now: float) -> pb.SessionEvent | None:
         box = call.box
+        if box.displaced is not None:  # another caller attached (see Durable.attach)
+            del self._calls[call.call_id]
+            call.slot.release()
+            return pb.SessionEvent(
+                call_id=call.call_id,
+                end=pb.CallEnd(code=_code_number(Code.ABORTED), message=box.displaced),
+            )
         items = box.items.take()
         end = box.end if not box.items else None
         due = now - call.last_progress >= PROGRESS_INTERVAL
@@ -186,8 +195,9 @@ class Session:
                 convert.fill_progress(events.add().progress, progress)
         if end is not None:
             del self._calls[call.call_id]
-            self._hub.calls.pop(box.directive_id, None)
-            self._hub.delivered(box.directive_id)
+            if self._hub.calls.get(box.directive_id) is box:
+                del self._hub.calls[box.directive_id]
+            self._hub.delivered(box)
             call.slot.release()
             if end.code is None:
                 convert.add_final_events(events.add, end)
@@ -203,9 +213,12 @@ class Session:
         for call in self._calls.values():
             key = call.box.directive_id
             plan = hub.plans.get(key)
+            if hub.calls.get(key) is not call.box:
+                call.slot.release()  # displaced by another caller: it runs on for that one
+                continue
             if call.box.end is None and hub.closing is None and not (plan and plan.detached):
                 hub.handle(DirectiveCancelled(key))
                 hub.forget(key)
-            hub.calls.pop(key, None)
+            del hub.calls[key]
             call.slot.release()
         self._calls.clear()

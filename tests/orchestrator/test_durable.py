@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
+from orchestrator_service._durable import Retention
 from orchestrator_service._journal import StoreInUse
 from orchestrator_service._model import RouterConfig
 from orchestrator_service._server import Orchestrator, OrchestratorConfig
@@ -121,6 +123,24 @@ async def test_a_detached_directive_runs_on_and_is_read_later(journal: str) -> N
             assert values == {i: fib(i) for i in range(30)}
 
 
+async def test_what_a_detached_submitter_gets_does_not_count_as_read(journal: str) -> None:
+    """A fast detached directive may end before its submitter leaves: its
+    results stay for --retention, not only for the reattach grace."""
+    cfg = dataclasses.replace(config(journal), retention=Retention(reattach_grace=0.0))
+    async with Orchestrator(cfg) as orch:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}") as channel:
+            stub = pb_grpc.DirectiveServiceStub(channel)
+            async with running_workers(orch):
+                submitter = stub.RunDirective(iter([plan_request(detached=True), inputs([5, 6])]))
+                started, values = await read_all(submitter)  # it stays to the end
+            assert values == {0: 5, 1: 8}
+            directive_id = started.directive_id
+            assert directive_id not in orch.hub.read_at  # not read: not swept after the grace
+            orch.durable.sweep()
+            _, again = await read_all(stub.RunDirective(iter([attach(directive_id)])))
+            assert again == values
+
+
 async def test_an_attaching_caller_gets_only_what_it_lacks(journal: str) -> None:
     async with Orchestrator(config(journal)) as orch:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}") as channel:
@@ -133,6 +153,31 @@ async def test_an_attaching_caller_gets_only_what_it_lacks(journal: str) -> None
                 order = list(first)
                 _, rest = await read_all(stub.RunDirective(iter([attach(directive_id, 25)])))
             assert list(rest) == order[25:]
+
+
+async def test_the_latest_attach_wins_and_the_directive_runs_on(journal: str) -> None:
+    """A caller whose connection broke unnoticed (or a detached submit still
+    closing) holds its directive: the next attach takes it over; the earlier
+    call ends ABORTED and nothing is cancelled or lost."""
+    async with Orchestrator(config(journal)) as orch:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}") as channel:
+            stub = pb_grpc.DirectiveServiceStub(channel)
+            call = stub.RunDirective(iter([plan_request(), inputs(list(range(20)))]))
+            directive_id = ""
+            async for event in call:
+                if event.WhichOneof("kind") == "started":
+                    directive_id = event.started.directive_id
+                    break
+            assert orch.hub.calls.get(directive_id) is not None  # the first caller holds it
+            second = stub.RunDirective(iter([attach(directive_id)]))
+            async with running_workers(orch):
+                started, values = await read_all(second)
+            assert started.attached and values == {i: fib(i) for i in range(20)}
+            with pytest.raises(grpc.aio.AioRpcError) as displaced:
+                async for _ in call:
+                    pass
+            assert displaced.value.code() is grpc.StatusCode.ABORTED
+            assert "another caller attached" in (displaced.value.details() or "")
 
 
 async def test_a_restarted_orchestrator_goes_on_from_its_journal(journal: str) -> None:
