@@ -99,7 +99,7 @@ def find_password(url: str) -> tuple[str | None, str]:
 
 
 def transient(exc: BaseException) -> bool:
-    return isinstance(exc, _TRANSIENT_PG | pgx.InterfaceError | OSError | TimeoutError)
+    return isinstance(exc, (*_TRANSIENT_PG, pgx.InterfaceError, OSError, TimeoutError))
 
 
 def describe(exc: BaseException) -> str:

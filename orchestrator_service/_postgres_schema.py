@@ -98,8 +98,9 @@ class Statements:
             take=f"UPDATE {s}.lease SET holder = $1, address = $2, epoch = epoch + 1,"
                  f" expires_at = {until} WHERE name = 'leader'"
                  " AND (holder IS NULL OR expires_at <= clock_timestamp()) RETURNING epoch",
-            peek=f"SELECT holder, address, epoch, extract(epoch FROM expires_at -"
-                 f" clock_timestamp())::float8 AS left FROM {s}.lease WHERE name = 'leader'",
+            peek="SELECT holder, address, epoch, (extract(epoch FROM expires_at) -"
+                 " extract(epoch FROM clock_timestamp()))::float8 AS left"
+                 f" FROM {s}.lease WHERE name = 'leader'",
             renew=f"UPDATE {s}.lease SET expires_at = clock_timestamp() +"
                   " make_interval(secs => $2) WHERE name = 'leader' AND epoch = $1"
                   " AND holder IS NOT NULL RETURNING epoch",
@@ -138,7 +139,7 @@ class Statements:
 
 async def prepare(conn: asyncpg.Connection, schema: str, shown: str) -> int:
     """Create or migrate the journal's schema; returns the version found."""
-    where = f"schema {schema!r} of {shown}"
+    where = f"journal {shown} (schema {schema!r})"
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
         tables = [r["relname"] for r in await conn.fetch(
@@ -156,10 +157,10 @@ async def prepare(conn: asyncpg.Connection, schema: str, shown: str) -> int:
                                         ) from exc
             foreign = {r["application"] for r in rows} - {APPLICATION}
             if foreign or not rows:
-                raise StoreIncompatible(
-                    f"{where} belongs to another application ({', '.join(sorted(foreign)) or 'an'}"
-                    f" empty schema_version), not {APPLICATION}; point the URL's ?schema= "
-                    "elsewhere")
+                whose = (f"another application ({', '.join(sorted(foreign))})" if foreign
+                         else "nobody (an empty schema_version table)")
+                raise StoreIncompatible(f"{where} belongs to {whose}, not {APPLICATION}; "
+                                        "point the URL's ?schema= elsewhere")
             version = max(r["version"] for r in rows)
         elif tables:
             raise StoreIncompatible(
