@@ -114,7 +114,8 @@ class Lease:
             if left <= 0:
                 self._end(StoreFenced(epoch, None, (
                     f"journal {self.shown}: the leader lease of epoch {epoch} lapsed: not "
-                    f"renewed for {ttl:g} s ({failing or 'renewal too slow'})")))
+                    f"renewed for {ttl:g} s ({failing or 'this process did not run in time'})")))
+                await self._learn_newer()
                 return
             newer: int | None = None
             try:
@@ -131,9 +132,7 @@ class Lease:
                 wait = min(every / 4, 0.25)
                 continue
             if got is None:
-                self._end(StoreFenced(epoch, newer, (
-                    f"journal {self.shown}: epoch {newer} holds the leader lease now; this "
-                    f"orchestrator's epoch {epoch} is fenced and its writes change nothing")))
+                self._end(self._fenced_by(newer))
                 return
             if failing is not None:
                 log.warning("journal %s: the leader lease of epoch %d is renewed again",
@@ -151,14 +150,30 @@ class Lease:
         log.log(level, "%s", why.message)
         self.on_end(why)
 
-    def fenced(self, newer: int) -> StoreFenced:
-        """A write found ``newer`` in the lease row: the lease is gone."""
+    def _fenced_by(self, newer: int | None) -> StoreFenced:
         assert self.epoch is not None
-        why = StoreFenced(self.epoch, newer, (
+        return StoreFenced(self.epoch, newer, (
             f"journal {self.shown}: epoch {newer} holds the leader lease now; this "
             f"orchestrator's epoch {self.epoch} is fenced and its writes change nothing"))
+
+    def fenced(self, newer: int) -> StoreFenced:
+        """A write found ``newer`` in the lease row: the lease is gone."""
+        why = self._fenced_by(newer)
+        if self.ended is not None and self.ended.newer is None:
+            self.ended = why  # it had lapsed; now we know who took it
         self._end(why)
         return self.ended or why
+
+    async def _learn_newer(self) -> None:
+        """After a lapse, which ``lost`` reports at once: if Postgres answers
+        quickly, name the epoch that took over in what writes are told."""
+        try:
+            async with self.link.use(timeout=0.25) as conn:
+                newer = await conn.fetchval(self.st.epoch, timeout=0.25)
+        except Exception:
+            return
+        if self.epoch is not None and newer is not None and newer > self.epoch:
+            self.ended = self._fenced_by(int(newer))
 
     async def resign(self) -> None:
         """Release the lease row at once (a standby's next poll takes it)."""
