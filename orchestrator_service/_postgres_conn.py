@@ -99,7 +99,11 @@ def find_password(url: str) -> tuple[str | None, str]:
 
 
 def transient(exc: BaseException) -> bool:
-    return isinstance(exc, (*_TRANSIENT_PG, pgx.InterfaceError, OSError, TimeoutError))
+    # InterfaceError and InternalClientError are asyncpg's own: a connection
+    # closed under it, or a protocol state left behind by one that broke mid
+    # statement ("another operation is in progress"); a new connection cures both
+    return isinstance(exc, (*_TRANSIENT_PG, pgx.InterfaceError, pgx.InternalClientError,
+                            OSError, TimeoutError))
 
 
 def describe(exc: BaseException) -> str:
@@ -154,7 +158,9 @@ class Link:
             try:
                 yield self.conn
             except BaseException as exc:
-                if transient(exc) or isinstance(exc, asyncio.CancelledError):
+                # only a server's error about a statement leaves the
+                # connection as it was; after anything else start afresh
+                if transient(exc) or not isinstance(exc, pgx.PostgresError):
                     self.drop()
                 raise
 

@@ -16,9 +16,10 @@ replicas that share one database and take turns through the leader lease.
   the transaction changes nothing. Each commit also records its sequence
   number (``commits``), so a commit whose answer was lost with the
   connection is recognised instead of being applied twice.
-- While Postgres is unreachable, commits are retried on a new connection
-  with backoff (0.05 s doubling to 1 s); ``failure`` says why (UNAVAILABLE)
-  so new work is refused, and the queued futures stay pending: nothing is
+- A commit that fails on a broken connection is retried at once on a new
+  one; while Postgres stays unreachable, again with backoff (0.1 s doubling
+  to 1 s), and ``failure`` says why (UNAVAILABLE, from the second failed
+  attempt) so new work is refused; the queued futures stay pending: nothing is
   acknowledged that is not committed. Back within the lease TTL, the same
   batches commit and the lease is renewed; not back in time, the lease
   lapses (``lost``) and every pending write fails with ``StoreFenced``. The
@@ -311,18 +312,24 @@ class PostgresStore:
             except Exception as exc:
                 error = classify(exc, self.url, self._writer_link.password_from)
                 stats.failed_commits += 1
-                if self._failure is None:
-                    log.error("%s; retrying until it commits or the lease lapses", error.message)
-                self._failure = error
                 past = self._close_deadline is not None and time.monotonic() >= self._close_deadline
                 if not transient(exc) or past:
+                    self._failure = error
                     _resolve(futures, error)
                     return
+                # a connection that broke under a live server is retried at
+                # once on a new one, and only a second failure is news (new
+                # work is refused from then on); then back off, for a server
+                # that is away
+                if retry and self._failure is None:
+                    log.error("%s; retrying until it commits or the lease lapses", error.message)
+                if retry:
+                    self._failure = error
+                timeout = delay if retry else 0.0
                 retry = True
                 self._kick.clear()
-                timeout = delay
                 if self._close_deadline is not None:
-                    timeout = max(0.0, min(delay, self._close_deadline - time.monotonic()))
+                    timeout = max(0.0, min(timeout, self._close_deadline - time.monotonic()))
                 try:
                     await asyncio.wait_for(self._kick.wait(), timeout)
                 except TimeoutError:

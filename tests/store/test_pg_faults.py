@@ -11,8 +11,9 @@ import asyncio
 import random
 import signal
 
+import asyncpg
 import pytest
-from pg import Postgres
+from pg import PASSWORD, Postgres
 
 from orchestrator_service._journal import Append, Entry, OpenStream, PostgresStore, StreamKind
 
@@ -109,3 +110,49 @@ async def test_sigkill_mid_write_recovers_whole_transactions(
     assert got == expected
     assert n - 1 >= seen, f"child saw {seen} committed; the journal ends at {n - 1}"
     assert n - 1 <= seen + 8
+
+
+async def test_writer_connections_killed_mid_stream_commit_every_write_once(
+        make_pg: OpenPg, pg_url: str) -> None:
+    """pg_terminate_backend on the writer's connection, again and again, at
+    whatever point it is (a statement, COMMIT, idle): each kill is a retry
+    on a new connection, and a commit whose answer was lost is recognised by
+    its marker instead of being applied again."""
+    store, _ = await make_pg()
+    await settled(store.write([opened("s")]))
+    admin = await asyncpg.connect(pg_url, password=PASSWORD)
+    kills = 0
+    done = asyncio.Event()
+
+    async def kill() -> None:
+        """Kill the writer's connection, wait for commits on its next one, again."""
+        nonlocal kills
+        while not done.is_set():
+            kills += await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE"
+                " application_name = 'squire-journal-writer' AND datname = current_database()")
+            commits = store.stats.commits
+            await wait_for(lambda c=commits: store.stats.commits > c + 4 or done.is_set(),  # type: ignore[misc]
+                           what="commits after the kill")
+
+    killer = asyncio.create_task(kill())
+    window = asyncio.Semaphore(16)
+    futures = []
+    try:
+        for n in range(3000):
+            await window.acquire()
+            future = store.write([Append([Entry("s", 1, f"{n}".encode())])])
+            assert future is not None
+            future.add_done_callback(lambda _: window.release())
+            futures.append(future)
+        await asyncio.wait_for(asyncio.gather(*futures), 30)
+    finally:
+        done.set()
+        await killer
+        await admin.close()
+    assert kills >= 10 and store.stats.failed_commits >= 5, (kills, store.stats.failed_commits)
+    assert store.stats.commits < 3000 / 4  # batches still
+    assert store.failure is None and not store.lost.is_set()
+    got = await store.read("s")
+    assert got is not None
+    assert [int(p) for _, p in got.entries] == list(range(3000))
