@@ -126,7 +126,7 @@ class PostgresStore:
             except StoreError:
                 raise
             except Exception as exc:
-                error = classify(exc, self.url, self._lease.link.password_from)
+                error = classify(exc, self.url, self._reader_link.password_from)
                 if not transient(exc):
                     raise error from exc
                 if (stop := give_up()) is not None:
@@ -143,7 +143,7 @@ class PostgresStore:
             return
 
         async def attempt() -> None:
-            async with self._lease.link.use() as conn:
+            async with self._reader_link.use() as conn:
                 await prepare(conn, self.schema, self.url)
 
         await self._retrying(f"preparing the journal {self.url}", attempt)
@@ -153,9 +153,18 @@ class PostgresStore:
         if self.state is not StoreState.NEW and not self._lease.held:
             raise StoreError("FAILED_PRECONDITION", f"journal {self.url} is {self.state.value}")
         await self._ready()
+
+        def ms(share: float) -> str:
+            return str(max(50, int(ttl * 1000 * share)))
+
         # a writer stuck mid-transaction (this process frozen) must not hold
         # the lease row past the TTL: the server ends such a session
-        self._writer_link.settings["idle_in_transaction_session_timeout"] = f"{int(ttl * 1000)}"
+        self._writer_link.settings["idle_in_transaction_session_timeout"] = ms(1.0)
+        # and a lease statement waiting on the row must be ended by the
+        # server, not only given up by this client: an UPDATE left waiting on
+        # a dropped connection would still run once the lock is free, taking
+        # (or renewing) the lease for nobody
+        self._lease.link.settings.update(lock_timeout=ms(0.25), statement_timeout=ms(0.5))
         return await self._lease.campaign(holder, address, ttl)
 
     async def leader(self) -> Leader | None:

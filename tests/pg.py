@@ -25,7 +25,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 USER = "squirepg"
@@ -89,7 +88,16 @@ class Postgres:
         server = cls(root, free_port(), bin_)
         try:
             server._init(settings)
-            server.start()
+            for attempt in range(3):
+                try:
+                    server.start()
+                    break
+                except RuntimeError:  # the free port was taken meanwhile?
+                    if attempt == 2 or "already in use" not in server.log.read_text():
+                        raise
+                    server.port = free_port()
+                    with open(server.data / "postgresql.conf", "a") as f:
+                        f.write(f"port = {server.port}\n")  # the last setting wins
         except BaseException:
             server.destroy()
             raise
@@ -180,11 +188,3 @@ class Postgres:
     def create_database(self, name: str) -> str:
         self.sql(f'CREATE DATABASE "{name}"')
         return self.url(name)
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self._run(str(self.bin / "pg_isready"), "-h", self.host, "-p", str(self.port),
-                        check=False).returncode:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Postgres on port {self.port} is not ready after {timeout} s")
-            time.sleep(0.05)

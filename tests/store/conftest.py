@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import itertools
 import os
 import sqlite3
 import subprocess
@@ -26,7 +25,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import pytest
-from pg import PASSWORD, Postgres
+from pg import PASSWORD
 
 from orchestrator_service._journal import (
     PostgresStore,
@@ -76,38 +75,6 @@ async def make_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
     yield make
     for store in opened:
         await store.close()
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    """A Postgres server for the session; the store finds its password the
-    way it finds any (SQUIRE_STORE_PASSWORD_FILE), children inherit it."""
-    try:
-        server = Postgres.create()
-    except RuntimeError as exc:
-        pytest.fail(f"cannot start Postgres for the store tests: {exc}")
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    try:
-        yield server
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.destroy()
-
-
-_databases = itertools.count()
-
-
-@pytest.fixture
-def pg_url(postgres: Postgres) -> str:
-    """A fresh, empty database on the session's server."""
-    if not postgres.running():  # a fault test that failed with the server down
-        postgres.start()
-    return postgres.create_database(f"t{os.getpid()}_{next(_databases)}")
 
 
 OpenPg = Callable[..., Awaitable[tuple[PostgresStore, Recovered]]]

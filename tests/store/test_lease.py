@@ -13,7 +13,9 @@ import signal
 import time
 from pathlib import Path
 
+import asyncpg
 import pytest
+from pg import PASSWORD
 
 from orchestrator_service._journal import (
     Append,
@@ -205,3 +207,31 @@ async def test_a_renewal_that_cannot_reach_postgres_lapses_the_lease(stores, pos
         await asyncio.to_thread(postgres.start)
     b = stores()
     assert (await b.open()).epoch == 2
+
+
+async def test_a_takeover_waits_for_the_old_epochs_transaction_in_flight(stores, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+    """The fence's FOR SHARE: a write of the old epoch that passed the fence
+    before the takeover commits first, and the new leader loads it."""
+    old, new = stores(), stores()
+    await old.campaign("old", "", TTL)
+    await old.open()
+    await settled(old.write([opened("a")]))
+    admin = await asyncpg.connect(pg_url, password=PASSWORD)
+    try:
+        blocker = admin.transaction()
+        await blocker.start()
+        await admin.execute("LOCK TABLE squire.streams IN SHARE ROW EXCLUSIVE MODE")
+        in_flight = old.write([opened("b")])  # passes the fence, then waits on the lock
+        assert in_flight is not None
+        await old._lease.stop()  # and the old leader renews no more
+        takeover = asyncio.create_task(new.campaign("new", "", TTL))
+        done, _ = await asyncio.wait([takeover], timeout=3 * TTL)
+        assert not done, "took the lease under a write of the old epoch"
+        assert not in_flight.done()
+        await blocker.rollback()
+    finally:
+        await admin.close()
+    await asyncio.wait_for(in_flight, 5)  # acknowledged: committed before the takeover ...
+    assert await asyncio.wait_for(takeover, 5) == 2
+    recovered = await new.open()
+    assert [s.stream_id for s in recovered.streams] == ["a", "b"]  # ... and seen after it
