@@ -168,6 +168,8 @@ class PostgresStore:
         return await self._lease.campaign(holder, address, ttl)
 
     async def leader(self) -> Leader | None:
+        if self.state is StoreState.CLOSED:
+            raise StoreError("FAILED_PRECONDITION", f"journal {self.url} is closed")
         await self._ready()
         try:
             return await self._lease.current(self._reader_link)
