@@ -1,5 +1,11 @@
 """Micro-benchmark of the journal store: ``python bench/journal.py``.
 
+Both durable backends, SQLite (a file in a temp dir) and Postgres (a real
+server started the way the tests start one, tests/pg.py: fsync on, on
+127.0.0.1), in alternating rounds (``--rounds``; even rounds SQLite first,
+odd rounds Postgres first) so that a neighbour's load hits both alike; each
+figure is the median of the rounds with their range. ``--backends`` picks.
+
 - append throughput from one asyncio producer: write()s of N entries each
   (N = 64, 512, 4096) of ~16 B and ~1 KiB payloads, and of one 1 MiB entry,
   at most 64 writes in flight; entries/s and payload MB/s until the last
@@ -16,19 +22,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import os
 import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from pg import Postgres
 
 from orchestrator_service._journal import (
     Append,
     Entry,
     OpenStream,
-    SqliteStore,
+    Store,
     StreamKind,
     open_store,
 )
@@ -37,9 +50,8 @@ from squire_kernel import loop as _loop
 IN_FLIGHT = 64
 
 
-async def fresh(path: Path, synchronous: str = "normal") -> SqliteStore:
+async def fresh(path: Path | str, synchronous: str = "normal") -> Store:
     store = open_store(str(path), synchronous=synchronous)
-    assert isinstance(store, SqliteStore)
     await store.open()
     future = store.write([OpenStream("s", StreamKind.DIRECTIVE, b"plan", time.time())])
     assert future is not None
@@ -47,7 +59,7 @@ async def fresh(path: Path, synchronous: str = "normal") -> SqliteStore:
     return store
 
 
-async def throughput(path: Path, batch: int, size: int, total_bytes: int) -> dict[str, float]:
+async def throughput(path: Path | str, batch: int, size: int, total_bytes: int) -> dict[str, float]:
     store = await fresh(path)
     payload = b"p" * size
     entries = [Entry("s", 1, payload) for _ in range(batch)]
@@ -70,7 +82,7 @@ async def throughput(path: Path, batch: int, size: int, total_bytes: int) -> dic
             "writes/commit": writes / commits}
 
 
-async def latency(path: Path, count: int, synchronous: str) -> dict[str, float]:
+async def latency(path: Path | str, count: int, synchronous: str) -> dict[str, float]:
     store = await fresh(path, synchronous)
     times = []
     entry = [Append([Entry("s", 1, b"x" * 16)])]
@@ -93,7 +105,7 @@ def outcome_batch(first: int, n: int) -> bytes:
     return msgpack.packb([(i, True, msgpack.packb(i * 3)) for i in range(first, first + n)])
 
 
-async def load(path: Path, tasks: int, per_entry: int = 512) -> dict[str, float]:
+async def load(path: Path | str, tasks: int, per_entry: int = 512) -> dict[str, float]:
     store = await fresh(path)
     futures = []
     for first in range(0, tasks, per_entry):
@@ -102,9 +114,9 @@ async def load(path: Path, tasks: int, per_entry: int = 512) -> dict[str, float]
         futures.append(future)
     await asyncio.gather(*futures)
     await store.close()
-    size = store.stats.journal_bytes()
     again = open_store(str(path))
     recovered = await again.open()
+    size = again.stats.journal_bytes()
     decoded_at = time.perf_counter()
     count = sum(len(msgpack.unpackb(p)) for _, p in recovered.streams[0].entries)
     decode = time.perf_counter() - decoded_at
@@ -119,23 +131,65 @@ def show(title: str, row: dict[str, float]) -> None:
     print(f"{title:<34} {cells}", flush=True)
 
 
-async def main(quick: bool, directory: Path) -> None:
+def spread(values: list[float]) -> str:
+    def f(v: float) -> str:
+        return f"{v:,.3f}" if v < 100 else f"{v:,.0f}"
+    if len(values) == 1:
+        return f(values[0])
+    return f"{f(statistics.median(values))} ({f(min(values))}-{f(max(values))})"
+
+
+async def main(quick: bool, directory: Path, backends: list[str], rounds: int) -> None:
     total = (4 << 20) if quick else (64 << 20)
-    print(f"python {sys.version.split()[0]}, sqlite {__import__('sqlite3').sqlite_version}, "
-          f"loop {type(asyncio.get_running_loop()).__module__}")
-    for size in (16, 1024):
-        for batch in (64, 512, 4096):
-            path = directory / f"t-{size}-{batch}.db"
-            bytes_ = total // (64 if size == 16 else 1)
-            show(f"append {batch} x {size} B", await throughput(path, batch, size, bytes_))
-    # the shape the orchestrator writes: one entry per batch, tens of KiB up
-    show("append 1 x 1 MiB", await throughput(directory / "t-big.db", 1, 1 << 20, total * 2))
-    for synchronous in ("normal", "full"):
+    server = Postgres.create() if "postgres" in backends else None
+    names = itertools.count()
+    try:
+        if server is not None:
+            os.environ.update(server.env())
+            print(f"postgres: {server.sql('SHOW server_version')} on 127.0.0.1:{server.port}, "
+                  f"fsync {server.sql('SHOW fsync')}, "
+                  f"synchronous_commit {server.sql('SHOW synchronous_commit')}")
+        print(f"python {sys.version.split()[0]}, sqlite {__import__('sqlite3').sqlite_version}, "
+              f"loop {type(asyncio.get_running_loop()).__module__}, {rounds} rounds")
+
+        def target(backend: str) -> Path | str:
+            n = next(names)
+            if backend == "sqlite":
+                return directory / f"j{n}.db"
+            assert server is not None
+            return server.create_database(f"bench{n}")
+
+        cases: list[tuple[str, Callable[[str], object]]] = []
+        for size in (16, 1024):
+            for batch in (64, 512, 4096):
+                bytes_ = total // (64 if size == 16 else 1)
+                cases.append((f"append {batch} x {size} B", lambda b, batch=batch, size=size,
+                              bytes_=bytes_: throughput(target(b), batch, size, bytes_)))
+        # the shape the orchestrator writes: one entry per batch, tens of KiB up
+        cases.append(("append 1 x 1 MiB", lambda b: throughput(target(b), 1, 1 << 20, total * 2)))
         count = 1000 if quick else 10_000
-        show(f"1-entry commits, {synchronous}", await latency(directory / f"l-{synchronous}.db",
-                                                             count, synchronous))
-    tasks = 100_000 if quick else 1_000_000
-    show(f"load {tasks:,} outcomes", await load(directory / "load.db", tasks))
+        cases.append(("1-entry commits", lambda b: latency(target(b), count, "normal")))
+        cases.append(("1-entry commits, sqlite full", lambda b: latency(target(b), count, "full")))
+        results: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
+        for r in range(rounds):
+            order = backends if r % 2 == 0 else backends[::-1]
+            for title, run in cases:
+                for backend in order:
+                    if "sqlite full" in title and backend != "sqlite":
+                        continue
+                    row = await run(backend)  # type: ignore[misc]
+                    results[(title, backend)].append(row)
+                    show(f"[{r}] {backend:<8} {title}", row)
+        print("\nmedian (min-max) over the rounds:")
+        for (title, backend), rows in results.items():
+            cells = "  ".join(f"{k} {spread([row[k] for row in rows])}" for k in rows[0])
+            print(f"{backend:<8} {title:<30} {cells}", flush=True)
+        tasks = 100_000 if quick else 1_000_000
+        for backend in backends:
+            show(f"{backend:<8} load {tasks:,} outcomes", await load(target(backend), tasks))
+    finally:
+        if server is not None:
+            server.destroy()
 
 
 if __name__ == "__main__":
@@ -143,6 +197,9 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="small sizes, seconds")
     parser.add_argument("--dir", type=Path, help="where the journals go (default: a temp dir)")
     parser.add_argument("--loop", default="auto", choices=_loop.EVENT_LOOPS)
+    parser.add_argument("--backends", default="sqlite,postgres",
+                        help="comma-separated: sqlite, postgres (default both)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        _loop.run(main(args.quick, Path(tmp)), args.loop)
+        _loop.run(main(args.quick, Path(tmp), args.backends.split(","), args.rounds), args.loop)

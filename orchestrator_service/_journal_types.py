@@ -9,7 +9,15 @@ Errors::
 
     StoreError            code: RESOURCE_EXHAUSTED | UNAVAILABLE | FAILED_PRECONDITION
     ├── StoreInUse        another live process holds this journal
-    └── StoreIncompatible not a Squire journal, or a schema this code cannot read
+    ├── StoreIncompatible not a Squire journal, or a schema this code cannot read
+    └── StoreFenced       UNAVAILABLE: this process no longer holds the leader
+                          lease (a newer epoch took it, or it lapsed); its
+                          write changed nothing
+
+The leader lease (``campaign``, ``leader``, ``resign``, ``lost``) is part of
+every store: Postgres implements it for real (``_postgres_lease``); SQLite
+and memory have one process by construction, which always leads with the
+epoch ``open()`` takes (``_sole_leader``).
 
 Payloads, headers and summaries are opaque bytes: the caller encodes them, and
 one ``Entry`` normally carries a whole batch (of inputs, of task outcomes), so
@@ -115,6 +123,62 @@ class StoreIncompatible(StoreError):
         super().__init__("FAILED_PRECONDITION", message)
 
 
+class StoreFenced(StoreError):
+    """A write (or renewal) of ``epoch`` found the lease at ``newer`` (None:
+    it lapsed and nobody has taken it yet). Nothing of the write is kept."""
+
+    def __init__(self, epoch: int, newer: int | None, message: str) -> None:
+        super().__init__("UNAVAILABLE", message)
+        self.epoch = epoch
+        self.newer = newer
+
+
+@dataclass(frozen=True, slots=True)
+class Leader:
+    """Who holds the leader lease: ``holder`` names the process, ``address``
+    is where it serves (what a standby tells callers), ``epoch`` its term."""
+
+    holder: str
+    address: str
+    epoch: int
+
+
+DEFAULT_LEASE_TTL = 3.0  # seconds; renewed every ttl / 3
+
+
+def check_writes(streams: set[str], ops: Sequence[Write]) -> None:
+    """Refuse what the database would refuse mid-transaction, where the
+    caller can see it, and track ``streams`` (those open once every queued
+    write commits). On refusal nothing in ``streams`` changes."""
+    undo: list[tuple[bool, str]] = []  # (was added, stream id)
+    try:
+        for op in ops:
+            if type(op) is Append:
+                if not streams.issuperset([e.stream_id for e in op.entries]):
+                    missing = next(e for e in op.entries if e.stream_id not in streams)
+                    raise StoreError("FAILED_PRECONDITION", f"append to stream "
+                                     f"{missing.stream_id!r}, which is not open")
+            elif type(op) is OpenStream:
+                if op.stream_id in streams:
+                    raise StoreError("FAILED_PRECONDITION",
+                                     f"stream {op.stream_id!r} is open already")
+                streams.add(op.stream_id)
+                undo.append((True, op.stream_id))
+            elif type(op) is FinishStream or type(op) is RemoveStream:
+                if op.stream_id not in streams:
+                    raise StoreError("FAILED_PRECONDITION",
+                                     f"stream {op.stream_id!r} is not open")
+                if type(op) is RemoveStream:
+                    streams.discard(op.stream_id)
+                    undo.append((False, op.stream_id))
+            else:
+                raise TypeError(f"not a journal write: {op!r}")
+    except BaseException:
+        for added, sid in reversed(undo):
+            (streams.discard if added else streams.add)(sid)
+        raise
+
+
 # Called on the writer thread after each transaction with (seconds, writes,
 # entries, payload bytes): keep it quick and thread-safe (a Prometheus
 # ``Histogram.observe`` is both).
@@ -157,9 +221,28 @@ class Store(Protocol):
     durable: bool
     stats: StoreStats
 
+    lost: asyncio.Event  # set once this process's leadership ended (never, for one process)
+
     async def open(self) -> Recovered:
         """Lock the journal, create or migrate its schema, commit a new epoch
-        and load everything."""
+        and load everything. On a store with a lease, ``open()`` after
+        ``campaign()`` loads under that epoch; without one it campaigns
+        itself first (and so waits while another process leads)."""
+        ...
+
+    async def campaign(self, holder: str, address: str, ttl: float = DEFAULT_LEASE_TTL) -> int:
+        """Wait until ``holder`` holds the leader lease; returns its epoch,
+        one more than any before it. The lease is renewed every ``ttl / 3``
+        from then on, until ``resign()``, ``close()`` or ``lost``."""
+        ...
+
+    async def leader(self) -> Leader | None:
+        """Who holds the lease now, if anyone (an expired lease is nobody's)."""
+        ...
+
+    async def resign(self) -> None:
+        """Commit what is queued, then give the lease up at once, so a
+        standby takes over without waiting for the TTL. Sets ``lost``."""
         ...
 
     def write(self, ops: Sequence[Write]) -> asyncio.Future[None] | None:

@@ -18,20 +18,22 @@ from orchestrator_service._journal_types import (
     StoreStats,
     Write,
 )
+from orchestrator_service._sole_leader import SoleLeader
 
 if TYPE_CHECKING:
     import asyncio
 
 
-class MemoryStore:
+class MemoryStore(SoleLeader):
     url = "memory:"
     durable = False
 
     def __init__(self) -> None:
         self.stats = StoreStats()
         self.state = StoreState.NEW
+        self._init_lease()
 
-    async def open(self) -> Recovered:
+    async def _open_journal(self) -> Recovered:
         if self.state is not StoreState.NEW:
             raise StoreError("FAILED_PRECONDITION", f"store {self.url} is {self.state.value}")
         self.state = StoreState.OPEN

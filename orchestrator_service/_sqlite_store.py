@@ -18,6 +18,8 @@
 - ``read`` and ``list_streams`` run on a reader thread with a second
   connection, which under WAL sees the last committed transaction and never
   blocks the writer. ``compact`` goes through the writer's queue: it writes.
+- The leader lease is the flock: this process leads from ``open()`` to
+  ``close()`` (``_sole_leader``).
 - ``synchronous=NORMAL`` (the default) loses nothing committed when the
   process dies; ``FULL`` adds an fsync per commit, for power loss.
 """
@@ -39,16 +41,15 @@ from typing import TypeVar
 from orchestrator_service import _sqlite_file as sf
 from orchestrator_service._journal_types import (
     Append,
-    FinishStream,
-    OpenStream,
     Recovered,
-    RemoveStream,
     StoredStream,
     StoreError,
     StoreState,
     StoreStats,
     Write,
+    check_writes,
 )
+from orchestrator_service._sole_leader import SoleLeader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,7 +81,7 @@ def _resolve(futures: list[asyncio.Future[None]], error: StoreError | None) -> N
             future.set_exception(error)
 
 
-class SqliteStore:
+class SqliteStore(SoleLeader):
     durable = True
 
     def __init__(
@@ -112,13 +113,14 @@ class SqliteStore:
         self._reader_conn: sqlite3.Connection | None = None
         self._writer: threading.Thread | None = None
         self._reader: ThreadPoolExecutor | None = None
+        self._init_lease()
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.path!r}, {self.state.value})"
 
     # -- lifecycle -------------------------------------------------------------
 
-    async def open(self) -> Recovered:
+    async def _open_journal(self) -> Recovered:
         if self.state is not StoreState.NEW:
             raise StoreError("FAILED_PRECONDITION", f"journal {self.path} is {self.state.value}")
         self._loop = asyncio.get_running_loop()
@@ -199,43 +201,11 @@ class SqliteStore:
             raise StoreError("FAILED_PRECONDITION", f"journal {self.path} is {self.state.value}")
         if not ops:
             return None
-        self._check(ops)
+        check_writes(self._open, ops)
         assert self._loop is not None
         future = self._loop.create_future()
         self._queue.put((ops, future))
         return future
-
-    def _check(self, ops: Sequence[Write]) -> None:
-        """Refuse what the database would refuse mid-transaction, here, where
-        the caller can see it; on refusal nothing is queued or changed."""
-        streams = self._open
-        undo: list[tuple[bool, str]] = []  # (was added, stream id)
-        try:
-            for op in ops:
-                if type(op) is Append:
-                    if not streams.issuperset([e.stream_id for e in op.entries]):
-                        missing = next(e for e in op.entries if e.stream_id not in streams)
-                        raise StoreError("FAILED_PRECONDITION", f"append to stream "
-                                         f"{missing.stream_id!r}, which is not open")
-                elif type(op) is OpenStream:
-                    if op.stream_id in streams:
-                        raise StoreError("FAILED_PRECONDITION",
-                                         f"stream {op.stream_id!r} is open already")
-                    streams.add(op.stream_id)
-                    undo.append((True, op.stream_id))
-                elif type(op) is FinishStream or type(op) is RemoveStream:
-                    if op.stream_id not in streams:
-                        raise StoreError("FAILED_PRECONDITION",
-                                         f"stream {op.stream_id!r} is not open")
-                    if type(op) is RemoveStream:
-                        streams.discard(op.stream_id)
-                        undo.append((False, op.stream_id))
-                else:
-                    raise TypeError(f"not a journal write: {op!r}")
-        except BaseException:
-            for added, sid in reversed(undo):
-                (streams.discard if added else streams.add)(sid)
-            raise
 
     def _run(self) -> None:
         """The writer thread: drain, commit, resolve, until told to stop."""

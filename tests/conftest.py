@@ -1,16 +1,53 @@
-"""Guards for the whole suite: a leak fails the run instead of hanging it."""
+"""Guards for the whole suite: a leak fails the run instead of hanging it.
+And the suite's one Postgres server (tests/pg.py), started by the first test
+that asks for ``postgres`` or ``pg_url`` and stopped at the end."""
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
+from pg import Postgres
 
 _GRACE = 10.0  # seconds for children and threads that are stopping to end
 _hung = False
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A Postgres server for the session; the store finds its password the
+    way it finds any (SQUIRE_STORE_PASSWORD_FILE), children inherit it."""
+    try:
+        server = Postgres.create()
+    except RuntimeError as exc:
+        pytest.fail(f"cannot start Postgres for the tests: {exc}")
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.destroy()
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture
+def pg_url(postgres: Postgres) -> str:
+    """A fresh, empty database on the session's server."""
+    if not postgres.running():  # a fault test that failed with the server down
+        postgres.start()
+    return postgres.create_database(f"t{os.getpid()}_{next(_databases)}")
 
 
 def _lingering_threads() -> list[threading.Thread]:

@@ -1,6 +1,13 @@
-"""Fixtures for the journal store's tests: real SQLite files in tmp_path, and
-real filesystems that fail writes (a 1 MiB tmpfs that fills up, a file made
-immutable with chattr, which stops even root's writes through open files)."""
+"""Fixtures for the journal store's tests: real SQLite files in tmp_path, a
+real Postgres server (one per session, a fresh database per test; see
+tests/pg.py), and real filesystems that fail writes (a 1 MiB tmpfs that
+fills up, a file made immutable with chattr, which stops even root's writes
+through open files).
+
+``journal`` is either backend behind one face, for the tests of semantics
+both must share: ``await journal.open()`` opens a store on the test's
+journal (the same one each time), ``await journal.count_entries()`` counts
+its rows through a connection of its own, as another process would."""
 
 from __future__ import annotations
 
@@ -8,15 +15,25 @@ import asyncio
 import contextlib
 import errno
 import os
+import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import asyncpg
 import pytest
+from pg import PASSWORD
 
-from orchestrator_service._journal import Recovered, SqliteStore, Store, open_store
+from orchestrator_service._journal import (
+    PostgresStore,
+    Recovered,
+    SqliteStore,
+    Store,
+    open_store,
+)
 
 T = TypeVar("T")
 ROOT_ONLY = ("as root (CI runs as root); mounting a filesystem or setting the immutable "
@@ -58,6 +75,111 @@ async def make_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
     yield make
     for store in opened:
         await store.close()
+
+
+OpenPg = Callable[..., Awaitable[tuple[PostgresStore, Recovered]]]
+
+
+@pytest.fixture
+async def make_pg(pg_url: str) -> AsyncIterator[OpenPg]:
+    """Opens Postgres stores (default: the test's database) and closes
+    whichever are still open at the end of the test."""
+    opened: list[PostgresStore] = []
+
+    async def make(url: str | None = None, **kwargs: Any) -> tuple[PostgresStore, Recovered]:
+        store = PostgresStore(url or pg_url, **kwargs)
+        opened.append(store)
+        return store, await store.open()
+
+    yield make
+    for store in opened:
+        await store.close()
+
+
+async def pg_fetch(url: str, query: str, *args: object) -> list[asyncpg.Record]:
+    """``query`` on a connection of its own (the password as the store finds it)."""
+    conn = await asyncpg.connect(url, password=PASSWORD)
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
+
+
+class Journal:
+    def __init__(self, kind: str, url: str) -> None:
+        self.kind = kind
+        self.url = url
+        self.opened: list[Store] = []
+
+    async def open(self, **kwargs: Any) -> tuple[Any, Recovered]:
+        store = open_store(self.url, **kwargs)
+        self.opened.append(store)
+        return store, await store.open()
+
+    async def count_entries(self) -> int:
+        if self.kind == "sqlite":
+            with sqlite3.connect(self.url) as conn:
+                return int(conn.execute("SELECT count(*) FROM entries").fetchone()[0])
+        rows = await pg_fetch(self.url, "SELECT count(*) FROM squire.entries")
+        return int(rows[0][0])
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def journal(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Journal]:
+    if request.param == "sqlite":
+        j = Journal("sqlite", str(tmp_path / "journal.db"))
+    else:
+        j = Journal("postgres", request.getfixturevalue("pg_url"))
+    yield j
+    for store in j.opened:
+        await store.close()
+
+
+CHILD = Path(__file__).with_name("child.py")
+REPO = Path(__file__).resolve().parents[2]
+Spawn = Callable[..., "subprocess.Popen[str]"]
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Starts tests/store/child.py with ``mode`` and its arguments (stdin and
+    stdout piped); kills whichever are still alive at the end."""
+    children: list[subprocess.Popen[str]] = []
+
+    def start(mode: str, *args: object) -> subprocess.Popen[str]:
+        child = subprocess.Popen([sys.executable, str(CHILD), mode, *map(str, args)], cwd=REPO,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 bufsize=1)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+        child.wait(10)
+        for pipe in (child.stdin, child.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+def first_line(child: subprocess.Popen[str]) -> str:
+    assert child.stdout is not None
+    line = child.stdout.readline().strip()
+    assert line, f"child exited ({child.wait(10)}) without a word"
+    return line
+
+
+async def next_line(child: subprocess.Popen[str], timeout: float = 20.0) -> str:
+    """The child's next line, read off the loop (which goes on meanwhile)."""
+    return await asyncio.wait_for(asyncio.to_thread(first_line, child), timeout)
+
+
+def tell(child: subprocess.Popen[str], line: str) -> None:
+    assert child.stdin is not None
+    child.stdin.write(line + "\n")
+    child.stdin.flush()
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:

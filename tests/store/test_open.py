@@ -88,7 +88,10 @@ def test_sqlite_urls(url: str, path: str, synchronous: str | None) -> None:
 
 
 @pytest.mark.parametrize(("url", "why"), [
-    ("postgres://db/squire", "not a store URL"),
+    ("postgres://", "no host"),
+    ("postgresql://db/squire?schema=Jobs-1", "schema must be a lower-case SQL identifier "
+     "(letters, digits, _), not 'Jobs-1'"),
+    ("mysql://db/squire", "not a store URL"),
     ("journal.sqlite", "not a store URL"),
     ("memory", "not a store URL"),
     ("", "not a store URL"),

@@ -8,9 +8,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,36 +15,7 @@ import pytest
 from orchestrator_service._journal import StoreInUse
 
 from .child import entries_of
-from .conftest import OpenStore
-
-CHILD = Path(__file__).with_name("child.py")
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def spawn() -> Iterator[object]:
-    children: list[subprocess.Popen[str]] = []
-
-    def start(mode: str, path: Path) -> subprocess.Popen[str]:
-        child = subprocess.Popen([sys.executable, str(CHILD), mode, str(path)], cwd=REPO,
-                                 stdout=subprocess.PIPE, text=True, bufsize=1)
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        if child.poll() is None:
-            child.kill()
-        child.wait(10)
-        assert child.stdout is not None
-        child.stdout.close()
-
-
-def first_line(child: subprocess.Popen[str]) -> str:
-    assert child.stdout is not None
-    line = child.stdout.readline().strip()
-    assert line, f"child exited ({child.wait(10)}) without a word"
-    return line
+from .conftest import OpenStore, first_line
 
 
 def message(pid: int, path: Path) -> str:
