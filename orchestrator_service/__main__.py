@@ -17,6 +17,7 @@ from pathlib import Path
 
 from orchestrator_service._durable import Retention
 from orchestrator_service._journal import StoreError
+from orchestrator_service._journal_types import DEFAULT_LEASE_TTL
 from orchestrator_service._metrics import DEFAULT_METRICS_PORT
 from orchestrator_service._model import RouterConfig
 from orchestrator_service._security import (
@@ -57,10 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=_env("store", ""),
                    help="the journal of accepted directives and completed results: "
                    "sqlite:///PATH/journal.db (durable: survives a crash or restart), "
-                   "add ?synchronous=full to survive power loss too; memory: keeps nothing "
-                   "(default: sqlite in --state-dir)")
+                   "add ?synchronous=full to survive power loss too; "
+                   "postgresql://USER@HOST:PORT/DB (shared: several replicas, one leads; "
+                   "the password from SQUIRE_STORE_PASSWORD_FILE, SQUIRE_STORE_PASSWORD or "
+                   "PGPASSWORD); memory: keeps nothing (default: sqlite in --state-dir)")
     p.add_argument("--state-dir", default=_env("state_dir", default_state_dir()),
                    help="where the default journal lives (default %(default)s)")
+    p.add_argument("--advertise", default=_env("advertise", ""),
+                   help="with a shared store (postgresql://): the address standbys name as "
+                   "the leader's, host:port (default --host:--port)")
+    p.add_argument("--lease-ttl", type=float,
+                   default=float(_env("lease_ttl", str(DEFAULT_LEASE_TTL))),
+                   help="with a shared store: the leader lease's TTL, renewed every third of "
+                   "it; a standby takes over within it after the leader dies "
+                   "(default %(default)s s)")
     p.add_argument("--reattach-grace", type=float,
                    default=float(_env("reattach_grace", str(Retention().reattach_grace))),
                    help="after a restart, a directive whose caller does not reattach within "
@@ -145,6 +156,8 @@ async def serve(args: argparse.Namespace) -> None:
         health_port=args.health_port,
         store=store_url(args),
         retention=Retention(reattach_grace=args.reattach_grace, retention=args.retention),
+        advertise=args.advertise,
+        lease_ttl=args.lease_ttl,
         router=RouterConfig(
             adoption_grace=args.adoption_grace,
             lease_timeout=args.lease_timeout,
@@ -173,6 +186,9 @@ async def serve(args: argparse.Namespace) -> None:
         for task in stopping:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+    if orchestrator.deposed:
+        # It led and lost the lease: exit non-zero, to come back as a standby.
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,6 +39,7 @@ from orchestrator_service._security import Limits, Role, SecurityConfig, TokenEn
 _PACKAGE = pb.DESCRIPTOR.package
 WORKER_SERVICE = f"{_PACKAGE}.WorkerService"
 DIRECTIVE_SERVICE = f"{_PACKAGE}.DirectiveService"
+CHANNEL_SERVICE = f"{_PACKAGE}.ChannelService"
 OPEN_SERVICES = frozenset({
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",

@@ -219,6 +219,9 @@ class StoreState(enum.Enum):
 class Store(Protocol):
     url: str
     durable: bool
+    # Several orchestrators may use it at once: one leads (``campaign``), the
+    # others stand by. False: one process by construction, always the leader.
+    shared: bool
     stats: StoreStats
 
     lost: asyncio.Event  # set once this process's leadership ended (never, for one process)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 class MemoryStore(SoleLeader):
     url = "memory:"
     durable = False
+    shared = False
 
     def __init__(self) -> None:
         self.stats = StoreStats()

@@ -80,6 +80,7 @@ def _resolve(futures: list[asyncio.Future[None]], error: StoreError | None) -> N
 
 class PostgresStore:
     durable = True
+    shared = True
 
     def __init__(self, url: str, *, close_timeout: float = 5.0, commit_timeout: float = 10.0,
                  max_batch_bytes: int = 8 << 20, max_batch_writes: int = 10_000) -> None:

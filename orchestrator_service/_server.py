@@ -26,6 +26,8 @@ from orchestrator_service._events import AcceptingStopped, DrainRequested, Tick
 from orchestrator_service._hub import Hub
 from orchestrator_service._interceptor import SecurityInterceptor
 from orchestrator_service._journal import Store, open_store
+from orchestrator_service._journal_types import DEFAULT_LEASE_TTL
+from orchestrator_service._leadership import Leadership, StandbyInterceptor
 from orchestrator_service._metrics import OrchestratorMetrics
 from orchestrator_service._model import RouterConfig
 from orchestrator_service._reflection import enable_reflection
@@ -40,6 +42,7 @@ from orchestrator_service._servicer import (
     StatusServicer,
     WorkerServicer,
 )
+from orchestrator_service._sole_leader import default_holder
 from orchestrator_service._strict import StrictWireInterceptor
 from squire_kernel import __version__
 from squire_kernel.listen import check_free, listen_error
@@ -57,6 +60,7 @@ COMPACT_INTERVAL = 30.0  # seconds between journal compactions, when something w
 
 class State(enum.Enum):
     STARTING = "starting"
+    STANDBY = "standby"  # serving health and status; waiting for the leader lease
     RUNNING = "running"
     DRAINING = "draining"
     CLOSED = "closed"
@@ -81,6 +85,10 @@ class OrchestratorConfig:
     store: str = "memory:"
     synchronous: str = "normal"
     retention: Retention = field(default_factory=Retention)
+    # A shared store (Postgres): where this replica serves, as standbys name
+    # it ("" = host:port), and the leader lease's TTL.
+    advertise: str = ""
+    lease_ttl: float = DEFAULT_LEASE_TTL
 
 
 class Orchestrator:
@@ -95,6 +103,10 @@ class Orchestrator:
         self.router = Router(router_config, time.monotonic)
         self.hub = Hub(self.router)
         self.durable = Durable(self.hub, self.config.retention)
+        self.leadership = Leadership(self.store, default_holder(), "", self.config.lease_ttl)
+        self.deposed = False  # it led, and lost the lease: the process should exit 1
+        self._leading: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
         self.epoch = 0
         self.resumed = 0  # directives restored from the journal at start
         self.recovery_seconds = 0.0
@@ -118,7 +130,7 @@ class Orchestrator:
         check_listen(self.config.host, security)
         server = grpc.aio.server(
             interceptors=[SecurityInterceptor(security, self.config.limits, self.router),
-                          StrictWireInterceptor()],
+                          StandbyInterceptor(self.leadership), StrictWireInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -163,7 +175,8 @@ class Orchestrator:
         if not self.port:
             self.metrics.close()
             raise listen_error(self.config.host, self.config.port, "--port")
-        if self.store.durable:
+        self.leadership.address = self.config.advertise or f"{self.config.host}:{self.port}"
+        if self.store.durable and not self.store.shared:
             try:
                 await self._recover()  # before serving: callers reattach to what it restores
             except BaseException:
@@ -174,11 +187,56 @@ class Orchestrator:
         self._server = server
         if self.config.health_port:
             await self._serve_health()
+        if self.store.shared:
+            # Serving as a standby (health NOT_SERVING) until the lease is ours.
+            self.state = State.STANDBY
+            self._leading = asyncio.create_task(self._lead())
+            log.info("orchestrator listening as a standby",
+                     extra={"address": f"{self.config.host}:{self.port}"})
+            return self.port
         self._ticker = asyncio.create_task(self._tick())
         await self._set_serving(True)
         self.state = State.RUNNING
         log.info("orchestrator listening", extra={"address": f"{self.config.host}:{self.port}"})
         return self.port
+
+    async def wait_leading(self) -> None:
+        """Until this replica leads (at once on a store of one process)."""
+        while self.state in (State.STARTING, State.STANDBY):
+            if self._leading is not None and self._leading.done():
+                self._leading.result()  # its failure, raised here
+                return
+            await asyncio.sleep(0.05)
+
+    async def _lead(self) -> None:
+        """Campaign; once leading, restore and serve; stop when the lease is lost."""
+        try:
+            epoch = await self.leadership.campaign()
+            log.info("took the leader lease", extra={"epoch": epoch})
+            await self._recover()
+        except Exception:
+            log.exception("cannot lead: stopping")
+            self.deposed = True
+            self._stopping = asyncio.create_task(self.shutdown(0))
+            raise
+        self._ticker = asyncio.create_task(self._tick())
+        await self._set_serving(True)
+        self.state = State.RUNNING
+        log.info("orchestrator leading", extra={
+            "address": self.leadership.address, "epoch": self.epoch,
+            "resumed": self.resumed, "recovery_seconds": round(self.recovery_seconds, 3),
+        })
+        await self.store.lost.wait()
+        if self.state is not State.RUNNING:
+            return  # it is shutting down and resigned
+        log.error("lost the leader lease (a newer epoch took it, or it lapsed): stopping; "
+                  "directives go on at the new leader", extra={"epoch": self.epoch})
+        self.deposed = True
+        self.leadership.leading = False
+        self.hub.closing = "this orchestrator lost its leadership; reattach to the new leader"
+        for box in list(self.hub.calls.values()):
+            box.signal()
+        self._stopping = asyncio.create_task(self.shutdown(0))
 
     async def wait_closed(self) -> None:
         await self._stopped.wait()
@@ -196,7 +254,15 @@ class Orchestrator:
             await self._stopped.wait()
             return
         grace = self.config.grace if grace is None else grace
+        standby = self.state is State.STANDBY
         self.state = State.DRAINING
+        if self._leading is not None and not self._leading.done():
+            self._leading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._leading
+        if standby:
+            await self._stop_serving(grace)
+            return
         self.hub.handle(AcceptingStopped())
         await self._set_serving(False)
         log.info("orchestrator draining", extra={"grace": grace})
@@ -219,8 +285,14 @@ class Orchestrator:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        await self._stop_serving(max(0.1, min(1.0, deadline - time.monotonic())))
+
+    async def _stop_serving(self, grace: float) -> None:
+        """Stop the servers and close the store (which gives up a leader lease
+        at once: a standby takes over without waiting for its TTL)."""
+        await self._set_serving(False)
         if self._server is not None:
-            await self._server.stop(max(0.1, min(1.0, deadline - time.monotonic())))
+            await self._server.stop(grace)
         if self._health_server is not None:
             await self._health_server.stop(0)
         if self.metrics is not None:

@@ -83,6 +83,7 @@ def _resolve(futures: list[asyncio.Future[None]], error: StoreError | None) -> N
 
 class SqliteStore(SoleLeader):
     durable = True
+    shared = False
 
     def __init__(
         self,

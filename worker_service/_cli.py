@@ -69,7 +69,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--orchestrator", default=env("ORCHESTRATOR", "127.0.0.1:50051"),
-        help="orchestrator address host:port (default %(default)s)",
+        help="orchestrator address host:port, or its replicas on a shared store "
+        "host1:port1,host2:port2 (the worker follows the leader; default %(default)s)",
     )
     parser.add_argument(
         "--ops", action="append", default=None, metavar="MODULE",

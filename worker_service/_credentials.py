@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from squire_kernel.targets import channel_target
 from worker_service._config import WorkerConfig
 
 Metadata = tuple[tuple[str, str], ...]
@@ -54,14 +55,18 @@ def call_metadata(config: WorkerConfig) -> Metadata:
 
 
 def open_channel(config: WorkerConfig, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
+    """A channel to the orchestrator: one address, or its replicas
+    ``h1:p1,h2:p2``, following the leader (see squire_kernel.targets)."""
+    target, extra = channel_target(config.orchestrator)
+    options = [*options, *extra]
     if not config.uses_tls:
-        return grpc.aio.insecure_channel(config.orchestrator, options=options)
+        return grpc.aio.insecure_channel(target, options=options)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read_pem(config.tls_ca, "--tls-ca") if config.tls_ca else None,
         private_key=_read_pem(config.tls_key, "--tls-key") if config.tls_key else None,
         certificate_chain=_read_pem(config.tls_cert, "--tls-cert") if config.tls_cert else None,
     )
-    return grpc.aio.secure_channel(config.orchestrator, credentials, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 def check(config: WorkerConfig) -> None:

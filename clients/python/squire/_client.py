@@ -57,7 +57,9 @@ def _client_target(target: str | None, channel: object | None) -> str:
 
 
 class Client:
-    """A blocking client of the orchestrator at ``target`` (``host:port``).
+    """A blocking client of the orchestrator at ``target`` (``host:port``; or
+    ``"h1:p1,h2:p2"``, the replicas of one orchestrator on a shared store:
+    calls go to the leader and follow it on a failover).
 
     Pass ``channel`` instead of ``target`` to use a channel you own (for
     example ``grpc_testing.channel(...)`` in tests); :meth:`close` leaves an

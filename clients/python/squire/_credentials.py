@@ -19,6 +19,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from squire_kernel.targets import channel_target
+
 PemSource = str | os.PathLike[str] | bytes
 
 
@@ -73,7 +75,9 @@ class Credentials:
         return () if self.token is None else (("authorization", f"Bearer {self.token}"),)
 
     def channel(self, target: str, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
-        """A blocking channel to ``target``."""
+        """A blocking channel to ``target`` (several addresses: see squire_kernel.targets)."""
+        target, extra = channel_target(target)
+        options = [*options, *extra]
         if self.tls:
             channel = grpc.secure_channel(target, self._channel_credentials(), options=options)
         else:
@@ -84,6 +88,8 @@ class Credentials:
 
     def aio_channel(self, target: str, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
         """An asyncio channel to ``target`` (create it inside the running loop)."""
+        target, extra = channel_target(target)
+        options = [*options, *extra]
         interceptors = (
             None
             if self.token is None

@@ -1,0 +1,193 @@
+"""High availability on a real Postgres (issue 16): two orchestrator
+replicas on one database, workers and a client given both addresses.
+
+One replica leads; the other answers health NOT_SERVING and refuses calls
+with UNAVAILABLE naming the leader. SIGKILL the leader mid-map: the standby
+takes the lease within its TTL, restores the journal and the map completes,
+every value exactly once. SIGTERM the leader (a rolling upgrade): it gives
+the lease up at once, the standby takes over, and no directive fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import squire
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from procs import entry_point, free_port, wait_until
+from squire.api.v1 import squire_pb2 as pb
+from squire.api.v1 import squire_pb2_grpc as pb_grpc
+
+from .support import (
+    OPS,
+    Figures,
+    Ledger,
+    MapRun,
+    assert_squares,
+    consume,
+    square_map,
+)
+
+TTL = 4.0
+
+
+class Replica:
+    def __init__(self, name: str, store: str, env: dict[str, str], logs: Path) -> None:
+        self.name = name
+        self.port = free_port()
+        self.store = store
+        self.env = env
+        self.logs = logs
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        argv = [entry_point("squire-orchestrator"), "--host", "127.0.0.1", "--port",
+                str(self.port), "--metrics-port", "0", "--store", self.store,
+                "--lease-ttl", str(TTL), "--adoption-grace", "1"]
+        with open(self.logs / f"{self.name}.log", "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"})
+
+    def health(self) -> str:
+        try:
+            with grpc.insecure_channel(self.address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=1)
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        except grpc.RpcError:
+            return "DOWN"
+
+    def stop(self, sig: int) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+def start_workers(addresses: str, env: dict[str, str], logs: Path,
+                  n: int = 2) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for i in range(n):
+        with open(logs / f"worker-{i}.log", "ab") as log:
+            procs.append(subprocess.Popen(
+                [entry_point("squire-worker"), "--orchestrator", addresses, "--ops", OPS,
+                 "--concurrency", "2", "--executor", "thread", "--worker-id", f"w{i}",
+                 "--metrics-port", "0"],
+                stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}))
+    return procs
+
+
+@pytest.fixture
+def replicas(pg_url: str, env: dict[str, str], logs: Path):  # type: ignore[no-untyped-def]
+    a = Replica("orchestrator-a", pg_url, env, logs)
+    wait_until(lambda: a.health() == "SERVING", 30, message="the first replica leading")
+    b = Replica("orchestrator-b", pg_url, env, logs)
+    wait_until(lambda: b.health() == "NOT_SERVING", 30, message="the second one standing by")
+    workers = start_workers(f"{a.address},{b.address}", env, logs)
+    try:
+        yield a, b
+    finally:
+        for p in [*workers, a.proc, b.proc]:
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def leader_of(*replicas: Replica) -> Replica | None:
+    serving = [r for r in replicas if r.health() == "SERVING"]
+    return serving[0] if len(serving) == 1 else None
+
+
+def run_in_thread(client: squire.Client, ledger: Ledger, tag: str, n: int,
+                  sleep: float) -> tuple[threading.Thread, list[MapRun | BaseException]]:
+    out: list[MapRun | BaseException] = []
+
+    def call() -> None:
+        try:
+            out.append(consume(square_map(n, tag, sleep=sleep).events(client), ledger, tag))
+        except BaseException as exc:  # raised in the test
+            out.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def finished(thread: threading.Thread, out: list[MapRun | BaseException]) -> MapRun:
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the directive did not finish"
+    (run,) = out
+    if isinstance(run, BaseException):
+        raise run
+    return run
+
+
+def test_a_standby_refuses_naming_the_leader(replicas: tuple[Replica, Replica]) -> None:
+    a, b = replicas
+    with grpc.insecure_channel(b.address) as channel:
+        stub = pb_grpc.DirectiveServiceStub(channel)
+        plan = pb.Plan(serializer=pb.SERIALIZER_JSON)
+        plan.stages.add().map.operation = "fault_square"
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.RunDirective(iter([pb.DirectiveRequest(plan=plan)]), timeout=5))
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert f"the leader is {a.address}" in (refused.value.details() or "")
+        status = pb_grpc.StatusServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
+        assert status.state == "standby"
+
+
+def test_sigkill_of_the_leader_fails_over_and_loses_nothing(
+    replicas: tuple[Replica, Replica], ledger: Ledger, figures: Figures
+) -> None:
+    a, b = replicas
+    n, tag = 400, "failover"
+    with squire.Client(f"{a.address},{b.address}") as client:
+        thread, out = run_in_thread(client, ledger, tag, n, sleep=0.01)
+        wait_until(lambda: ledger.delivered(tag) >= n // 4, 60, message="a quarter delivered")
+        killed = time.monotonic()
+        a.stop(signal.SIGKILL)
+        wait_until(lambda: b.health() == "SERVING", 30, message="the standby taking over")
+        took_over = time.monotonic() - killed
+        run = finished(thread, out)
+    assert_squares(run.values, n)
+    tally = ledger.tally(tag, n)
+    tally.assert_exactly_once()
+    assert took_over < TTL + 5, f"takeover after {took_over:.2f} s"
+    figures.add("leader SIGKILL (TTL 4 s)", "standby serving after", f"{took_over:.2f} s")
+    figures.add("leader SIGKILL (TTL 4 s)", "lost / duplicated", "0 / 0")
+    figures.add("leader SIGKILL (TTL 4 s)", "tasks executed again", tally.re_executions)
+
+
+def test_a_rolling_upgrade_fails_no_directive(
+    replicas: tuple[Replica, Replica], ledger: Ledger, figures: Figures
+) -> None:
+    a, b = replicas
+    n, tag = 300, "rolling"
+    with squire.Client(f"{a.address},{b.address}") as client:
+        thread, out = run_in_thread(client, ledger, tag, n, sleep=0.01)
+        wait_until(lambda: ledger.delivered(tag) >= n // 4, 60, message="a quarter delivered")
+        stopped = time.monotonic()
+        assert a.stop(signal.SIGTERM) == 0  # it resigns the lease on its way out
+        wait_until(lambda: b.health() == "SERVING", 30, message="the standby taking over")
+        took_over = time.monotonic() - stopped
+        a.start()  # the upgraded replica comes back, as the standby now
+        wait_until(lambda: a.health() == "NOT_SERVING", 30, message="the old leader standing by")
+        run = finished(thread, out)
+    assert_squares(run.values, n)
+    ledger.tally(tag, n).assert_exactly_once()
+    assert took_over < TTL, f"takeover after a resign took {took_over:.2f} s"
+    figures.add("rolling upgrade (SIGTERM the leader)", "standby serving after",
+                f"{took_over:.2f} s")
+    figures.add("rolling upgrade (SIGTERM the leader)", "failed directives", 0)
