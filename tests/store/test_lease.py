@@ -224,6 +224,18 @@ async def test_a_takeover_waits_for_the_old_epochs_transaction_in_flight(stores,
         await admin.execute("LOCK TABLE squire.streams IN SHARE ROW EXCLUSIVE MODE")
         in_flight = old.write([opened("b")])  # passes the fence, then waits on the lock
         assert in_flight is not None
+        waiting = ("SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                   " 'squire-journal-writer' AND datname = current_database()"
+                   " AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO%streams%'")
+        # (asked on a connection outside the blocking transaction, which
+        # would see pg_stat_activity as it was when it began)
+        seen = await pg_fetch(pg_url, waiting)
+        for _ in range(200):
+            if seen[0][0]:
+                break
+            seen = await pg_fetch(pg_url, waiting)
+        else:
+            raise AssertionError("the write never waited on the lock")
         await old._lease.stop()  # and the old leader renews no more
         takeover = asyncio.create_task(new.campaign("new", "", TTL))
         done, _ = await asyncio.wait([takeover], timeout=3 * TTL)
