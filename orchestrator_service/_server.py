@@ -49,6 +49,10 @@ from squire_kernel.listen import check_free, listen_error
 
 log = logging.getLogger("squire.orchestrator")
 
+# Health of the process itself: SERVING from start-up to shutdown, for a
+# leader and a standby alike (Kubernetes readiness of replicas on a shared
+# store; service "" is SERVING on the leader alone).
+UP_SERVICE = "squire.orchestrator.up"
 SERVICE_NAMES = tuple(
     pb.DESCRIPTOR.services_by_name[name].full_name
     for name in ("WorkerService", "ChannelService", "DirectiveService", "StatusService")
@@ -187,6 +191,7 @@ class Orchestrator:
         self._server = server
         if self.config.health_port:
             await self._serve_health()
+        await self._health.set(UP_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if self.store.shared:
             # Serving as a standby (health NOT_SERVING) until the lease is ours.
             self.state = State.STANDBY
@@ -291,6 +296,7 @@ class Orchestrator:
         """Stop the servers and close the store (which gives up a leader lease
         at once: a standby takes over without waiting for its TTL)."""
         await self._set_serving(False)
+        await self._health.set(UP_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._server is not None:
             await self._server.stop(grace)
         if self._health_server is not None:

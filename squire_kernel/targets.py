@@ -5,9 +5,10 @@ one leads, the others stand by and answer health NOT_SERVING. The channel
 goes to all of them with gRPC's round-robin policy and client-side health
 checking (gRPC A17), so calls go to the replica that serves (the leader)
 and move with it on a failover; while none serves they fail UNAVAILABLE,
-which the SDK's reattach and the worker's reconnect ride out. One address
-(or one DNS name for all replicas, behind a Service that routes to the
-ready one) is used as given.
+which the SDK's reattach and the worker's reconnect ride out. A
+``dns:///name:port`` target (one name resolving to every replica, as a
+headless Service does) follows the leader the same way; any other single
+address is used as given.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def channel_target(target: str) -> tuple[str, list[tuple[str, Any]]]:
     Raises ValueError naming an address that is not ``host:port`` or does
     not resolve."""
     parts = split(target)
+    if len(parts) == 1 and parts[0].startswith("dns:///"):
+        # One name for every replica (a headless Service): follow the leader too.
+        return parts[0], [("grpc.service_config", FOLLOW_THE_LEADER)]
     if len(parts) <= 1:
         return target.strip(), []
     v4: list[str] = []

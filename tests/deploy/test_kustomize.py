@@ -27,6 +27,7 @@ from .support import (
 KUBERNETES_VERSIONS = ("1.30.0", kv.latest_version())
 DIRS = kustomizations()
 OVERLAYS = [d for d in DIRS if "overlays" in d.parts]
+HA = {K8S / "overlays" / "example-ha"}  # two orchestrator replicas on Postgres
 
 Docs = dict[Path, list[dict[str, Any]]]
 
@@ -127,9 +128,22 @@ def test_overlay_puts_everything_in_one_namespace(rendered: Docs, folder: Path) 
 
 @pytest.mark.parametrize("folder", DIRS, ids=rel)
 def test_orchestrator_is_a_single_replica_recreated(rendered: Docs, folder: Path) -> None:
+    """One replica on its SQLite journal (Recreate: one writer), or, in the
+    HA overlay, two on Postgres rolled new-first (the new one stands by, the
+    old leader resigns)."""
     orchestrator = one(rendered[folder], "Deployment", "squire-orchestrator")
-    assert orchestrator["spec"]["replicas"] == 1
-    assert orchestrator["spec"]["strategy"]["type"] == "Recreate"
+    args = containers(orchestrator)[0]["args"]
+    if folder in HA:
+        assert orchestrator["spec"]["replicas"] == 2
+        strategy = orchestrator["spec"]["strategy"]
+        assert strategy["type"] == "RollingUpdate"
+        assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+        assert any(a.startswith("--store=postgresql://") for a in args)
+        assert not by_kind(rendered[folder], "PersistentVolumeClaim")
+    else:
+        assert orchestrator["spec"]["replicas"] == 1
+        assert orchestrator["spec"]["strategy"]["type"] == "Recreate"
+        assert not any(a.startswith("--store=postgresql") for a in args)
     for kind in ("HorizontalPodAutoscaler", "ScaledObject"):
         for scaler in by_kind(rendered[folder], kind):
             assert scaler["spec"]["scaleTargetRef"]["name"] != "squire-orchestrator"
@@ -170,7 +184,9 @@ def test_selectors_match(rendered: Docs, folder: Path) -> None:
     for pdb in by_kind(docs, "PodDisruptionBudget"):
         matched = [n for n, labels in pods.items()
                    if selects(pdb["spec"]["selector"]["matchLabels"], labels)]
-        assert matched == ["squire-worker"]
+        # the orchestrator's only where it has replicas to spare
+        assert matched == [pdb["metadata"]["name"]]
+        assert matched == ["squire-worker"] or folder in HA
 
 
 @pytest.mark.parametrize("folder", DIRS, ids=rel)

@@ -17,6 +17,7 @@ import yaml
 from orchestrator_service.__main__ import DEFAULT_PORT, parse_args
 from orchestrator_service._metrics import DEFAULT_METRICS_PORT as ORCHESTRATOR_METRICS_PORT
 from orchestrator_service._security import check_listen, is_loopback, security_from_args
+from orchestrator_service._server import UP_SERVICE
 from worker_service._cli import parse_config
 from worker_service._probe import DEFAULT_METRICS_PORT as WORKER_METRICS_PORT
 
@@ -89,7 +90,10 @@ def test_orchestrator_ports_are_the_service_defaults(rendered: Docs, folder: Pat
             f"{probe} asks port {c[probe]['grpc']['port']}, the orchestrator serves "
             f"plaintext health on --health-port={health_port}"
         )
-        assert c[probe]["grpc"].get("service", "") == ""  # the overall health
+        # the overall health; with replicas, the process's (a standby is
+        # ready too, or a rolling update could never start its new replica)
+        wanted = UP_SERVICE if config.store.startswith("postgresql") else ""
+        assert c[probe]["grpc"].get("service", "") == wanted
     assert config.port == DEFAULT_PORT
     assert config.metrics_port == ORCHESTRATOR_METRICS_PORT
     # the Service carries the API and /metrics; probes go to the pod directly
@@ -314,8 +318,11 @@ def test_worker_concurrency_equals_the_cpu_limit(rendered: Docs, folder: Path,
 def test_workers_dial_the_orchestrator_service(rendered: Docs, folder: Path,
                                               tmp_path: Path) -> None:
     docs = rendered[folder]
-    host, port = worker_config(docs, tmp_path).orchestrator.rsplit(":", 1)
+    target = worker_config(docs, tmp_path).orchestrator
+    host, port = target.removeprefix("dns:///").rsplit(":", 1)
     service = one(docs, "Service", host)
+    if target.startswith("dns:///"):  # every replica's address: a headless Service
+        assert service["spec"]["clusterIP"] == "None"
     grpc = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
     assert int(port) == grpc["port"]
 
