@@ -187,6 +187,8 @@ class Orchestrator:
                 self.metrics.close()
                 await self.store.close()
                 raise
+        # grpc's health servicer starts with "" SERVING: not until this leads.
+        await self._set_serving(False)
         await server.start()
         self._server = server
         if self.config.health_port:

@@ -91,15 +91,19 @@ def start_workers(addresses: str, env: dict[str, str], logs: Path,
 
 @pytest.fixture
 def replicas(pg_url: str, env: dict[str, str], logs: Path):  # type: ignore[no-untyped-def]
-    a = Replica("orchestrator-a", pg_url, env, logs)
-    wait_until(lambda: a.health() == "SERVING", 30, message="the first replica leading")
-    b = Replica("orchestrator-b", pg_url, env, logs)
-    wait_until(lambda: b.health() == "NOT_SERVING", 30, message="the second one standing by")
-    workers = start_workers(f"{a.address},{b.address}", env, logs)
+    started: list[Replica] = []
+    workers: list[subprocess.Popen[bytes]] = []
     try:
+        a = Replica("orchestrator-a", pg_url, env, logs)
+        started.append(a)
+        wait_until(lambda: a.health() == "SERVING", 30, message="the first replica leading")
+        b = Replica("orchestrator-b", pg_url, env, logs)
+        started.append(b)
+        wait_until(lambda: b.health() == "NOT_SERVING", 30, message="the second one standing by")
+        workers = start_workers(f"{a.address},{b.address}", env, logs)
         yield a, b
     finally:
-        for p in [*workers, a.proc, b.proc]:
+        for p in [*workers, *(r.proc for r in started)]:
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
