@@ -21,6 +21,7 @@ import grpc
 import pytest
 import squire
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pg import Postgres
 from procs import entry_point, free_port, wait_until
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
@@ -195,3 +196,55 @@ def test_a_rolling_upgrade_fails_no_directive(
     figures.add("rolling upgrade (SIGTERM the leader)", "standby serving after",
                 f"{took_over:.2f} s")
     figures.add("rolling upgrade (SIGTERM the leader)", "failed directives", 0)
+
+
+def test_a_postgres_restart_mid_map_loses_nothing(
+    replicas: tuple[Replica, Replica], postgres: Postgres, ledger: Ledger, figures: Figures
+) -> None:
+    """Postgres restarted (fast) while the leader runs a map: journal writes
+    wait and then commit; whichever replica leads afterwards finishes it."""
+    a, b = replicas
+    n, tag = 1000, "pgrestart"
+    with squire.Client(f"{a.address},{b.address}") as client:
+        thread, out = run_in_thread(client, ledger, tag, n, sleep=0.01)
+        wait_until(lambda: ledger.delivered(tag) >= n // 4, 60, message="a quarter delivered")
+        restarted = time.monotonic()
+        postgres.restart()
+        run = finished(thread, out)
+        seconds = time.monotonic() - restarted
+    assert_squares(run.values, n)
+    tally = ledger.tally(tag, n)
+    tally.assert_exactly_once()
+    leader = wait_until(lambda: leader_of(a, b), 30, message="one leader after the restart")
+    figures.add("Postgres restarted mid-map", "map done after the restart", f"{seconds:.2f} s")
+    figures.add("Postgres restarted mid-map", "leader afterwards",
+                "the same" if leader is a else "the standby")
+    figures.add("Postgres restarted mid-map", "lost / duplicated", "0 / 0")
+
+
+def test_a_frozen_leader_wakes_up_deposed_and_changes_nothing(
+    replicas: tuple[Replica, Replica], ledger: Ledger, figures: Figures
+) -> None:
+    """SIGSTOP the leader past its lease: the standby takes over. SIGCONT:
+    the old leader learns it lost the lease, stops at once and exits 1; its
+    late writes are fenced, and every value reaches the caller exactly once."""
+    a, b = replicas
+    n, tag = 600, "frozen"
+    with squire.Client(f"{a.address},{b.address}") as client:
+        thread, out = run_in_thread(client, ledger, tag, n, sleep=0.01)
+        wait_until(lambda: ledger.delivered(tag) >= n // 4, 60, message="a quarter delivered")
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: b.health() == "SERVING", 30, message="the standby taking over")
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        code = a.proc.wait(timeout=30)
+        run = finished(thread, out)
+    assert code == 1, f"the deposed leader exited {code}"
+    assert_squares(run.values, n)
+    ledger.tally(tag, n).assert_exactly_once()
+    log = (a.logs / f"{a.name}.log").read_text()
+    assert "lost the leader lease" in log
+    figures.add("leader SIGSTOPped past its lease, then SIGCONT", "old leader", "exit 1 (deposed)")
+    figures.add("leader SIGSTOPped past its lease, then SIGCONT", "lost / duplicated", "0 / 0")
