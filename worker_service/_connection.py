@@ -24,6 +24,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,13 @@ log = logging.getLogger("worker_service.session")
 # After the drain half-closes the stream, how long to wait for the
 # orchestrator to end its side before cancelling the call.
 CLOSE_TIMEOUT = 5.0
+
+# Results written this recently (at most this many) when the stream breaks
+# may never have reached the orchestrator (a written message is only in a
+# socket buffer): the next stream sends them again. One the orchestrator had
+# is a duplicate there, dropped by its lease; one it lost is adopted.
+RESEND_SECONDS = 2.0
+RESEND_MAX = 10_000
 
 _STREAM_ERRORS = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
 
@@ -128,6 +136,9 @@ class Connection:
         # if the stream breaks before they are written, they are carried.
         self._outbox_reports: list[Report] = []
         self._writing_reports: list[Report] = []
+        # Batches written lately: (when, reports), oldest first (see RESEND_SECONDS).
+        self._written: deque[tuple[float, list[Report]]] = deque()
+        self._written_count = 0
 
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tg: asyncio.TaskGroup | None = None
@@ -219,7 +230,11 @@ class Connection:
         carry = self.carry
         if self._scheduler.holdover is not None:
             carry.holdover = self._scheduler.holdover
-        carry.unsent = self._writing_reports + self._outbox_reports
+        if self._end is ConnectionEnd.BROKEN:  # a drained stream delivered all it wrote
+            carry.unsent = [r for _, batch in self._written for r in batch]
+        carry.unsent += self._writing_reports + self._outbox_reports
+        self._written.clear()
+        self._written_count = 0
         self._writing_reports, self._outbox_reports = [], []
         self._executor.attach(carry.events.append)
         if self._timer is not None:
@@ -356,6 +371,7 @@ class Connection:
                     self._outbox_reports = []
                     for message in self._outbox.take():
                         await call.write(message)
+                    self._remember_written(self._writing_reports)
                     self._writing_reports = []
                 if self._heartbeat_due:
                     self._heartbeat_due = False
@@ -365,6 +381,17 @@ class Connection:
                     return
         except _STREAM_ERRORS as exc:
             self._finish(ConnectionEnd.BROKEN, _describe(exc))
+
+    def _remember_written(self, reports: list[Report]) -> None:
+        if not reports:
+            return
+        written = self._written
+        now = self._clock()
+        written.append((now, reports))
+        self._written_count += len(reports)
+        while written and (now - written[0][0] > RESEND_SECONDS
+                           or self._written_count - len(written[0][1]) >= RESEND_MAX):
+            self._written_count -= len(written.popleft()[1])
 
     async def _heartbeat_loop(self) -> None:
         while True:
