@@ -153,24 +153,33 @@ def spread(samples: list[float]) -> str:
     return f"{min(samples):,.0f}-{max(samples):,.0f}"
 
 
-def j1(n: int, repeats: int) -> dict[str, Any]:
-    journal: list[float] = []
-    memory: list[float] = []
-    with cluster(None) as durable, cluster("memory:") as plain, \
-            squire.Client(durable.target) as a, squire.Client(plain.target) as b:
-        for i in range(repeats + 1):  # the first round warms both up
-            one, two = w1_once(a, n), w1_once(b, n)
-            if i:
-                journal.append(one)
-                memory.append(two)
-    ratio = statistics.median(journal) / statistics.median(memory)
-    return {
-        "tasks": n, "rounds": repeats,
-        "sqlite_tasks_per_s": statistics.median(journal), "sqlite_spread": spread(journal),
-        "memory_tasks_per_s": statistics.median(memory), "memory_spread": spread(memory),
-        "journal_cost_percent": round((1 - ratio) * 100, 1),
-        "per_round_ratio": [round(x / y, 3) for x, y in zip(journal, memory, strict=True)],
-    }
+def j1(n: int, repeats: int, postgres: str | None) -> dict[str, Any]:
+    """W1 on memory, SQLite (and Postgres, given its URL): all clusters up
+    throughout, one run of each per round, the order rotating per round."""
+    stores: dict[str, str | None] = {"memory": "memory:", "sqlite": None}
+    if postgres:
+        stores["postgres"] = postgres
+    samples: dict[str, list[float]] = {name: [] for name in stores}
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for name, store in stores.items():
+            c = stack.enter_context(cluster(store))
+            clients[name] = stack.enter_context(squire.Client(c.target))
+        names = list(stores)
+        for i in range(repeats + 1):  # the first round warms every one up
+            order = names[i % len(names):] + names[:i % len(names)]
+            for name in order:
+                rate = w1_once(clients[name], n)
+                if i:
+                    samples[name].append(rate)
+    memory = statistics.median(samples["memory"])
+    out: dict[str, Any] = {"tasks": n, "rounds": repeats}
+    for name, values in samples.items():
+        out[f"{name}_tasks_per_s"] = round(statistics.median(values))
+        out[f"{name}_spread"] = spread(values)
+        out[f"{name}_of_memory"] = round(statistics.median(values) / memory, 3)
+    out["journal_cost_percent"] = round((1 - out["sqlite_of_memory"]) * 100, 1)
+    return out
 
 
 def j2(n: int) -> dict[str, Any]:
@@ -237,12 +246,24 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sizes")
     p.add_argument("--only", default="J1,J2,J3")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "durable.json")
+    p.add_argument("--postgres", action="store_true",
+                   help="J1 on Postgres too (a real server started for the run, as the tests do)")
     args = p.parse_args()
     only = set(args.only.split(","))
     n1, rounds, n2 = (2_000, 1, 20_000) if args.smoke else (20_000, 5, 1_000_000)
     out: dict[str, Any] = {"load": os.getloadavg()}
     if "J1" in only:
-        out["J1"] = j1(n1, rounds)
+        with contextlib.ExitStack() as stack:
+            url = None
+            if args.postgres:
+                sys.path.insert(0, str(BENCH.parent / "tests"))
+                from pg import Postgres
+
+                server = Postgres.create()
+                stack.callback(server.destroy)
+                os.environ.update(server.env())
+                url = server.create_database("bench")
+            out["J1"] = j1(n1, rounds, url)
         print("J1", json.dumps(out["J1"]), flush=True)
     if "J2" in only:
         out["J2"] = j2(n2)
