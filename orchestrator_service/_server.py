@@ -281,7 +281,7 @@ class Orchestrator:
             await asyncio.sleep(0.05)
         if self.store.durable:
             # What still runs is journaled: its callers reattach to the next start.
-            self.hub.closing = (
+            self.hub.closing = self.hub.closing or (
                 "the orchestrator is restarting; the directive goes on: reattach by its id"
             )
             for box in list(self.hub.calls.values()):

@@ -290,3 +290,37 @@ def test_a_frozen_leader_wakes_up_deposed_and_changes_nothing(
     assert "lost the leader lease" in log
     figures.add("leader SIGSTOPped past its lease, then SIGCONT", "old leader", "exit 1 (deposed)")
     figures.add("leader SIGSTOPped past its lease, then SIGCONT", "lost / duplicated", "0 / 0")
+
+
+def test_while_postgres_is_down_new_work_is_refused_then_served(
+    replicas: tuple[Replica, Replica], postgres: Postgres
+) -> None:
+    """Postgres stopped: a new directive is refused with UNAVAILABLE naming
+    the store (nothing is accepted that cannot be journaled); started again,
+    the next one runs."""
+    a, b = replicas
+    with squire.Client(f"{a.address},{b.address}", reattach_timeout=0) as client:
+        assert square_map(3, "pgdown0").run(client) == [0, 1, 4]
+        postgres.stop()
+        try:
+            def refused() -> str:
+                try:
+                    square_map(3, "pgdown1").run(client)
+                except squire.RpcError as exc:
+                    return f"{exc.code}: {exc.message}"
+                return ""
+
+            message = wait_until(refused, 30, message="a refusal while Postgres is down")
+            # the journal cannot commit, or (past the TTL) the leader stepped down
+            assert message.startswith("UNAVAILABLE"), message
+        finally:
+            postgres.start()
+        wait_until(lambda: leader_of(a, b), 60, message="a leader once Postgres is back")
+        assert wait_until(lambda: _runs(client), 60, message="a directive served again")
+
+
+def _runs(client: squire.Client) -> bool:
+    try:
+        return square_map(3, "pgdown2").run(client) == [0, 1, 4]
+    except squire.RpcError:
+        return False
