@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from orchestrator_service._model import RouterConfig
+from squire_kernel.flags import port_number
 
 log = logging.getLogger("squire.orchestrator")
 
@@ -251,16 +252,16 @@ def add_arguments(p: argparse.ArgumentParser, env: Env) -> None:
     g.add_argument("--client-token-file", default=env("client_token_file", "") or None,
                    help="file of accepted client tokens, one per line "
                    "(also $SQUIRE_CLIENT_TOKEN)")
-    g.add_argument("--health-port", type=int, default=int(env("health_port", "0")),
+    g.add_argument("--health-port", type=port_number, default=env("health_port", "0"),
                    help="also serve grpc.health.v1 alone, in plaintext, on this port "
                    "(for Kubernetes gRPC probes when the main port uses TLS); 0 = off")
     g = p.add_argument_group("limits (exceeding one answers RESOURCE_EXHAUSTED)")
     g.add_argument("--max-message-bytes", type=int,
-                   default=int(env("max_message_bytes", str(64 * 1024 * 1024))),
+                   default=env("max_message_bytes", str(64 * 1024 * 1024)),
                    help="largest gRPC message received or sent (default %(default)s)")
     g.add_argument("--max-pending-per-channel", type=int,
-                   default=int(env("max_pending_per_channel",
-                                   str(RouterConfig().max_pending_per_channel))),
+                   default=env("max_pending_per_channel",
+                               str(RouterConfig().max_pending_per_channel)),
                    help="tasks of one channel without a taken result (queued, running, "
                    "unread); publishing past this fails (default %(default)s)")
     for name, what in (
@@ -270,7 +271,7 @@ def add_arguments(p: argparse.ArgumentParser, env: Env) -> None:
         ("max_channels_per_client", "leased channels one client holds at once"),
     ):
         g.add_argument(f"--{name.replace('_', '-')}", type=int,
-                       default=int(env(name, str(getattr(limits, name)))),
+                       default=env(name, str(getattr(limits, name))),
                        help=f"{what} (default %(default)s)")
 
 
