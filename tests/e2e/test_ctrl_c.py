@@ -7,8 +7,8 @@ import os
 import pty
 import re
 import select
-import sys
 import signal
+import sys
 import time
 
 import grpc
