@@ -103,3 +103,19 @@ def test_the_readme_points_to_the_reference_not_the_source() -> None:
     assert not re.search(r"squire/_\w+\.py", README), "the README points into the SDK's source"
     # serializer= is a keyword of the terminals, shown where it goes.
     assert 'run(client, serializer="msgpack")' in README
+
+
+def test_the_first_screen_install_lines_paste_as_they_are() -> None:
+    first_screen = README[:README.index("## Concepts")]
+    blocks = re.findall(r"```bash\n(.*?)```", first_screen, re.S)
+    installs = [b.strip() for b in blocks if "apt-get install" in b]
+    assert len(installs) == 2, installs  # a nodejs of 20+, and NodeSource's for 18
+    for line in installs:
+        assert "\n" not in line and line.startswith("apt-get update && "), line
+        assert all("install -y " in part for part in line.split("&&") if "install" in part), line
+    # NodeSource's nodejs includes npm and conflicts with the distribution's npm
+    assert "setup_20.x" in installs[1] and not installs[1].endswith("npm")
+    # the test command of the first screen is what .ci/run runs
+    ci = (ROOT / ".ci" / "run").read_text()
+    command_2 = next(line for b in blocks for line in b.splitlines() if "pytest" in line)
+    assert command_2 in ci
