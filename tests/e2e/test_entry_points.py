@@ -215,3 +215,23 @@ def test_squire_status_watch_redirected_prints_each_frame_as_it_comes(cluster) -
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+def test_a_duplicate_worker_id_is_one_line_each_side_and_exit_3(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The second squire-worker --worker-id w1: one error line of its own, one
+    warning in the orchestrator's log, and the documented exit code 3."""
+    with procs.cluster(log_dir=tmp_path) as c:
+        c.start_worker("w1", executor="inline")
+        out = subprocess.run(
+            [procs.entry_point("squire-worker"), "--orchestrator", c.target, "--ops",
+             "squire_examples.ops", "--executor", "inline", "--worker-id", "w1",
+             "--metrics-port", "0"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 3, out.stderr
+        said = [line for line in out.stderr.splitlines() if "already connected" in line]
+        assert len(said) == 1 and "ERROR" in said[0], out.stderr
+        assert "Traceback" not in out.stderr
+        procs.wait_until(lambda: "worker refused" in c.log("orchestrator"),
+                         message="the orchestrator's warning")
+        assert c.log("orchestrator").count("already connected") == 1, c.log("orchestrator")
