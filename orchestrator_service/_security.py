@@ -182,16 +182,24 @@ def is_loopback(host: str) -> bool:
         return False  # a host name or "" (every interface): assume reachable
 
 
-def check_listen(host: str, config: SecurityConfig) -> None:
-    """Refuse plaintext outside loopback unless --insecure; log what is (not) protected."""
+def check_listen(host: str, config: SecurityConfig, *, announce: bool = True) -> None:
+    """Refuse plaintext outside loopback unless --insecure; log what is (not)
+    protected, unless ``announce`` is false (then :func:`announce_protection`
+    does, once the port is bound: a start that fails says only why)."""
+    if not config.tls and not is_loopback(host) and not config.insecure:
+        raise InsecureListenError(
+            f"refusing to listen in plaintext on {host!r}, which is not a loopback "
+            "address: give --tls-cert and --tls-key, or --insecure to accept plaintext "
+            "(e.g. behind a mesh that encrypts traffic)"
+        )
+    if announce:
+        announce_protection(host, config)
+
+
+def announce_protection(host: str, config: SecurityConfig) -> None:
+    """Log what is (not) protected: TLS, tokens, plaintext beyond loopback."""
     loopback = is_loopback(host)
     if not config.tls and not loopback:
-        if not config.insecure:
-            raise InsecureListenError(
-                f"refusing to listen in plaintext on {host!r}, which is not a loopback "
-                "address: give --tls-cert and --tls-key, or --insecure to accept plaintext "
-                "(e.g. behind a mesh that encrypts traffic)"
-            )
         log.warning(
             "listening in plaintext on a non-loopback address (--insecure): traffic, "
             "task payloads and tokens cross the network unencrypted",

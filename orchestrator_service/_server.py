@@ -32,6 +32,7 @@ from orchestrator_service._reflection import enable_reflection
 from orchestrator_service._security import (
     Limits,
     SecurityConfig,
+    announce_protection,
     check_listen,
     server_credentials,
 )
@@ -115,7 +116,7 @@ class Orchestrator:
             raise RuntimeError(f"cannot start an orchestrator that is {self.state.value}")
         limit = self.config.max_message_bytes
         security = self.config.security
-        check_listen(self.config.host, security)
+        check_listen(self.config.host, security, announce=False)
         server = grpc.aio.server(
             interceptors=[SecurityInterceptor(security, self.config.limits, self.router),
                           StrictWireInterceptor()],
@@ -177,6 +178,7 @@ class Orchestrator:
         self._ticker = asyncio.create_task(self._tick())
         await self._set_serving(True)
         self.state = State.RUNNING
+        announce_protection(self.config.host, security)
         log.info("orchestrator listening", extra={"address": f"{self.config.host}:{self.port}"})
         return self.port
 

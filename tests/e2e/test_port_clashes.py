@@ -32,8 +32,9 @@ def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 def assert_one_line_naming(out: subprocess.CompletedProcess[str], port: int, flag: str) -> None:
     assert out.returncode == CLEAN_EXIT, out.stderr
-    errors = [line for line in out.stderr.splitlines() if "ERROR" in line or line[:1] == "E"]
-    assert len(errors) == 1, out.stderr
+    # the whole output: no notice logged before the start failed either
+    errors = out.stderr.splitlines()
+    assert len(errors) == 1 and "ERROR" in errors[0], out.stderr
     assert f"port {port} is already in use" in errors[0], out.stderr
     assert f"choose another port with {flag} (or SQUIRE_" in errors[0], out.stderr
     assert "Traceback" not in out.stderr and "add_port.cc" not in out.stderr, out.stderr
