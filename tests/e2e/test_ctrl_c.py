@@ -108,8 +108,12 @@ def test_ctrl_c_in_a_script_shows_no_grpc_internals(tmp_path, n: int) -> None:  
     target = found.group(1)
     with grpc.insecure_channel(target) as channel:
         status = pb_grpc.StatusServiceStub(channel)
-        procs.wait_until(lambda: status.GetStatus(pb.GetStatusRequest(), timeout=5).directives,
-                         message="the script's directive")
+        # A task done: the script is surely past its imports and start-up,
+        # waiting for results (where a user's ^C lands).
+        procs.wait_until(
+            lambda: any(d.progress.completed
+                        for d in status.GetStatus(pb.GetStatusRequest(), timeout=5).directives),
+            timeout=60, message="the script's first result")
         before = term.text()
         os.write(term.fd, b"\x03")
         code = term.wait(timeout=60)
