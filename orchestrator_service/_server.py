@@ -173,12 +173,12 @@ class Orchestrator:
                 raise
         await server.start()
         self._server = server
+        announce_protection(self.config.host, security)  # bound: the start did not fail
         if self.config.health_port:
             await self._serve_health()
         self._ticker = asyncio.create_task(self._tick())
         await self._set_serving(True)
         self.state = State.RUNNING
-        announce_protection(self.config.host, security)
         log.info("orchestrator listening", extra={"address": f"{self.config.host}:{self.port}"})
         return self.port
 
