@@ -28,7 +28,7 @@ from orchestrator_service._security import (
 )
 from orchestrator_service._server import Orchestrator, OrchestratorConfig
 from squire_kernel import loop as event_loop
-from squire_kernel.flags import EnvHelpFormatter
+from squire_kernel.flags import EnvHelpFormatter, port_number
 from squire_kernel.logs import configure_logging
 
 DEFAULT_PORT = 50051
@@ -49,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default=_env("host", "127.0.0.1"),
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 in containers)")
-    p.add_argument("--port", type=int, default=int(_env("port", str(DEFAULT_PORT))),
+    p.add_argument("--port", type=port_number, default=_env("port", str(DEFAULT_PORT)),
                    help=f"gRPC port, 0 for any free port (default {DEFAULT_PORT})")
     p.add_argument("--port-file", default=_env("port_file", ""),
                    help="write the bound port to this file once serving")
-    p.add_argument("--grace", type=float, default=float(_env("grace", "30")),
+    p.add_argument("--grace", type=float, default=_env("grace", "30"),
                    help="seconds running directives get on SIGTERM (default 30)")
     p.add_argument("--store", default=_env("store", ""),
                    help="the journal of accepted directives and completed results: "
@@ -73,41 +73,41 @@ def build_parser() -> argparse.ArgumentParser:
                    "it; a standby takes over within it after the leader dies "
                    "(default %(default)s s)")
     p.add_argument("--reattach-grace", type=float,
-                   default=float(_env("reattach_grace", str(Retention().reattach_grace))),
+                   default=_env("reattach_grace", str(Retention().reattach_grace)),
                    help="after a restart, a directive whose caller does not reattach within "
                    "this is cancelled; detached ones wait for ever (default %(default)s s)")
     p.add_argument("--retention", type=float,
-                   default=float(_env("retention", str(Retention().retention))),
+                   default=_env("retention", str(Retention().retention)),
                    help="a finished directive's results nobody has read are kept this long "
                    "(default %(default)s s)")
     p.add_argument("--adoption-grace", type=float,
-                   default=float(_env("adoption_grace", str(d.adoption_grace))),
+                   default=_env("adoption_grace", str(d.adoption_grace)),
                    help="after a restart, dispatch waits this long for workers to reconnect "
                    "with the tasks they ran on, so those are not run again (default %(default)s s)")
     p.add_argument("--lease-timeout", type=float,
-                   default=float(_env("lease_timeout", str(d.lease_timeout))),
+                   default=_env("lease_timeout", str(d.lease_timeout)),
                    help="a worker silent this long loses its tasks (default %(default)s s)")
     p.add_argument("--heartbeat-interval", type=float,
-                   default=float(_env("heartbeat_interval", str(d.heartbeat_interval))),
+                   default=_env("heartbeat_interval", str(d.heartbeat_interval)),
                    help="how often workers must send a heartbeat (default %(default)s s)")
     p.add_argument("--no-worker-timeout", type=float,
-                   default=float(_env("no_worker_timeout", str(d.no_worker_timeout))),
+                   default=_env("no_worker_timeout", str(d.no_worker_timeout)),
                    help="fail tasks no connected worker offers after this (default %(default)s s)")
     p.add_argument("--poison-threshold", type=int,
-                   default=int(_env("poison_threshold", str(d.poison_threshold))),
+                   default=_env("poison_threshold", str(d.poison_threshold)),
                    help="a task that crashed its worker this often fails (default %(default)s)")
     p.add_argument("--max-queued-per-channel", type=int,
-                   default=int(_env("max_queued_per_channel", str(d.max_queued_per_channel))),
+                   default=_env("max_queued_per_channel", str(d.max_queued_per_channel)),
                    help="tasks of one channel waiting for a worker; publishing more waits "
                    "(backpressure) until some are dispatched (default %(default)s)")
     p.add_argument("--directive-window", type=int,
-                   default=int(_env("directive_window", str(d.directive_window))),
+                   default=_env("directive_window", str(d.directive_window)),
                    help="elements a directive keeps in flight (default %(default)s)")
     p.add_argument("--max-workers", type=int,
-                   default=int(_env("max_workers", str(d.max_workers))),
+                   default=_env("max_workers", str(d.max_workers)),
                    help="workers connected at once (default %(default)s)")
-    p.add_argument("--metrics-port", type=int,
-                   default=int(_env("metrics_port", str(DEFAULT_METRICS_PORT))),
+    p.add_argument("--metrics-port", type=port_number,
+                   default=_env("metrics_port", str(DEFAULT_METRICS_PORT)),
                    help="serve Prometheus /metrics on this port, 0 to disable "
                    f"(default {DEFAULT_METRICS_PORT})")
     p.add_argument("--metrics-host", default=_env("metrics_host", "0.0.0.0"),

@@ -75,15 +75,31 @@ def check_plan(plan: PlanSpec, workers: Mapping[str, Offers]) -> Refused | None:
                 Code.INVALID_ARGUMENT,
                 f"plan stage {position}: {stage.describe()} must be the last stage",
             )
+    if not workers:
+        return None
+    hellos = [w.hello for w in workers.values()]
     fold = plan.fold
-    if fold is not None and workers:
-        hellos = [w.hello for w in workers.values()]
+    if fold is not None:
         offered_as_monoid = any(fold.monoid in h.monoids for h in hellos)
         offered_as_op = any(fold.monoid in h.operations for h in hellos)
         if offered_as_op and not offered_as_monoid:
             return Refused(
                 Code.INVALID_ARGUMENT,
                 f"fold({fold.monoid}): {fold.monoid!r} is an operation, not a monoid",
+            )
+    # The mirror image: map("sum") would wait the whole no-worker timeout
+    # for a worker offering an operation 'sum' while the workers offer it
+    # as a monoid.
+    for stage in plan.stages:
+        if isinstance(stage, FoldStage):
+            continue
+        name = stage.operation
+        if (any(name in h.monoids for h in hellos)
+                and not any(name in h.operations for h in hellos)):
+            return Refused(
+                Code.INVALID_ARGUMENT,
+                f"map({name}): {name!r} is a monoid, not an operation; fold with it: "
+                f"fold({name!r})",
             )
     return None
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from orchestrator_service._model import RouterConfig
+from squire_kernel.flags import port_number
 
 log = logging.getLogger("squire.orchestrator")
 
@@ -181,16 +182,24 @@ def is_loopback(host: str) -> bool:
         return False  # a host name or "" (every interface): assume reachable
 
 
-def check_listen(host: str, config: SecurityConfig) -> None:
-    """Refuse plaintext outside loopback unless --insecure; log what is (not) protected."""
+def check_listen(host: str, config: SecurityConfig, *, announce: bool = True) -> None:
+    """Refuse plaintext outside loopback unless --insecure; log what is (not)
+    protected, unless ``announce`` is false (then :func:`announce_protection`
+    does, once the port is bound: a start that fails says only why)."""
+    if not config.tls and not is_loopback(host) and not config.insecure:
+        raise InsecureListenError(
+            f"refusing to listen in plaintext on {host!r}, which is not a loopback "
+            "address: give --tls-cert and --tls-key, or --insecure to accept plaintext "
+            "(e.g. behind a mesh that encrypts traffic)"
+        )
+    if announce:
+        announce_protection(host, config)
+
+
+def announce_protection(host: str, config: SecurityConfig) -> None:
+    """Log what is (not) protected: TLS, tokens, plaintext beyond loopback."""
     loopback = is_loopback(host)
     if not config.tls and not loopback:
-        if not config.insecure:
-            raise InsecureListenError(
-                f"refusing to listen in plaintext on {host!r}, which is not a loopback "
-                "address: give --tls-cert and --tls-key, or --insecure to accept plaintext "
-                "(e.g. behind a mesh that encrypts traffic)"
-            )
         log.warning(
             "listening in plaintext on a non-loopback address (--insecure): traffic, "
             "task payloads and tokens cross the network unencrypted",
@@ -251,16 +260,16 @@ def add_arguments(p: argparse.ArgumentParser, env: Env) -> None:
     g.add_argument("--client-token-file", default=env("client_token_file", "") or None,
                    help="file of accepted client tokens, one per line "
                    "(also $SQUIRE_CLIENT_TOKEN)")
-    g.add_argument("--health-port", type=int, default=int(env("health_port", "0")),
+    g.add_argument("--health-port", type=port_number, default=env("health_port", "0"),
                    help="also serve grpc.health.v1 alone, in plaintext, on this port "
                    "(for Kubernetes gRPC probes when the main port uses TLS); 0 = off")
     g = p.add_argument_group("limits (exceeding one answers RESOURCE_EXHAUSTED)")
     g.add_argument("--max-message-bytes", type=int,
-                   default=int(env("max_message_bytes", str(64 * 1024 * 1024))),
+                   default=env("max_message_bytes", str(64 * 1024 * 1024)),
                    help="largest gRPC message received or sent (default %(default)s)")
     g.add_argument("--max-pending-per-channel", type=int,
-                   default=int(env("max_pending_per_channel",
-                                   str(RouterConfig().max_pending_per_channel))),
+                   default=env("max_pending_per_channel",
+                               str(RouterConfig().max_pending_per_channel)),
                    help="tasks of one channel without a taken result (queued, running, "
                    "unread); publishing past this fails (default %(default)s)")
     for name, what in (
@@ -270,7 +279,7 @@ def add_arguments(p: argparse.ArgumentParser, env: Env) -> None:
         ("max_channels_per_client", "leased channels one client holds at once"),
     ):
         g.add_argument(f"--{name.replace('_', '-')}", type=int,
-                       default=int(env(name, str(getattr(limits, name)))),
+                       default=env(name, str(getattr(limits, name))),
                        help=f"{what} (default %(default)s)")
 
 

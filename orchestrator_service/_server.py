@@ -34,6 +34,7 @@ from orchestrator_service._reflection import enable_reflection
 from orchestrator_service._security import (
     Limits,
     SecurityConfig,
+    announce_protection,
     check_listen,
     server_credentials,
 )
@@ -131,7 +132,7 @@ class Orchestrator:
             raise RuntimeError(f"cannot start an orchestrator that is {self.state.value}")
         limit = self.config.max_message_bytes
         security = self.config.security
-        check_listen(self.config.host, security)
+        check_listen(self.config.host, security, announce=False)
         server = grpc.aio.server(
             interceptors=[SecurityInterceptor(security, self.config.limits, self.router),
                           StandbyInterceptor(self.leadership), StrictWireInterceptor()],
@@ -191,6 +192,7 @@ class Orchestrator:
         await self._set_serving(False)
         await server.start()
         self._server = server
+        announce_protection(self.config.host, security)  # bound: the start did not fail
         if self.config.health_port:
             await self._serve_health()
         await self._health.set(UP_SERVICE, health_pb2.HealthCheckResponse.SERVING)

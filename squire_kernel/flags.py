@@ -24,3 +24,19 @@ class EnvHelpFormatter(argparse.HelpFormatter):
         if flag is None or flag == "--help":
             return text
         return f"{text} [${env_name(flag)}]".lstrip()
+
+
+def port_number(text: str) -> int:
+    """The type of a port flag: 0 to 65535 (what 0 means, the flag says).
+
+    Checked here so that a typo is a usage line, not a traceback from bind().
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a port is a number from 0 to 65535, not {text!r}"
+        ) from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {value}")
+    return value

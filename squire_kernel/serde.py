@@ -7,7 +7,8 @@ deeper than ``MAX_DEPTH`` is refused with :class:`PayloadError`.
 
 JSON is read strictly: UTF-8 text (no byte-order mark, no UTF-16 or UTF-32)
 without the ``NaN`` / ``Infinity`` / ``-Infinity`` literals Python's ``json``
-accepts. Integers of any size stay exact in both formats: JSON writes and
+accepts, nor a number too large for a float (``1e999``, which it reads as
+infinity). Integers of any size stay exact in both formats: JSON writes and
 reads them without Python's int-to-str digit limit (a local conversion
 through :mod:`decimal`, not the process-global ``sys.set_int_max_str_digits``),
 and MessagePack carries an integer beyond 64 bits as extension type
@@ -214,6 +215,15 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON (NaN and infinities are refused)")
 
 
+def _parse_float(text: str) -> float:
+    # ``1e999`` is valid JSON that ``float`` reads as infinity: refused as the
+    # literal would be (orjson refuses it too, which is how it got here).
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of a float's range (NaN and infinities are refused)")
+    return value
+
+
 def _check_depth(value: Any, what: str) -> None:
     # Iterative so a hostile payload cannot exhaust the interpreter stack.
     stack: list[tuple[Any, int]] = [(value, 0)]
@@ -258,6 +268,7 @@ def decode(data: bytes, serializer: Serializer = Serializer.JSON, *, what: str =
                 value = json.loads(
                     data.decode("utf-8"),
                     parse_constant=_refuse_constant,
+                    parse_float=_parse_float,
                     parse_int=_parse_int,
                 )
         except RecursionError:

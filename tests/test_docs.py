@@ -103,3 +103,43 @@ def test_the_readme_points_to_the_reference_not_the_source() -> None:
     assert not re.search(r"squire/_\w+\.py", README), "the README points into the SDK's source"
     # serializer= is a keyword of the terminals, shown where it goes.
     assert 'run(client, serializer="msgpack")' in README
+
+
+def test_the_first_screen_install_lines_paste_as_they_are() -> None:
+    first_screen = README[:README.index("## Concepts")]
+    blocks = re.findall(r"```bash\n(.*?)```", first_screen, re.S)
+    installs = [b.strip() for b in blocks if "apt-get install" in b]
+    assert len(installs) == 2, installs  # a nodejs of 20+, and NodeSource's for 18
+    for line in installs:
+        assert "\n" not in line and line.startswith("apt-get update && "), line
+        assert all("install -y " in part for part in line.split("&&") if "install" in part), line
+    # NodeSource's nodejs includes npm and conflicts with the distribution's npm
+    assert "setup_20.x" in installs[1] and not installs[1].endswith("npm")
+    # the test command of the first screen is what .ci/run runs
+    ci = (ROOT / ".ci" / "run").read_text()
+    command_2 = next(line for b in blocks for line in b.splitlines() if "pytest" in line)
+    assert command_2 in ci
+
+
+def test_the_reference_s_operations_module_runs() -> None:
+    """The "Writing operations" example: it imports, its operation behaves as
+    described, and its monoid's empty() survives JSON (an empty input folds to it)."""
+    from squire_kernel.serde import Serializer, decode, encode
+
+    section = API[API.index("## Writing operations"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
+    quotes = {"AAPL": 1.5}
+    namespace: dict[str, object] = {"lookup": lambda symbol, currency: quotes[symbol]}
+    exec(compile(code, "docs/api.md", "exec"), namespace)  # our own docs
+    registry = squire.Registry()
+    for item in namespace.values():
+        if isinstance(item, squire.Operation | squire.Monoid):
+            registry.add(item)
+    never = type("Never", (), {"is_set": lambda self: False})()
+    assert registry.operations["fetch_price"]("AAPL", abort=never) == 1.5
+    with pytest.raises(squire.FatalError):
+        registry.operations["fetch_price"]("XXX", abort=never)
+    for monoid in registry.monoids.values():
+        empty = monoid.empty_value()
+        assert decode(encode(empty, Serializer.JSON)) == empty
+    assert registry.monoids["longest"].combine_all(["ab", "cde", "fgh"]) == "cde"

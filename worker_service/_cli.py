@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from squire_kernel import loop as event_loop
-from squire_kernel.flags import EnvHelpFormatter
+from squire_kernel.flags import EnvHelpFormatter, port_number
 from squire_kernel.listen import ListenError
 from squire_kernel.logs import configure_logging as shared_configure_logging
 from worker_service import _credentials
@@ -35,22 +35,31 @@ EXIT_REJECTED = 3
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def _number(kind: type[int] | type[float], text: str) -> int | float:
+    # argparse would name the function in its message ("invalid _positive_int value")
+    try:
+        return kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = int(_number(int, text))
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = int(_number(int, text))
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = float(_number(float, text))
     if not value >= 0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
     return value
@@ -106,7 +115,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="seconds an aborted routing key is remembered (default %(default)s)",
     )
     parser.add_argument(
-        "--metrics-port", type=_non_negative_int, default=env("METRICS_PORT"),
+        "--metrics-port", type=port_number, default=env("METRICS_PORT"),
         help="HTTP port for /metrics, /healthz and /readyz; 0 disables (default "
         f"{DEFAULT_METRICS_PORT}, or when another process holds it the next free port "
         "above it, logged; a port given here or in SQUIRE_METRICS_PORT must be free)",
@@ -117,11 +126,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level", type=str.upper, choices=_LOG_LEVELS, default=env("LOG_LEVEL", "INFO"),
-        help="(default %(default)s)",
+        help="the least severe log records shown (default %(default)s)",
     )
     parser.add_argument(
         "--log-format", type=LogFormat, choices=list(LogFormat),
-        default=env("LOG_FORMAT", LogFormat.TEXT.value), help="(default %(default)s)",
+        default=env("LOG_FORMAT", LogFormat.TEXT.value),
+        help="text, or one JSON object per line (default %(default)s)",
     )
     _credentials.add_arguments(parser, env)
     return parser

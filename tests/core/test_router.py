@@ -280,6 +280,7 @@ def test_plan_validation() -> None:
         (plan(), "no stages"),
         (plan(f("sum"), m("length")), "must be the last"),
         (plan(m("length"), f("length")), "not a monoid"),
+        (plan(m("fib_at"), m("sum")), r"'sum' is a monoid, not an operation; fold with it"),
         (plan(m("")), "names no operation"),
     ]
     for p, message in cases:

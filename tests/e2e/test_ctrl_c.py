@@ -8,6 +8,7 @@ import pty
 import re
 import select
 import signal
+import sys
 import time
 
 import grpc
@@ -78,5 +79,50 @@ def test_ctrl_c_during_the_demo_map_is_one_line_and_exit_130() -> None:
     lines = [line.replace("^C", "") for line in after.splitlines() if line.replace("^C", "")]
     assert lines == ["squire: interrupted"], term.text()
     # the embedded orchestrator is gone with the demo
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError):
+        pb_grpc.StatusServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=2)
+
+
+SCRIPT = """
+import sys
+import squire
+from squire import IndexedStream
+
+with squire.embedded(workers=1) as cluster:
+    print("target", cluster.target, flush=True)
+    IndexedStream.from_iterable([2.0] * {n}).map("sleep").run(cluster.client)
+"""
+
+
+@pytest.mark.parametrize("n", [20, 100])  # a session call, and a call of its own
+def test_ctrl_c_in_a_script_shows_no_grpc_internals(tmp_path, n: int) -> None:  # type: ignore[no-untyped-def]
+    """A user's own script, uncaught: Python's short traceback from the
+    script's run() line (not a dozen frames of grpc's wait loop), death by
+    SIGINT (130 in a shell), the directive cancelled, the services gone."""
+    script = tmp_path / "my_script.py"
+    script.write_text(SCRIPT.format(n=n))
+    term = Terminal([sys.executable, str(script)])
+    found = procs.wait_until(
+        lambda: term.read(0.05) and re.search(r"target (127\.0\.0\.1:\d+)", term.text()),
+        timeout=60, message="the script's embedded cluster")
+    target = found.group(1)
+    with grpc.insecure_channel(target) as channel:
+        status = pb_grpc.StatusServiceStub(channel)
+        # A task done: the script is surely past its imports and start-up,
+        # waiting for results (where a user's ^C lands).
+        procs.wait_until(
+            lambda: any(d.progress.completed
+                        for d in status.GetStatus(pb.GetStatusRequest(), timeout=5).directives),
+            timeout=60, message="the script's first result")
+        before = term.text()
+        os.write(term.fd, b"\x03")
+        code = term.wait(timeout=60)
+    assert code == -signal.SIGINT, term.text()
+    after = term.text()[len(before):].replace("^C", "")
+    lines = [line for line in after.splitlines() if line.strip()]
+    assert lines[0] == "Traceback (most recent call last):", after
+    assert lines[-1] == "KeyboardInterrupt", after
+    assert "my_script.py" in after and "grpc" not in after, after
+    assert len(lines) <= 10, after  # three frames: the script, run(), the re-raise
     with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError):
         pb_grpc.StatusServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=2)

@@ -215,3 +215,46 @@ def test_squire_status_watch_redirected_prints_each_frame_as_it_comes(cluster) -
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+def test_a_duplicate_worker_id_is_one_line_each_side_and_exit_3(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The second squire-worker --worker-id w1: one error line of its own, one
+    warning in the orchestrator's log, and the documented exit code 3."""
+    with procs.cluster(log_dir=tmp_path) as c:
+        c.start_worker("w1", executor="inline")
+        out = subprocess.run(
+            [procs.entry_point("squire-worker"), "--orchestrator", c.target, "--ops",
+             "squire_examples.ops", "--executor", "inline", "--worker-id", "w1",
+             "--metrics-port", "0"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 3, out.stderr
+        said = [line for line in out.stderr.splitlines() if "already connected" in line]
+        assert len(said) == 1 and "ERROR" in said[0], out.stderr
+        assert "Traceback" not in out.stderr
+        procs.wait_until(lambda: "worker refused" in c.log("orchestrator"),
+                         message="the orchestrator's warning")
+        assert c.log("orchestrator").count("already connected") == 1, c.log("orchestrator")
+
+
+@pytest.mark.parametrize("serializer", ["json", "msgpack"])
+def test_squire_results_writes_integers_of_any_size(serializer: str) -> None:
+    """`squire results` of a detached map and fold over a 50,000-digit integer:
+    exact JSON lines, not Python's 4,300-digit ValueError."""
+    from squire_kernel.serde import decode
+
+    huge = 7 * 10**49_999 + 12345
+    with squire.embedded(workers=1, executor="inline") as cluster:
+        mapped = IndexedStream.from_iterable([huge, 2]).map("multiply_by", factor=3)
+        ids = [mapped.submit(cluster.client, serializer=serializer),
+               mapped.fold("sum").submit(cluster.client, serializer=serializer)]
+        outputs = []
+        for directive_id in ids:
+            out = subprocess.run(
+                [procs.entry_point("squire"), "results", directive_id, "--target", cluster.target],
+                capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr[-2000:]
+            outputs.append([decode(line.encode()) for line in out.stdout.splitlines()])
+    assert sorted(outputs[0], key=lambda row: row["index"]) == [
+        {"index": 0, "value": 3 * huge}, {"index": 1, "value": 6}]
+    assert outputs[1] == [{"fold": 3 * huge + 6}]

@@ -49,7 +49,9 @@ def test_help_names_the_environment_variable_of_every_flag(entry_point: str) -> 
     for flag, action in flags:
         block = next(b for b in blocks if re.match(rf"  (-\w, )?{flag}\b", b))
         assert f"[${env_of(flag)}]" in " ".join(block.split()), block
-        assert action.help, f"{flag} has no help text"
+        # more than the default: --log-level's help was "(default INFO)" alone
+        assert re.sub(r"\(default[^)]*\)", "", action.help or "").strip(), \
+            f"{flag} has no help text"
 
 
 def test_every_orchestrator_variable_sets_its_flag(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,3 +77,25 @@ def test_every_worker_variable_sets_its_flag() -> None:
             assert worker_cli.parse_config([], {"SQUIRE_OPS": "m"}).ops == ("m",)
             continue
         assert from_env == from_flag != parser.get_default(action.dest), flag
+
+
+def test_a_variable_that_is_not_a_number_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SQUIRE_PORT=abc and the like: argparse's usage error (exit 2) naming the
+    flag, never a ValueError while the parser is built (a default converted
+    with int() or float() instead of by the flag's type)."""
+    for flag, action in long_flags(orchestrator_main.build_parser()):
+        if action.type is None or action.choices:
+            continue
+        with monkeypatch.context() as m:
+            m.setenv(env_of(flag), "not-a-number")
+            with pytest.raises(SystemExit) as info:
+                orchestrator_main.parse_args([])
+        assert info.value.code == 2, flag
+    for flag, action in long_flags(worker_cli.build_parser({})):
+        if action.type is None or action.choices or flag == "--ops":
+            continue
+        with pytest.raises(SystemExit) as info:
+            worker_cli.parse_config(["--ops", "m"], {env_of(flag): "not-a-number"})
+        assert info.value.code == 2, flag

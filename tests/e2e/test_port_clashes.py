@@ -32,8 +32,9 @@ def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 def assert_one_line_naming(out: subprocess.CompletedProcess[str], port: int, flag: str) -> None:
     assert out.returncode == CLEAN_EXIT, out.stderr
-    errors = [line for line in out.stderr.splitlines() if "ERROR" in line or line[:1] == "E"]
-    assert len(errors) == 1, out.stderr
+    # the whole output: no notice logged before the start failed either
+    errors = out.stderr.splitlines()
+    assert len(errors) == 1 and "ERROR" in errors[0], out.stderr
     assert f"port {port} is already in use" in errors[0], out.stderr
     assert f"choose another port with {flag} (or SQUIRE_" in errors[0], out.stderr
     assert "Traceback" not in out.stderr and "add_port.cc" not in out.stderr, out.stderr
@@ -88,3 +89,28 @@ def test_workers_on_the_default_metrics_port_move_to_a_free_one(tmp_path: Path) 
         for port in ports:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
                 assert r.status == 200
+
+
+@pytest.mark.parametrize(("entry_point", "args", "env", "message"), [
+    ("squire-orchestrator", ["--port", "99999"], {},
+     "argument --port: a port is a number from 0 to 65535, not 99999"),
+    ("squire-orchestrator", [], {"SQUIRE_PORT": "abc"},
+     "argument --port: a port is a number from 0 to 65535, not 'abc'"),
+    ("squire-orchestrator", [], {"SQUIRE_GRACE": "soon"},
+     "argument --grace: invalid float value: 'soon'"),
+    ("squire-worker", ["--ops", "squire_examples.ops", "--metrics-port", "70000"], {},
+     "argument --metrics-port: a port is a number from 0 to 65535, not 70000"),
+    ("squire-worker", ["--ops", "squire_examples.ops"], {"SQUIRE_CONCURRENCY": "many"},
+     "argument --concurrency: expected a whole number, got 'many'"),
+])
+def test_a_bad_number_in_a_flag_or_its_variable_is_a_usage_line(
+    entry_point: str, args: list[str], env: dict[str, str], message: str,
+) -> None:
+    """Not a traceback from bind() or from int() at start-up."""
+    import os
+
+    out = subprocess.run([procs.entry_point(entry_point), *args], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, **env})
+    assert out.returncode == CLEAN_EXIT, out.stderr
+    assert out.stderr.splitlines()[-1] == f"{entry_point}: error: {message}", out.stderr
+    assert "Traceback" not in out.stderr, out.stderr

@@ -113,3 +113,11 @@ def _free_port() -> int:
 def test_no_orchestrator_is_unavailable() -> None:
     with Client(f"127.0.0.1:{_free_port()}") as client, pytest.raises(Unavailable):
         client.status(timeout=5)
+
+
+def test_a_client_without_an_address_says_what_to_pass() -> None:
+    with pytest.raises(ValueError, match=r"pass the orchestrator's address, e\.g\. Client\("):
+        Client()
+    with grpc.insecure_channel("127.0.0.1:1") as channel, \
+            pytest.raises(ValueError, match="not both"):
+        Client("127.0.0.1:1", channel=channel)

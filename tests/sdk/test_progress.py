@@ -74,3 +74,24 @@ def test_run_a_map_with_progress(client: Client, capsys: pytest.CaptureFixture[s
         client, progress=True
     ) == list(range(1, 601))
     assert "600/600" in capsys.readouterr().err
+
+
+WAITING = ("waiting for a worker that offers operation 'fib_att' (fails after 30 s); "
+           "did you mean 'fib_at'?")
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+def test_what_a_directive_waits_for_is_a_whole_line_at_once(terminal: bool) -> None:
+    """Printed when the wait begins (a pipe shows the bar only at the end), in
+    full on an 80-column terminal (where the bar's end is cut off), once."""
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=terminal, width=80)
+    with ProgressBar(_plan(2), console=console) as bar:
+        bar.update(DirectiveStarted("5e1f00d2c9a84c55"))
+        for _ in range(3):
+            bar.update(Progress(received=2, queued=2, waiting=WAITING))
+        printed = out.getvalue()
+        assert "map(fib_at): " + WAITING[:60] in " ".join(printed.split())
+        assert "did you mean 'fib_at'?" in printed
+        bar.update(Progress(received=2, completed=2, total=2))
+    assert out.getvalue().count("did you mean") <= 1 + terminal  # the line, maybe the bar

@@ -51,7 +51,9 @@ class _State(enum.Enum):
 
 
 def _client_target(target: str | None, channel: object | None) -> str:
-    if (target is None) == (channel is None):
+    if target is None and channel is None:
+        raise ValueError("pass the orchestrator's address, e.g. Client('127.0.0.1:50051')")
+    if target is not None and channel is not None:
         raise ValueError("pass either a target such as '127.0.0.1:50051' or a channel, not both")
     return target if target is not None else "<injected channel>"
 

@@ -153,6 +153,15 @@ class DirectiveRun:
         return self
 
     def __next__(self) -> DirectiveEvent:
+        try:
+            return self._next()
+        except KeyboardInterrupt:
+            self.cancel()
+            # Ctrl-C lands in grpc's wait loop: the caller's traceback ends
+            # here rather than walking a dozen frames of grpc internals.
+            raise KeyboardInterrupt from None
+
+    def _next(self) -> DirectiveEvent:
         while True:
             try:
                 message = next(self._call)

@@ -97,6 +97,7 @@ class ProgressBar:
         self._items_seen = items_seen
         self._total = plan.expected_items
         self._directive = ""
+        self._waiting = ""  # what the directive waits for, as last printed
         self._progress = RichProgress(
             SpinnerColumn(),
             TextColumn("[progress.description]{task.description}"),
@@ -117,6 +118,15 @@ class ProgressBar:
         elif isinstance(event, Progress):
             self._reported = event.completed
             self._total = event.total or self._total
+            if event.waiting and event.waiting != self._waiting:
+                # Also a whole line above the bar, once: the bar's end is cut
+                # off on a narrow terminal, and away from a terminal the bar is
+                # printed only when the directive ends.
+                self._progress.console.print(
+                    f"{self._plan.describe()}: {event.waiting}", style="red",
+                    markup=False, highlight=False,
+                )
+            self._waiting = event.waiting
             self._progress.update(
                 self._task, completed=self._done, total=self._total, detail=self._detail(event)
             )

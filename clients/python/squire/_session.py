@@ -201,6 +201,14 @@ class SessionRun:
         return self
 
     def __next__(self) -> DirectiveEvent:
+        try:
+            return self._next()
+        except KeyboardInterrupt:
+            self.cancel()
+            # as DirectiveRun: the caller's traceback shows no grpc frames
+            raise KeyboardInterrupt from None
+
+    def _next(self) -> DirectiveEvent:
         if self._resumed is not None:
             resumed = next(self._resumed)
             self.progress = self._resumed.progress

@@ -27,6 +27,7 @@ def render_status(status: Mapping[str, Any], *, target: str = "") -> RenderableT
         _queues(status.get("queues", [])),
         _channels(status.get("channels", [])),
         _directives(status.get("directives", [])),
+        *_waiting(status.get("directives", [])),
     )
 
 
@@ -112,12 +113,9 @@ def _directives(directives: list[Mapping[str, Any]]) -> Table:
         p = d.get("progress", {})
         completed, total = p.get("completed", 0), p.get("total", 0)
         shown = f"{completed}/{total} ({100 * completed // total}%)" if total else f"{completed}/?"
-        plan = Text(d.get("plan", ""))
-        if p.get("waiting"):
-            plan.append("\n" + p["waiting"], style="red")
         table.add_row(
             d.get("directive_id", ""),
-            plan,
+            d.get("plan", ""),
             shown,
             str(p.get("skipped", 0)),
             str(p.get("queued", 0)),
@@ -127,3 +125,14 @@ def _directives(directives: list[Mapping[str, Any]]) -> Table:
     if not directives:
         table.caption = "no active directives"
     return table
+
+
+def _waiting(directives: list[Mapping[str, Any]]) -> list[Text]:
+    """What each waiting directive waits for, a whole line each under the
+    table (a column that narrow would wrap it a word per line)."""
+    return [
+        Text.assemble((d.get("directive_id", "")[:8], "bold"), ": ",
+                      (d["progress"]["waiting"], "red"))
+        for d in directives
+        if d.get("progress", {}).get("waiting")
+    ]

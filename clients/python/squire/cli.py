@@ -39,10 +39,11 @@ from rich.text import Text
 
 from squire._client import Client
 from squire._embedded import embedded
-from squire._errors import RpcError, SquireError, Unavailable
+from squire._errors import PayloadError, RpcError, SquireError, Unavailable
 from squire._model import FoldValue, ItemBatch, Skipped
 from squire._status_view import render_status
 from squire._stream import IndexedStream
+from squire_kernel.serde import Serializer, encode
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -184,11 +185,21 @@ def _results(args: argparse.Namespace) -> int:
                         line = {"index": index, "skipped": value.error}
                     else:
                         line = {"index": index, "value": value}
-                    print(json.dumps(line, default=str), flush=False)
+                    print(_json_line(line), flush=False)
                 sys.stdout.flush()
             elif isinstance(event, FoldValue):
-                print(json.dumps({"fold": event.value}, default=str), flush=True)
+                print(_json_line({"fold": event.value}), flush=True)
     return 0
+
+
+def _json_line(row: dict[str, object]) -> str:
+    try:
+        # The payloads' own JSON: integers of any size exact (json.dumps
+        # stops at Python's 4,300-digit limit).
+        return encode(row, Serializer.JSON).decode()
+    except PayloadError:
+        # What JSON cannot carry (bytes, NaN from MessagePack), as text.
+        return json.dumps(row, default=str)
 
 
 def _cancel(args: argparse.Namespace) -> int:
