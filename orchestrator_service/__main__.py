@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a shared store (postgresql://): the address standbys name as "
                    "the leader's, host:port (default --host:--port)")
     p.add_argument("--lease-ttl", type=float,
-                   default=float(_env("lease_ttl", str(DEFAULT_LEASE_TTL))),
+                   default=_env("lease_ttl", str(DEFAULT_LEASE_TTL)),
                    help="with a shared store: the leader lease's TTL, renewed every third of "
                    "it; a standby takes over within it after the leader dies "
                    "(default %(default)s s)")
