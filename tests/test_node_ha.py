@@ -142,6 +142,7 @@ class NodeMap:
 
 
 def check(result: dict[str, Any], n: int, logs: Path) -> None:
+    print(f"the Node script: {result}")
     assert "error" not in result, f"the map failed: {result}; logs in {logs}"
     assert result["done"] and result["delivered"] == n, result
     assert result["lost"] == [] and result["duplicated"] == [] and result["wrong"] == [], result

@@ -266,7 +266,7 @@ export class DirectiveRun {
       this.#checkClient();
       signal?.addEventListener('abort', onAbort, { once: true });
       const inputs = this.#inputs;
-      await this.#replicas?.ready();
+      if (this.#replicas !== null) await this.#replicas.ready();
       if (this.#session !== null && Array.isArray(inputs) && inputs.length <= SESSION_MAX_ITEMS) {
         yield* this.#sessionEvents(this.#session, inputs);
       } else {

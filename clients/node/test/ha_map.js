@@ -31,10 +31,12 @@ function* inputs() {
 const client = new Client(target, { reattachTimeoutMs: 60_000 });
 /** @type {number[]} */
 const deliveries = new Array(n).fill(0);
+/** @type {object[]} */
 const wrong = [];
 let delivered = 0;
 let mainDone = false;
 let smallRuns = 0;
+/** @type {object[]} */
 const smallErrors = [];
 
 async function small() {
