@@ -110,7 +110,7 @@ class NodeMap:
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         self.delivered = 0
         self.final: dict[str, Any] | None = None
-        self.stderr = open(logs / "node.log", "wb")  # noqa: SIM115  closed in wait()
+        self.stderr = open(logs / "node.log", "wb")  # closed in wait()
         self.proc = subprocess.Popen(
             ["node", str(SCRIPT), target, str(n), str(sleep)], cwd=NODE_DIR,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.stderr)
