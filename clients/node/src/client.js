@@ -12,6 +12,7 @@ import { DEFAULT_REATTACH_TIMEOUT_MS, DirectiveRun, collect, items } from './dir
 import { normalizePlan } from './plan.js';
 import { loadApi } from './proto.js';
 import { unary } from './rpc.js';
+import { Replicas, healthService, splitTarget } from './replicas.js';
 import { parseSerializer } from './serde.js';
 import { DirectiveSession } from './session.js';
 
@@ -62,9 +63,13 @@ export class Client {
   /** Aborted by close(): runs stop reattaching. */
   #closing = new AbortController();
   #reattachTimeoutMs;
+  /** @type {Replicas | null} several addresses: the replicas, following the leader */
+  #replicas = null;
 
   /**
-   * @param {string} target host:port of the orchestrator, e.g. '127.0.0.1:50051'
+   * @param {string} target host:port of the orchestrator, e.g. '127.0.0.1:50051', or the
+   *   addresses of its replicas on a shared store, separated by commas
+   *   ('h1:p1,h2:p2'): every call goes to the one that leads, and follows it on a failover
    * @param {ClientOptions} [options]
    */
   constructor(target, options = {}) {
@@ -86,11 +91,31 @@ export class Client {
     }
     this.#reattachTimeoutMs = reattach;
     const interceptors = options.token === undefined ? [] : [bearer(options.token)];
-    this.#status = new api.StatusService(target, credentials, { ...channelOptions, interceptors });
-    // One connection for all three services.
-    const shared = { ...channelOptions, interceptors, channelOverride: this.#status.getChannel() };
-    this.#directives = new api.DirectiveService(target, credentials, shared);
-    this.#channels = new api.ChannelService(target, credentials, shared);
+    const addresses = splitTarget(target);
+    /** @param {string} address */
+    const connect = (address) => {
+      const status = new api.StatusService(address, credentials, { ...channelOptions, interceptors });
+      // One connection for every service.
+      const shared = { ...channelOptions, interceptors, channelOverride: status.getChannel() };
+      return {
+        address,
+        status,
+        directives: new api.DirectiveService(address, credentials, shared),
+        channels: new api.ChannelService(address, credentials, shared),
+        health: addresses.length > 1 ? new (healthService())(address, credentials, shared) : null,
+      };
+    };
+    if (addresses.length > 1) {
+      this.#replicas = new Replicas(addresses, connect);
+      this.#status = null;
+      this.#directives = this.#replicas.directives;
+      this.#channels = null;
+    } else {
+      const one = connect(addresses[0]);
+      this.#status = one.status;
+      this.#directives = one.directives;
+      this.#channels = one.channels;
+    }
     // The stream itself opens with the first small directive.
     if (options.session !== false) this.#session = new DirectiveSession(this.#directives);
   }
@@ -103,7 +128,7 @@ export class Client {
    */
   status(options = {}) {
     this.#checkOpen();
-    return unary(this.#status, 'GetStatus', {}, options.timeoutMs ?? this.timeoutMs);
+    return this.#unary('status', 'GetStatus', {}, options.timeoutMs ?? this.timeoutMs);
   }
 
   /**
@@ -228,7 +253,7 @@ export class Client {
    */
   async directives(options = {}) {
     this.#checkOpen();
-    const response = await unary(this.#directives, 'ListDirectives', {}, options.timeoutMs ?? this.timeoutMs);
+    const response = await this.#unary('directives', 'ListDirectives', {}, options.timeoutMs ?? this.timeoutMs);
     return response.directives.map((/** @type {any} */ d) => ({ ...d }));
   }
 
@@ -245,7 +270,24 @@ export class Client {
     if (typeof directiveId !== 'string' || directiveId === '') {
       throw new TypeError(`a directive id is a non-empty string, got ${JSON.stringify(directiveId)}`);
     }
-    await unary(this.#directives, 'CancelDirective', { directiveId }, options.timeoutMs ?? this.timeoutMs);
+    await this.#unary('directives', 'CancelDirective', { directiveId }, options.timeoutMs ?? this.timeoutMs);
+  }
+
+  /**
+   * A unary call: to the one orchestrator, or to the leader of the replicas
+   * (tried again while none serves, until its deadline).
+   * @param {'status' | 'directives' | 'channels'} service
+   * @param {string} method
+   * @param {object} request
+   * @param {number} timeoutMs
+   * @returns {Promise<any>}
+   */
+  async #unary(service, method, request, timeoutMs) {
+    if (this.#replicas !== null) {
+      return (await this.#replicas.unary(service, method, request, timeoutMs)).response;
+    }
+    const stub = service === 'status' ? this.#status : service === 'directives' ? this.#directives : this.#channels;
+    return unary(stub, method, request, timeoutMs);
   }
 
   /**
@@ -258,6 +300,7 @@ export class Client {
       reattachTimeoutMs: this.#reattachTimeoutMs,
       closed: this.#closing.signal,
       detached,
+      replicas: this.#replicas,
     };
   }
 
@@ -269,6 +312,11 @@ export class Client {
   async leaseChannel(options = {}) {
     this.#checkOpen();
     const serializer = parseSerializer(options.serializer);
+    if (this.#replicas !== null) {
+      // A channel lives on the replica that leased it: its calls stay there.
+      const { response, replica } = await this.#replicas.unary('channels', 'LeaseChannel', {}, this.timeoutMs);
+      return new Channel(replica.channels, response.channelId, serializer, this.timeoutMs);
+    }
     const response = await unary(this.#channels, 'LeaseChannel', {}, this.timeoutMs);
     return new Channel(this.#channels, response.channelId, serializer, this.timeoutMs);
   }
@@ -282,7 +330,8 @@ export class Client {
     this.#closed = true;
     this.#closing.abort();
     this.#session?.close();
-    this.#status.close();
+    this.#status?.close();
+    this.#replicas?.close();
   }
 
   #checkOpen() {

@@ -83,6 +83,9 @@ export class Skipped {
  * @property {number} [reattachTimeoutMs] the client's default
  * @property {AbortSignal} [closed] aborted when the client closes: no more reattaching
  * @property {boolean} [detached] submit the plan detached (Client.submit)
+ * @property {import('./replicas.js').Replicas | null} [replicas] several orchestrator
+ *   addresses: calls go to the leader, and a call that fails before its directive
+ *   started is made again on the leader
  *
  * @typedef {object} Attempt one RunDirective call of the run
  * @property {any} call
@@ -155,6 +158,8 @@ export class DirectiveRun {
   #resumedEvent = undefined;
   /** @type {(() => void) | null} wakes a reattach backoff */
   #wakeBackoff = null;
+  /** @type {import('./replicas.js').Replicas | null} */
+  #replicas;
 
   /**
    * @param {any} stub the DirectiveService client
@@ -179,6 +184,7 @@ export class DirectiveRun {
     }
     this.#reattachTimeoutMs = timeout;
     this.#session = context.session ?? null;
+    this.#replicas = context.replicas ?? null;
     if (attachTo !== null) {
       if (typeof attachTo !== 'string' || attachTo === '') {
         throw new TypeError(`a directive id is a non-empty string, got ${JSON.stringify(attachTo)}`);
@@ -260,6 +266,7 @@ export class DirectiveRun {
       this.#checkClient();
       signal?.addEventListener('abort', onAbort, { once: true });
       const inputs = this.#inputs;
+      if (this.#replicas !== null) await this.#replicas.ready();
       if (this.#session !== null && Array.isArray(inputs) && inputs.length <= SESSION_MAX_ITEMS) {
         yield* this.#sessionEvents(this.#session, inputs);
       } else {
@@ -332,8 +339,20 @@ export class DirectiveRun {
         const detail = error instanceof SquireError ? error.details : '';
         if (detail !== CLOSED_MESSAGE && detail !== ENDED_MESSAGE && this.#mayReattach(error)) {
           // The orchestrator went away: go on with a call of its own.
+          this.#replicas?.failed(error);
           const attempt = await this.#reattach(/** @type {SquireError} */ (error));
           this.#resumedEvent = undefined; // the caller saw its started event
+          yield* this.#callEvents(attempt);
+          return;
+        }
+        if (detail !== CLOSED_MESSAGE && this.#mayStartAgain(error)) {
+          // Refused by a standby, or the leader went away before the
+          // directive started: start it on the leader, as a call of its own.
+          this.#replicas?.failed(error);
+          const attempt = await this.#startAgain(/** @type {SquireError} */ (error));
+          const started = this.#resumedEvent;
+          this.#resumedEvent = undefined;
+          if (started !== undefined) yield started;
           yield* this.#callEvents(attempt);
           return;
         }
@@ -440,8 +459,14 @@ export class DirectiveRun {
       }
       if (this.#feeder.failure !== null) throw this.#feeder.failure.error;
       const error = fromGrpcError(failure);
-      if (!this.#mayReattach(error)) throw error;
-      attempt = await this.#reattach(/** @type {SquireError} */ (error));
+      this.#replicas?.failed(error);
+      if (this.#mayStartAgain(error)) {
+        attempt = await this.#startAgain(/** @type {SquireError} */ (error));
+      } else if (this.#mayReattach(error)) {
+        attempt = await this.#reattach(/** @type {SquireError} */ (error));
+      } else {
+        throw error;
+      }
       const resumed = this.#resumedEvent;
       this.#resumedEvent = undefined;
       if (resumed !== undefined) yield resumed;
@@ -464,6 +489,64 @@ export class DirectiveRun {
   }
 
   /**
+   * Whether a failed call is made again from the start, on the leader: the
+   * client has several orchestrator addresses, and the call failed with
+   * UNAVAILABLE (a standby's refusal, a replica gone) before its directive
+   * started, so nothing of it was accepted.
+   * @param {unknown} error
+   */
+  #mayStartAgain(error) {
+    return this.#replicas !== null
+      && error instanceof SquireError && error.code === 'UNAVAILABLE'
+      && !this.#startedSeen && this.#attachTo === null && this.directiveId === null
+      && this.#reattachTimeoutMs > 0
+      && this.#feeder.failure === null
+      && !this.#cancelled && !this.#signal?.aborted && !this.#clientClosed?.aborted;
+  }
+
+  /**
+   * Start the directive again on the leader (plan, then every input from the
+   * first: the Feeder keeps them until they are journaled), with backoff,
+   * until a call gets its DirectiveStarted or `reattachTimeoutMs` passes
+   * (then `original` is thrown). The started event is left in
+   * #resumedEvent for the caller.
+   * @param {SquireError} original
+   * @returns {Promise<Attempt>}
+   */
+  async #startAgain(original) {
+    const replicas = /** @type {import('./replicas.js').Replicas} */ (this.#replicas);
+    const deadline = Date.now() + this.#reattachTimeoutMs;
+    let backoff = FIRST_BACKOFF_MS;
+    while (Date.now() < deadline) {
+      await this.#sleep(Math.min(backoff, deadline - Date.now()));
+      backoff = Math.min(backoff * 2, MAX_BACKOFF_MS);
+      if (this.#cancelled || this.#clientClosed?.aborted || Date.now() >= deadline) break;
+      await replicas.find();
+      if (this.#cancelled || this.#clientClosed?.aborted) break;
+      const attempt = this.#open(true);
+      /** @type {IteratorResult<any> | null} */
+      let step;
+      try {
+        step = await this.#firstMessage(attempt, deadline);
+      } catch (err) {
+        const error = fromGrpcError(err);
+        if (this.#feeder.failure !== null) throw this.#feeder.failure.error;
+        if (error instanceof SquireError && error.code === 'UNAVAILABLE') {
+          replicas.failed(error);
+          continue;
+        }
+        if (this.#cancelled || this.#clientClosed?.aborted) break;
+        throw error;
+      }
+      if (step === null) break;
+      if (!step.done) this.#resumedEvent = this.#event(step.value, attempt);
+      return attempt;
+    }
+    if (this.#cancelled) throw new SquireError('CANCELLED', 'Cancelled on client');
+    throw original;
+  }
+
+  /**
    * The orchestrator went away mid-directive: attach to the directive again,
    * with backoff, until a call gets its DirectiveStarted or
    * `reattachTimeoutMs` passes (then `original` is thrown). A call refused
@@ -479,6 +562,8 @@ export class DirectiveRun {
       await this.#sleep(Math.min(backoff, deadline - Date.now()));
       backoff = Math.min(backoff * 2, MAX_BACKOFF_MS);
       if (this.#cancelled || this.#clientClosed?.aborted || Date.now() >= deadline) break;
+      await this.#replicas?.find();
+      if (this.#cancelled || this.#clientClosed?.aborted) break;
       const attempt = this.#open(false);
       /** @type {IteratorResult<any> | null} */
       let step;
@@ -488,6 +573,7 @@ export class DirectiveRun {
         const error = fromGrpcError(err);
         if (error instanceof SquireError && (error.code === 'UNAVAILABLE'
           || (error.code === 'FAILED_PRECONDITION' && error.details.includes('already has a caller')))) {
+          this.#replicas?.failed(error);
           continue;
         }
         if (this.#cancelled || this.#clientClosed?.aborted) break;
