@@ -1,9 +1,22 @@
-"""What runs inside a process-pool child.
+"""What runs inside a process-executor child: batches in, batches out.
 
-The child builds its own Registry by importing the ops modules by name, so
-only names, bytes and numbers cross the process boundary (the pool pickles
-the arguments and the result; nothing from the network is ever unpickled).
-Decoding and encoding happen here, which keeps the parent a router of bytes.
+A child is spawned once and lives as long as the executor. It builds its
+own Registry by importing the ops modules by name, then serves one
+socket: length-prefixed MessagePack frames (``_frames``) carrying batches
+of tasks in, batches of results out. Only names, bytes and numbers cross
+the process boundary; payloads are decoded and outputs encoded here, so
+the parent stays a router of bytes and nothing is ever unpickled.
+
+Each task carries a slot: its abort flag in a shared array the parent sets
+(a cooperative operation sees it on its next poll, no message in between).
+While a task runs, the child's cell in a second shared array holds that
+slot + 1, so when the child dies the parent knows which task was running
+-- the one to blame -- and that the others of its batch never ran or ran
+to the end.
+
+Results are sent when the batch is done, or sooner once ``FLUSH_SECONDS``
+have passed since the last send: a batch of cheap tasks goes back as one
+frame, and a slow task's result does not wait for the rest of its batch.
 """
 
 from __future__ import annotations
@@ -12,39 +25,116 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
+import sys
 import threading
+import time
+import traceback
 from collections.abc import MutableSequence, Sequence
+from typing import Any
 
 from squire_kernel.operations import Registry
+from worker_service import _frames
 from worker_service._abort import SlotSignal
-from worker_service._execute import run_task
-from worker_service._model import Outcome
+from worker_service._execute import Prepared, prepare
+from worker_service._model import Failure, Outcome, Transient
 
-_registry = Registry()
-_flags: MutableSequence[int] = []
+FLUSH_SECONDS = 0.001
+# Prepared runs kept per child, keyed by (kind, operation, params, serializer).
+_PREPARED_CACHE = 256
 
 
-def init_child(modules: Sequence[str], flags: MutableSequence[int]) -> None:
-    """Pool initializer: import the ops modules and keep the abort flags."""
-    global _registry, _flags
+def main(
+    modules: Sequence[str],
+    sock: socket.socket,
+    flags: MutableSequence[int],
+    running: MutableSequence[int],
+    index: int,
+) -> None:
+    """The child's entry point (a ``multiprocessing`` spawn target)."""
     # A terminal's Ctrl-C (or a group-wide SIGTERM) reaches every process of
     # the group; the parent drains and decides when children stop, so they
     # ignore both and are killed explicitly at the drain deadline.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_with_parent()
-    _registry = Registry.from_modules(modules)
-    _flags = flags
+    try:
+        registry = Registry.from_modules(modules)
+    except BaseException:
+        traceback.print_exc()
+        _frames.send(sock, [_frames.FAILED, traceback.format_exc(limit=3)])
+        sys.exit(3)
+    try:
+        _frames.send(sock, [_frames.READY, sorted(registry.operations), sorted(registry.monoids)])
+        _serve(registry, sock, flags, running, index)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the executor closed while we were starting or sending: nobody listens
+
+
+def _serve(
+    registry: Registry,
+    sock: socket.socket,
+    flags: MutableSequence[int],
+    running: MutableSequence[int],
+    index: int,
+) -> None:
+    reader = _frames.Reader()
+    cache: dict[tuple[int, str, bytes, int], Prepared | Failure] = {}
+    signals: dict[int, SlotSignal] = {}
+    clock = time.perf_counter
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return  # the parent closed our socket: the executor is closing
+        for batch in reader.feed(data):
+            results: list[list[Any]] = []
+            last_send = clock()
+            for slot, kind, operation, params, input, operands, serializer, retry in batch:
+                key = (kind, operation, params, serializer)
+                prepared = cache.get(key)
+                if prepared is None:
+                    if len(cache) >= _PREPARED_CACHE:
+                        cache.clear()
+                    prepared = cache[key] = prepare(registry, kind, operation, params, serializer)
+                start = clock()
+                if isinstance(prepared, Failure):
+                    outcome: Outcome = prepared
+                else:
+                    abort = signals.get(slot)
+                    if abort is None:
+                        abort = signals[slot] = SlotSignal(flags, slot)
+                    running[index] = slot + 1
+                    outcome = prepared.run(input, operands, abort, retry)
+                    running[index] = 0
+                end = clock()
+                results.append(_result(slot, end - start, outcome))
+                if end - last_send >= FLUSH_SECONDS:
+                    _frames.send(sock, [_frames.RESULTS, results])
+                    results = []
+                    last_send = end
+            if results:
+                _frames.send(sock, [_frames.RESULTS, results])
+
+
+def _result(slot: int, seconds: float, outcome: Outcome) -> list[Any]:
+    if isinstance(outcome, bytes):
+        return [slot, seconds, outcome]
+    if isinstance(outcome, Transient):
+        return [slot, seconds, None, outcome.error_type, outcome.message, outcome.delay]
+    return [
+        slot, seconds, int(outcome.kind), outcome.error_type, outcome.message,
+        int(outcome.strategy), outcome.retries_exhausted, outcome.retries,
+    ]
 
 
 def _exit_with_parent() -> None:
     """End this child as soon as the worker process is gone, however it died.
 
-    A child waits for work on the pool's call queue, whose writer end it holds
-    itself, so it never sees end-of-file there: a worker killed with SIGKILL
-    (the OOM killer, a lost node) would leave its children waiting forever.
-    The sentinel multiprocessing gives a spawned child becomes readable when
-    the parent exits, so a daemon thread waits on it.
+    An idle child sees end-of-file on its socket, but one running a long
+    task would go on computing for nobody after a SIGKILL of the worker
+    (the OOM killer, a lost node). The sentinel multiprocessing gives a
+    spawned child becomes readable when the parent exits, so a daemon
+    thread waits on it.
     """
     parent = multiprocessing.parent_process()
     if parent is None:
@@ -56,24 +146,3 @@ def _exit_with_parent() -> None:
         os._exit(1)  # the parent is gone: nobody wants this child's results
 
     threading.Thread(target=watch, name="squire-parent-watch", daemon=True).start()
-
-
-def offered() -> tuple[list[str], list[str]]:
-    """The names this child can run: a start-up check that imports worked."""
-    return sorted(_registry.operations), sorted(_registry.monoids)
-
-
-def run_in_child(
-    kind: int,
-    operation: str,
-    params: bytes,
-    input: bytes,
-    operands: Sequence[bytes],
-    serializer: int,
-    slot: int,
-    retry: int,
-) -> Outcome:
-    return run_task(
-        _registry, kind, operation, params, input, operands, serializer,
-        SlotSignal(_flags, slot), retry,
-    )

@@ -1,0 +1,74 @@
+"""Frames between the process executor and its children: a 4-byte big-endian
+length, then one MessagePack value.
+
+MessagePack rather than pickle: a frame holds only lists, strings, bytes and
+numbers, and the payload bytes that came from the network pass through as
+bytes -- nothing a child or the parent reads can run code when decoded.
+
+Parent to child, one frame per batch: a list of tasks, each
+``[slot, kind, operation, params, input, operands, serializer, retry]``.
+
+Child to parent: ``[READY, operations, monoids]`` once its imports worked
+(``[FAILED, traceback]`` if not), then ``[RESULTS, results]`` where a result
+is ``[slot, seconds, output]`` (ok), ``[slot, seconds, None, error_type,
+message, delay]`` (transient) or ``[slot, seconds, kind, error_type, message,
+strategy, retries_exhausted, retries]`` (final failure).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import msgpack
+
+READY = 0
+FAILED = 1
+RESULTS = 2
+
+_HEADER = struct.Struct(">I")
+MAX_FRAME = (1 << 32) - 1
+
+
+def pack(value: Any) -> bytes:
+    body: bytes = msgpack.packb(value, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ValueError(f"a frame of {len(body)} bytes is over the {MAX_FRAME} limit")
+    return _HEADER.pack(len(body)) + body
+
+
+def send(sock: socket.socket, value: Any) -> None:
+    """Write one frame to a blocking socket (the child's side)."""
+    sock.sendall(pack(value))
+
+
+class Reader:
+    """Turns bytes as they arrive into whole frames' values."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        buffer = self._buffer
+        buffer += data
+        out: list[Any] = []
+        at, end = 0, len(buffer)
+        unpack = msgpack.unpackb
+        with memoryview(buffer) as view:
+            while end - at >= 4:
+                (size,) = _HEADER.unpack_from(buffer, at)
+                if end - at - 4 < size:
+                    break
+                out.append(unpack(view[at + 4 : at + 4 + size], raw=False))
+                at += 4 + size
+        if at:
+            del buffer[:at]
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a frame not yet complete."""
+        return len(self._buffer)

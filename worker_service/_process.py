@@ -1,0 +1,437 @@
+"""The process executor: long-lived spawned children fed batches over sockets.
+
+Each of ``concurrency`` children (``_child``) is spawned once, imports the
+ops modules, and serves one end of a socketpair: batches of tasks go in as
+one MessagePack frame (``_frames``), results come back in batches. The
+parent never decodes a payload and nothing crossing the boundary is
+pickled. The event loop watches each socket (``add_reader``), so a batch of
+results is one callback and one ``ExecutionFinished``.
+
+**How many tasks a child holds.** A child runs its tasks one after another;
+to keep it busy while results travel back it holds a short queue behind
+the running task: about ``TARGET_SECONDS`` of estimated work (at least one
+task, at most ``MAX_DEPTH``). The estimate is per operation, learned from
+the run times children report, and quick to rise, so a slow operation soon
+gets one task per child -- as before batching -- and a no-op gets hundreds.
+An operation not seen yet counts as ``TARGET_SECONDS``: it goes only to an
+idle child. The executor's ``capacity`` follows (reported with every
+``ExecutionFinished``); a task that fits no child when it is submitted is
+handed back unstarted (``returned``) to the scheduler's FIFO, so what waits
+for a child waits where drains, aborts and timeouts see it as queued.
+
+**A child that dies** takes only its own tasks. The one it was running (its
+cell in the shared ``running`` array names it) is reported as a crash of
+its own, as a task alone in a pool always was, which the orchestrator
+counts towards poison; the rest of its queue never ran (or ran, but their
+results died with it) and goes back to the FIFO without blame. Other
+children go on; a replacement is spawned at once.
+
+Abort flags live in shared memory, one per slot; a slot belongs to one task
+from ``submit`` until its result is in, so setting a flag can never abort
+another task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from squire_kernel.retry import FatalStrategy
+from worker_service import _child, _frames
+from worker_service._errors import OpsLoadError
+from worker_service._model import ErrorKind, Failure, Outcome, TaskSpec, Transient
+from worker_service._scheduler_events import Executed, ExecutionFinished, PoolCrashed
+
+log = logging.getLogger("worker_service.executor")
+
+Sink = Callable[[ExecutionFinished | PoolCrashed], None]
+
+# Estimated work a child holds (its running task and the queue behind it).
+# Small enough that a drain, an abort or a timeout barely notices the queue;
+# large enough that a batch of cheap tasks covers a round trip.
+TARGET_SECONDS = 0.01
+MAX_DEPTH = 512
+# Reported as the crashed task's error type, as when this was a ProcessPoolExecutor.
+CRASH_ERROR_TYPE = "BrokenProcessPool"
+# Before replacing a child that died before it was ready (its imports fail).
+RESPAWN_DELAY = 1.0
+# After the sockets close, how long idle children get to exit before SIGKILL.
+EXIT_WAIT = 1.0
+
+
+class _Child:
+    __slots__ = ("alive", "backlog", "held", "index", "out", "process", "reader", "ready", "sock")
+
+    def __init__(self, index: int, process: Any, sock: socket.socket) -> None:
+        self.index = index
+        self.process = process
+        self.sock = sock
+        self.reader = _frames.Reader()
+        self.held: dict[int, TaskSpec] = {}  # slot -> task, in the order sent
+        self.backlog = 0.0                   # estimated seconds of the held tasks
+        self.out = bytearray()               # frames the socket did not take yet
+        self.ready = False
+        self.alive = True
+
+
+class ProcessExecutor:
+    """``concurrency`` spawned children that import the ops modules."""
+
+    def __init__(self, modules: Sequence[str], concurrency: int) -> None:
+        self.concurrency = concurrency
+        self._modules = tuple(modules)
+        # spawn, not fork: forking a process that runs gRPC threads is unsafe.
+        self._context = multiprocessing.get_context("spawn")
+        slots = concurrency * MAX_DEPTH
+        self._flags = self._context.RawArray("b", slots)          # abort flag per slot
+        self._running = self._context.RawArray("i", concurrency)  # per child: slot + 1
+        self._free = list(range(slots - 1, -1, -1))
+        self._slot_of: dict[TaskSpec, int] = {}
+        self._estimate_at = [0.0] * slots  # what each held task adds to its child's backlog
+        self._sent_at = [0.0] * slots
+        self._estimates: dict[tuple[int, str], float] = {}
+        # An estimate over every operation, the capacity's yardstick (the
+        # scheduler cannot say which operations it will submit next).
+        self._yardstick: float | None = None
+        self._children: list[_Child] = []
+        self._sink: Sink | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._started: asyncio.Future[None] | None = None
+        self._respawns: dict[int, asyncio.TimerHandle] = {}
+        self._closing = False
+
+    # -------------------------------------------------------------- probes
+
+    @property
+    def capacity(self) -> int:
+        """Tasks held now plus what the ready children have room for."""
+        mean = self._yardstick
+        room = 0
+        for child in self._children:
+            if not child.ready:
+                continue
+            if not child.held:
+                room += 1 if mean is None else max(1, min(MAX_DEPTH, int(TARGET_SECONDS / mean)))
+            elif mean is not None and child.backlog < TARGET_SECONDS:
+                fits = int((TARGET_SECONDS - child.backlog) / mean)
+                room += max(0, min(MAX_DEPTH - len(child.held), fits))
+        return max(1, len(self._slot_of) + room)
+
+    @property
+    def busy(self) -> int:
+        return len(self._slot_of)
+
+    def attach(self, sink: Sink | None) -> None:
+        self._sink = sink
+
+    # ----------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Spawn every child now and wait until each has imported the ops modules.
+
+        Spawning takes a while; doing it before the hello keeps that latency
+        off the first tasks and turns an import failure into a start-up error.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.create_future()
+        self._children = [self._spawn(index) for index in range(self.concurrency)]
+        try:
+            await self._started
+        except OpsLoadError:
+            await self.close(0)
+            raise
+
+    def _spawn(self, index: int) -> _Child:
+        loop = self._loop
+        assert loop is not None
+        ours, theirs = socket.socketpair()
+        process = self._context.Process(
+            target=_child.main, name=f"squire-child-{index}",
+            args=(self._modules, theirs, self._flags, self._running, index),
+        )
+        try:
+            process.start()
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        child = _Child(index, process, ours)
+        loop.add_reader(ours.fileno(), self._readable, child)
+        loop.add_reader(process.sentinel, self._lost, child)
+        return child
+
+    async def close(self, grace: float) -> None:
+        self._closing = True
+        for handle in self._respawns.values():
+            handle.cancel()
+        self._respawns.clear()
+        for slot in self._slot_of.values():
+            self._flags[slot] = 1
+        if self._slot_of:
+            try:
+                async with asyncio.timeout(grace):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning("killing process-executor children still running after %.1fs", grace)
+        for child in self._children:
+            if child.alive and child.held:
+                child.process.kill()  # SIGKILL: children ignore SIGTERM
+            self._forget(child)       # an idle child sees end-of-file and exits
+        await self._exited(EXIT_WAIT)
+        for child in self._children:
+            if child.process.is_alive():
+                child.process.kill()
+            child.process.join(1.0)
+        self._slot_of.clear()
+        self._idle.set()
+
+    async def _exited(self, within: float) -> None:
+        """Wait up to ``within`` seconds for every child process to end."""
+        loop = self._loop
+        assert loop is not None
+        left = {c.process.sentinel for c in self._children if c.process.is_alive()}
+        if not left:
+            return
+        done = asyncio.Event()
+
+        def ended(sentinel: int) -> None:
+            loop.remove_reader(sentinel)
+            left.discard(sentinel)
+            if not left:
+                done.set()
+
+        watched = list(left)
+        for sentinel in watched:
+            loop.add_reader(sentinel, ended, sentinel)
+        try:
+            async with asyncio.timeout(within):
+                await done.wait()
+        except TimeoutError:
+            pass
+        finally:
+            for sentinel in watched:
+                loop.remove_reader(sentinel)
+
+    def _forget(self, child: _Child) -> None:
+        """Stop watching ``child`` and close our end of its socket."""
+        if not child.alive:
+            return
+        child.alive = child.ready = False
+        loop = self._loop
+        assert loop is not None
+        loop.remove_reader(child.sock.fileno())
+        loop.remove_writer(child.sock.fileno())
+        loop.remove_reader(child.process.sentinel)
+        child.sock.close()
+
+    # --------------------------------------------------------------- tasks
+
+    def submit(self, tasks: Sequence[TaskSpec]) -> None:
+        batches: dict[_Child, list[list[Any]]] = {}
+        returned: list[TaskSpec] = []
+        now = time.perf_counter()
+        estimates, flags, children = self._estimates, self._flags, self._children
+        for task in tasks:
+            estimate = estimates.get((task.kind, task.operation), TARGET_SECONDS)
+            best: _Child | None = None
+            for child in children:
+                if child.ready and (best is None or child.backlog < best.backlog):
+                    best = child
+            if best is None or (best.held and (
+                    best.backlog + estimate > TARGET_SECONDS + 1e-9
+                    or len(best.held) >= MAX_DEPTH)):
+                returned.append(task)
+                continue
+            slot = self._free.pop()
+            flags[slot] = 0
+            self._slot_of[task] = slot
+            self._estimate_at[slot] = estimate
+            self._sent_at[slot] = now
+            best.held[slot] = task
+            best.backlog += estimate
+            batches.setdefault(best, []).append([
+                slot, task.kind, task.operation, task.params, task.input, task.operands,
+                task.serializer, task.retries + 1,
+            ])
+        if self._slot_of:
+            self._idle.clear()
+        for child, rows in batches.items():
+            self._send(child, _frames.pack(rows))
+        if returned:
+            self._emit(ExecutionFinished((), self.capacity, returned))
+
+    def abort(self, tasks: Iterable[TaskSpec]) -> None:
+        slot_of, flags = self._slot_of, self._flags
+        for task in tasks:
+            slot = slot_of.get(task)
+            if slot is not None:  # still ours: the slot serves no other task
+                flags[slot] = 1
+
+    def _send(self, child: _Child, frame: bytes) -> None:
+        if child.out:  # the socket is full: the writer callback sends it in order
+            child.out += frame
+            return
+        try:
+            sent = child.sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return  # the child is gone; _lost hands its tasks back
+        if sent < len(frame):
+            child.out += frame[sent:]
+            assert self._loop is not None
+            self._loop.add_writer(child.sock.fileno(), self._writable, child)
+
+    def _writable(self, child: _Child) -> None:
+        try:
+            sent = child.sock.send(child.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            sent = len(child.out)
+        del child.out[:sent]
+        if not child.out:
+            assert self._loop is not None
+            self._loop.remove_writer(child.sock.fileno())
+
+    # ------------------------------------------------------------- results
+
+    def _readable(self, child: _Child) -> None:
+        try:
+            data = child.sock.recv(1 << 22)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lost(child)
+            return
+        self._on_frames(child, child.reader.feed(data))
+
+    def _on_frames(self, child: _Child, frames: list[Any]) -> None:
+        executed: list[Executed] = []
+        for frame in frames:
+            if frame[0] == _frames.RESULTS:
+                self._results(child, frame[1], executed)
+            elif frame[0] == _frames.READY:
+                child.ready = True
+                self._became_ready()
+            else:
+                log.error("a process-executor child cannot import the ops modules:\n%s", frame[1])
+        if executed:
+            if not self._slot_of:
+                self._idle.set()
+            self._emit(ExecutionFinished(executed, self.capacity))
+
+    def _results(self, child: _Child, rows: list[list[Any]], executed: list[Executed]) -> None:
+        held, estimates, free = child.held, self._estimates, self._free
+        estimate_at, slot_of = self._estimate_at, self._slot_of
+        yardstick = self._yardstick
+        for row in rows:
+            slot, seconds = row[0], row[1]
+            task = held.pop(slot)
+            del slot_of[task]
+            free.append(slot)
+            child.backlog -= estimate_at[slot]
+            key = (task.kind, task.operation)
+            estimates[key] = _learn(estimates.get(key), seconds)
+            yardstick = _learn(yardstick, seconds)
+            executed.append((task, _outcome(row), seconds))
+        self._yardstick = yardstick
+        if not held:
+            child.backlog = 0.0  # no drift from the sums
+
+    def _became_ready(self) -> None:
+        if self._started is not None and not self._started.done():
+            if all(c.ready for c in self._children):
+                self._started.set_result(None)
+            return
+        # A replacement: its room is news to the scheduler.
+        self._emit(ExecutionFinished((), self.capacity))
+
+    def _lost(self, child: _Child) -> None:
+        """``child`` died (end-of-file on its socket, or its process ended)."""
+        if not child.alive:
+            return
+        # Results it sent before dying are delivered, not run again.
+        frames: list[Any] = []
+        while True:
+            try:
+                data = child.sock.recv(1 << 22)
+            except (BlockingIOError, InterruptedError, OSError):
+                break
+            if not data:
+                break
+            frames += child.reader.feed(data)
+        self._on_frames(child, frames)
+        was_ready = child.ready
+        self._forget(child)
+        child.process.join(0.1)
+        running = self._running[child.index] - 1
+        self._running[child.index] = 0
+        culprit = child.held.pop(running, None) if running >= 0 else None
+        innocent = list(child.held.items())
+        child.held.clear()
+        child.backlog = 0.0
+        now = time.perf_counter()
+        for slot, task in [*innocent, *([(running, culprit)] if culprit else [])]:
+            del self._slot_of[task]
+            self._free.append(slot)
+        if not self._slot_of:
+            self._idle.set()
+        log.error(
+            "process-executor child %d (pid %s) died, exit code %s%s; %d task(s) it held "
+            "go back to the queue", child.index, child.process.pid, child.process.exitcode,
+            f", running task {culprit.routing_key}/{culprit.task_id}" if culprit else "",
+            len(innocent),
+        )
+        if self._started is not None and not self._started.done():
+            self._started.set_exception(OpsLoadError(
+                f"process executor children cannot import the ops modules "
+                f"{', '.join(self._modules)} (see the traceback above)"
+            ))
+            return
+        if not self._closing:
+            if was_ready:
+                self._children[child.index] = self._spawn(child.index)
+            else:  # it could not even start: do not spin
+                assert self._loop is not None
+                self._respawns[child.index] = self._loop.call_later(
+                    RESPAWN_DELAY, self._respawn, child.index)
+        if culprit is not None:
+            self._emit(PoolCrashed(
+                [(culprit, now - self._sent_at[running])], False, CRASH_ERROR_TYPE))
+        if innocent:
+            self._emit(ExecutionFinished((), self.capacity, [t for _, t in innocent]))
+
+    def _respawn(self, index: int) -> None:
+        self._respawns.pop(index, None)
+        if not self._closing:
+            self._children[index] = self._spawn(index)
+
+    def _emit(self, event: ExecutionFinished | PoolCrashed) -> None:
+        if self._sink is not None:
+            self._sink(event)
+
+
+def _learn(estimate: float | None, seconds: float) -> float:
+    """Quick to rise, slow to fall: a queue behind a task slower than expected
+    costs more than a round trip too many costs a fast one."""
+    if estimate is None or seconds > estimate:
+        return seconds
+    return estimate + 0.1 * (seconds - estimate)
+
+
+def _outcome(row: list[Any]) -> Outcome:
+    if len(row) == 3:
+        output: bytes = row[2]
+        return output
+    if row[2] is None:
+        return Transient(row[3], row[4], row[5])
+    return Failure(ErrorKind(row[2]), row[3], row[4], FatalStrategy(row[5]), row[6], row[7])
