@@ -97,6 +97,10 @@ def _serve(
                         cache.clear()
                     prepared = cache[key] = prepare(registry, kind, operation, params, serializer)
                 start = clock()
+                if flags[slot]:
+                    # Aborted before it started: as if the worker had dropped it queued.
+                    results.append([slot, 0.0])
+                    continue
                 if isinstance(prepared, Failure):
                     outcome: Outcome = prepared
                 else:

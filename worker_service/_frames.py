@@ -11,8 +11,9 @@ Parent to child, one frame per batch: a list of tasks, each
 Child to parent: ``[READY, operations, monoids]`` once its imports worked
 (``[FAILED, traceback]`` if not), then ``[RESULTS, results]`` where a result
 is ``[slot, seconds, output]`` (ok), ``[slot, seconds, None, error_type,
-message, delay]`` (transient) or ``[slot, seconds, kind, error_type, message,
-strategy, retries_exhausted, retries]`` (final failure).
+message, delay]`` (transient), ``[slot, seconds, kind, error_type, message,
+strategy, retries_exhausted, retries]`` (final failure), or ``[slot, 0.0]``:
+not run, its abort signal was set before it started.
 """
 
 from __future__ import annotations

@@ -44,7 +44,14 @@ from typing import Any
 from squire_kernel.retry import FatalStrategy
 from worker_service import _child, _frames
 from worker_service._errors import OpsLoadError
-from worker_service._model import ErrorKind, Failure, Outcome, TaskSpec, Transient
+from worker_service._model import (
+    ErrorKind,
+    Failure,
+    Outcome,
+    TaskSpec,
+    Transient,
+    aborted_failure,
+)
 from worker_service._scheduler_events import Executed, ExecutionFinished, PoolCrashed
 
 log = logging.getLogger("worker_service.executor")
@@ -237,7 +244,7 @@ class ProcessExecutor:
         returned: list[TaskSpec] = []
         now = time.perf_counter()
         estimates, flags, children = self._estimates, self._flags, self._children
-        for task in tasks:
+        for at, task in enumerate(tasks):
             estimate = estimates.get((task.kind, task.operation), TARGET_SECONDS)
             best: _Child | None = None
             for child in children:
@@ -246,8 +253,10 @@ class ProcessExecutor:
             if best is None or (best.held and (
                     best.backlog + estimate > TARGET_SECONDS + 1e-9
                     or len(best.held) >= MAX_DEPTH)):
-                returned.append(task)
-                continue
+                # The rest too: nothing overtakes a task that waits for room
+                # (it would keep every child busy, and the task waiting).
+                returned = list(tasks[at:])
+                break
             slot = self._free.pop()
             flags[slot] = 0
             self._slot_of[task] = slot
@@ -264,7 +273,8 @@ class ProcessExecutor:
         for child, rows in batches.items():
             self._send(child, _frames.pack(rows))
         if returned:
-            self._emit(ExecutionFinished((), self.capacity, returned))
+            # No room until results come in: the capacity they report says how much.
+            self._emit(ExecutionFinished((), len(self._slot_of), returned))
 
     def abort(self, tasks: Iterable[TaskSpec]) -> None:
         slot_of, flags = self._slot_of, self._flags
@@ -340,6 +350,9 @@ class ProcessExecutor:
             free.append(slot)
             child.backlog -= estimate_at[slot]
             key = (task.kind, task.operation)
+            if len(row) == 2:  # its abort signal was set before it started
+                executed.append((task, aborted_failure(task.routing_key), 0.0))
+                continue
             estimates[key] = _learn(estimates.get(key), seconds)
             yardstick = _learn(yardstick, seconds)
             executed.append((task, _outcome(row), seconds))

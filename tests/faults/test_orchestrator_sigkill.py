@@ -60,10 +60,18 @@ def _killer(c: Cluster, rng: random.Random, n: int, counter: list[int], *,
     return maybe_kill
 
 
-def _in_flight_bound(kills: int) -> int:
+# Results the orchestrator has received but not yet journaled when it dies
+# (a group commit under way) are lost too: what the cluster completes in this
+# long. The batched process executor completes the 1 ms tasks several times
+# faster than the one-task-at-a-time pool did, so this share became visible.
+JOURNAL_LAG = 0.05
+
+
+def _in_flight_bound(kills: int, tasks_per_second: float) -> int:
     # At a kill, each worker may hold its capacity plus its prefetch window of
-    # leased tasks; those (and no others) may run again.
-    return kills * WORKERS * CONCURRENCY * 4
+    # leased tasks, and results may wait for their commit; those (and no
+    # others) may run again.
+    return kills * (WORKERS * CONCURRENCY * 4 + int(tasks_per_second * JOURNAL_LAG))
 
 
 @pytest.mark.parametrize("twice", [False, True], ids=["once", "twice-in-a-row"])
@@ -87,7 +95,8 @@ def test_orchestrator_sigkill_during_map(ledger: Ledger, env: dict[str, str], lo
                 tally = ledger.tally(tag, N)
                 tally.assert_exactly_once()
                 assert_squares(run.values, N)
-                assert tally.re_executions <= _in_flight_bound(kills[0] - before), (
+                bound = _in_flight_bound(kills[0] - before, N / run.seconds)
+                assert tally.re_executions <= bound, (
                     f"{tally.re_executions} tasks ran twice after {kills[0] - before} kills"
                 )
                 re_executions += tally.re_executions
@@ -116,6 +125,7 @@ def test_orchestrator_sigkill_during_map_then_fold(ledger: Ledger, env: dict[str
                 maybe_kill = _killer(c, rng, n, kills)
                 # A fold emits no items: kill on the progress clock instead.
                 total = None
+                start = time.monotonic()
                 for event in stream.events(client):
                     if isinstance(event, squire.Progress):
                         maybe_kill(event.completed)
@@ -124,7 +134,8 @@ def test_orchestrator_sigkill_during_map_then_fold(ledger: Ledger, env: dict[str
                 assert total == sum(i * i for i in range(n))
                 executions = ledger.executions(tag)
                 assert set(executions) == set(range(n))
-                assert sum(executions.values()) - n <= _in_flight_bound(kills[0])
+                rate = n / (time.monotonic() - start)
+                assert sum(executions.values()) - n <= _in_flight_bound(kills[0], rate)
     figures.add("orchestrator SIGKILL, map -> fold", "orchestrator SIGKILLs", kills[0])
 
 
@@ -147,6 +158,6 @@ def test_orchestrator_sigkill_during_chain(ledger: Ledger, env: dict[str, str], 
             first, second = ledger.executions("chain1"), ledger.executions("chain2")
             assert set(first) == set(range(n))
             # Stage 1's journaled outcomes are not computed again for stage 2.
-            assert sum(first.values()) - n <= _in_flight_bound(kills[0])
+            assert sum(first.values()) - n <= _in_flight_bound(kills[0], n / run.seconds)
             assert len(second) == n
     figures.add("orchestrator SIGKILL, chain of two maps", "orchestrator SIGKILLs", kills[0])

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from worker_service._executor import InlineExecutor, ThreadExecutor
-from worker_service._model import TaskSpec
+from worker_service._model import ErrorKind, TaskSpec
 from worker_service._process import MAX_DEPTH, ProcessExecutor
 from worker_service._runtime import load_registry
 from worker_service._scheduler_events import ExecutionFinished, PoolCrashed
@@ -99,16 +99,43 @@ async def test_a_task_no_child_has_room_for_comes_back_unstarted(tmp_path: Path)
     await executor.start()
     try:
         # "slow" was never seen: it counts as a child's whole queue.
-        marker = tmp_path / "m"
-        slow = tasks_from_wire([task("slow", {"marker": str(marker), "max": 30}, task_id=i)
-                                for i in range(3)])
+        markers = [tmp_path / f"m{i}" for i in range(3)]
+        slow = tasks_from_wire([task("slow", {"marker": str(m), "max": 30}, task_id=i)
+                                for i, m in enumerate(markers)])
         executor.submit(slow)
         [event] = events
         assert isinstance(event, ExecutionFinished) and not event.results
         assert list(event.returned) == slow[2:]
         assert event.capacity == executor.busy == 2
+        await wait_for(lambda: markers[0].exists() and markers[1].exists(), 10, "both running")
         executor.abort(slow[:2])
         await wait_for(lambda: len(ended(events)) == 2, 10, "both aborted")
         assert {o for e in events for _, o, _ in e.results} == {b'"aborted"'}  # type: ignore[union-attr]
+    finally:
+        await executor.close(1.0)
+
+
+async def test_a_task_aborted_before_it_starts_is_not_run(tmp_path: Path) -> None:
+    executor = ProcessExecutor([OPS], 1)
+    events: Events = []
+    executor.attach(events.append)
+    await executor.start()
+    try:
+        warm = tasks_from_wire([task("slow", {"max": 0})])
+        executor.submit(warm)  # now "slow" is known to be quick: two fit in the child
+        await wait_for(lambda: executor.busy == 0, 10, "the warm-up")
+        events.clear()
+        first, second = tmp_path / "first", tmp_path / "second"
+        slow = tasks_from_wire([task("slow", {"marker": str(first), "max": 30}, task_id=1),
+                                task("slow", {"marker": str(second), "max": 30}, task_id=2)])
+        executor.submit(slow)
+        assert executor.busy == 2, "both queued in the one child"
+        await wait_for(first.exists, 10, "the first running")
+        executor.abort(slow)
+        await wait_for(lambda: executor.busy == 0, 10, "both ended")
+        outcomes = {t.task_id: o for e in events for t, o, _ in e.results}  # type: ignore[union-attr]
+        assert outcomes[1] == b'"aborted"'  # it ran, and saw its signal
+        assert getattr(outcomes[2], "kind", None) == ErrorKind.ABORTED  # never started
+        assert not second.exists()
     finally:
         await executor.close(1.0)
