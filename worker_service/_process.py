@@ -9,13 +9,14 @@ results is one callback and one ``ExecutionFinished``.
 
 **How many tasks a child holds.** A child runs its tasks one after another;
 to keep it busy while results travel back it holds a short queue behind
-the running task: about ``TARGET_SECONDS`` of estimated work (at least one
-task, at most ``MAX_DEPTH``). The estimate is per operation, learned from
-the run times children report, and quick to rise, so a slow operation soon
-gets one task per child -- as before batching -- and a no-op gets hundreds.
-An operation not seen yet counts as ``TARGET_SECONDS``: it goes only to an
-idle child. The executor's ``capacity`` follows (reported with every
-``ExecutionFinished``); a task that fits no child when it is submitted is
+the running task: about ``TARGET_SECONDS`` of estimated work, at most
+``MAX_DEPTH`` tasks, and always one waiting behind a running one when both
+are shorter than ``SHORT_SECONDS``. The estimate is per operation, learned
+from the run times children report, and quick to rise, so a long operation
+soon gets one task per child -- as before batching -- and a no-op gets
+hundreds. A task of an operation not seen yet goes only to an idle child,
+and nothing waits behind it. The executor's ``capacity`` follows (reported
+with every ``ExecutionFinished``); a task that fits no child when it is submitted is
 handed back unstarted (``returned``) to the scheduler's FIFO, so what waits
 for a child waits where drains, aborts and timeouts see it as queued.
 
@@ -61,8 +62,13 @@ Sink = Callable[[ExecutionFinished | PoolCrashed], None]
 # Estimated work a child holds (its running task and the queue behind it).
 # Small enough that a drain, an abort or a timeout barely notices the queue;
 # large enough that a batch of cheap tasks covers a round trip.
-TARGET_SECONDS = 0.01
+TARGET_SECONDS = 0.05
 MAX_DEPTH = 512
+# A task up to this long may wait behind another (see _room).
+SHORT_SECONDS = 0.1
+# What a task of an operation not seen yet adds to its child's backlog:
+# enough that nothing waits behind it.
+UNSEEN_SECONDS = 1.0
 # Reported as the crashed task's error type, as when this was a ProcessPoolExecutor.
 CRASH_ERROR_TYPE = "BrokenProcessPool"
 # Before replacing a child that died before it was ready (its imports fail).
@@ -119,16 +125,11 @@ class ProcessExecutor:
     @property
     def capacity(self) -> int:
         """Tasks held now plus what the ready children have room for."""
-        mean = self._yardstick
+        estimate = self._yardstick
         room = 0
         for child in self._children:
-            if not child.ready:
-                continue
-            if not child.held:
-                room += 1 if mean is None else max(1, min(MAX_DEPTH, int(TARGET_SECONDS / mean)))
-            elif mean is not None and child.backlog < TARGET_SECONDS:
-                fits = int((TARGET_SECONDS - child.backlog) / mean)
-                room += max(0, min(MAX_DEPTH - len(child.held), fits))
+            if child.ready:
+                room += _room(len(child.held), child.backlog, estimate)
         return max(1, len(self._slot_of) + room)
 
     @property
@@ -245,18 +246,18 @@ class ProcessExecutor:
         now = time.perf_counter()
         estimates, flags, children = self._estimates, self._flags, self._children
         for at, task in enumerate(tasks):
-            estimate = estimates.get((task.kind, task.operation), TARGET_SECONDS)
+            estimate = estimates.get((task.kind, task.operation))
             best: _Child | None = None
             for child in children:
                 if child.ready and (best is None or child.backlog < best.backlog):
                     best = child
-            if best is None or (best.held and (
-                    best.backlog + estimate > TARGET_SECONDS + 1e-9
-                    or len(best.held) >= MAX_DEPTH)):
+            if best is None or not _room(len(best.held), best.backlog, estimate):
                 # The rest too: nothing overtakes a task that waits for room
                 # (it would keep every child busy, and the task waiting).
                 returned = list(tasks[at:])
                 break
+            if estimate is None:
+                estimate = UNSEEN_SECONDS
             slot = self._free.pop()
             flags[slot] = 0
             self._slot_of[task] = slot
@@ -431,6 +432,23 @@ class ProcessExecutor:
     def _emit(self, event: ExecutionFinished | PoolCrashed) -> None:
         if self._sink is not None:
             self._sink(event)
+
+
+def _room(held: int, backlog: float, estimate: float | None) -> int:
+    """How many more tasks of ``estimate`` seconds a child holding ``held``
+    tasks of ``backlog`` estimated seconds may take.
+
+    An idle child takes one; then as many as keep its backlog within
+    ``TARGET_SECONDS``; and a task no longer than ``SHORT_SECONDS`` may
+    always wait behind another such one, so that a child never idles while
+    a result travels back and the next task comes (a loaded machine makes
+    that trip slow, and run times measured on it look long)."""
+    if estimate is None:  # nothing learned yet: one each
+        return 0 if held else 1
+    by_target = int((TARGET_SECONDS + 1e-9 - backlog) / estimate) if estimate > 0 else MAX_DEPTH
+    short = estimate <= SHORT_SECONDS and backlog <= SHORT_SECONDS
+    pair = 2 - held if held < 2 and short else 0
+    return max(0, min(MAX_DEPTH - held, max(by_target, pair, 0 if held else 1)))
 
 
 def _learn(estimate: float | None, seconds: float) -> float:
