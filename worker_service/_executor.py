@@ -26,8 +26,9 @@ from typing import Protocol
 
 from squire_kernel.operations import AbortSignal, Registry
 from worker_service._abort import NEVER_ABORTED, AbortFlag
+from worker_service._depth import UNSEEN_SECONDS, learn, room
 from worker_service._execute import prepare, run_task
-from worker_service._model import ErrorKind, Failure, Outcome, TaskSpec
+from worker_service._model import ErrorKind, Failure, Outcome, TaskSpec, aborted_failure
 from worker_service._process import ProcessExecutor as ProcessExecutor
 from worker_service._process import Sink as Sink
 from worker_service._scheduler_events import Executed, ExecutionFinished
@@ -134,9 +135,13 @@ class InlineExecutor:
 class ThreadExecutor:
     """Threads: for operations that release the GIL or wait on I/O.
 
-    Runs end in the pool's threads; they are handed to the event loop in
-    batches: whatever ended since the loop last took them, with one
-    ``call_soon_threadsafe`` and one ``ExecutionFinished``.
+    The pool's threads share one queue, which holds a short backlog beyond
+    the tasks they run (``_depth``'s rule, as a process child's queue), so a
+    thread takes its next task without a trip through the event loop. Runs
+    that end are handed to the loop in batches: whatever ended since the
+    loop last took them, with one ``call_soon_threadsafe`` and one
+    ``ExecutionFinished``. A task whose abort signal is set before a thread
+    takes it is not run.
     """
 
     def __init__(self, registry: Registry, concurrency: int) -> None:
@@ -146,17 +151,23 @@ class ThreadExecutor:
             concurrency, thread_name_prefix="squire-task"
         )
         self._flags: dict[TaskSpec, AbortFlag] = {}
+        self._estimate_at: dict[TaskSpec, float] = {}
+        self._backlog = 0.0
+        self._estimates: dict[tuple[int, str], float] = {}
+        self._yardstick: float | None = None
         self._sink: Sink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
-        self._ended: list[Executed] = []  # guarded by _lock
-        self._handoff_due = False         # guarded by _lock
+        # (task, outcome, seconds, whether it ran), guarded by _lock
+        self._ended: list[tuple[TaskSpec, Outcome, float, bool]] = []
+        self._handoff_due = False  # guarded by _lock
         self._idle = asyncio.Event()
         self._idle.set()
 
     @property
     def capacity(self) -> int:
-        return self._concurrency
+        held = len(self._flags)
+        return max(1, held + room(held, self._backlog, self._yardstick, self._concurrency))
 
     @property
     def busy(self) -> int:
@@ -170,30 +181,38 @@ class ThreadExecutor:
 
     def submit(self, tasks: Sequence[TaskSpec]) -> None:
         assert self._loop is not None, "start() the executor first"
-        assert len(self._flags) + len(tasks) <= self._concurrency, "submitted beyond capacity"
-        operations = self._registry.operations
-        for task in tasks:
-            flag = self._flags[task] = AbortFlag()
+        operations, flags, threads = self._registry.operations, self._flags, self._concurrency
+        returned: Sequence[TaskSpec] = ()
+        for at, task in enumerate(tasks):
+            estimate = self._estimates.get((task.kind, task.operation))
+            if not room(len(flags), self._backlog, estimate, threads):
+                returned = tasks[at:]  # and nothing overtakes it
+                break
+            flag = flags[task] = AbortFlag()
+            seconds = self._estimate_at[task] = UNSEEN_SECONDS if estimate is None else estimate
+            self._backlog += seconds
             op = operations.get(task.operation)
-            # Every slot has a thread of its own: nothing waits in the pool's queue.
-            self._pool.submit(
-                self._run, task, flag if op is not None and op.accepts_abort else NEVER_ABORTED,
-            )
-        self._idle.clear()
+            signal = flag if op is not None and op.accepts_abort else NEVER_ABORTED
+            self._pool.submit(self._run, task, flag, signal)
+        if flags:
+            self._idle.clear()
+        if returned and self._sink is not None:
+            self._sink(ExecutionFinished((), len(flags), returned))
 
-    def _run(self, task: TaskSpec, abort: AbortSignal) -> None:
+    def _run(self, task: TaskSpec, flag: AbortFlag, abort: AbortSignal) -> None:
         """In a pool thread: run ``task``, then queue its end for the loop."""
         start = time.perf_counter()
+        ran = not flag.is_set()
         try:
             outcome = run_task(
                 self._registry, task.kind, task.operation, task.params, task.input,
                 task.operands, task.serializer, abort, task.retries + 1,
-            )
+            ) if ran else aborted_failure(task.routing_key)
         except BaseException as exc:  # run_task turns what operations raise into failures
             log.error("executing task %s/%d failed", task.routing_key, task.task_id,
                       exc_info=exc)
             outcome = Failure(ErrorKind.OPERATION, type(exc).__name__, str(exc))
-        ended = (task, outcome, time.perf_counter() - start)
+        ended = (task, outcome, time.perf_counter() - start, ran)
         with self._lock:
             self._ended.append(ended)
             if self._handoff_due:
@@ -209,12 +228,22 @@ class ThreadExecutor:
         with self._lock:
             ended, self._ended = self._ended, []
             self._handoff_due = False
-        for task, _, _ in ended:
+        estimates, yardstick = self._estimates, self._yardstick
+        executed: list[Executed] = []
+        for task, outcome, seconds, ran in ended:
             del self._flags[task]
+            self._backlog -= self._estimate_at.pop(task)
+            if ran:
+                key = (task.kind, task.operation)
+                estimates[key] = learn(estimates.get(key), seconds)
+                yardstick = learn(yardstick, seconds)
+            executed.append((task, outcome, seconds))
+        self._yardstick = yardstick
         if not self._flags:
+            self._backlog = 0.0  # no drift from the sums
             self._idle.set()
         if self._sink is not None:
-            self._sink(ExecutionFinished(ended))
+            self._sink(ExecutionFinished(executed, self.capacity))
 
     def abort(self, tasks: Iterable[TaskSpec]) -> None:
         for task in tasks:

@@ -24,6 +24,9 @@ from typing import Any
 
 import msgpack
 
+from squire_kernel.retry import FatalStrategy
+from worker_service._model import ErrorKind, Failure, Outcome, Transient
+
 READY = 0
 FAILED = 1
 RESULTS = 2
@@ -73,3 +76,13 @@ class Reader:
     def pending(self) -> int:
         """Bytes of a frame not yet complete."""
         return len(self._buffer)
+
+
+def outcome(row: list[Any]) -> Outcome:
+    """The outcome a result row (of three or more fields) carries."""
+    if len(row) == 3:
+        output: bytes = row[2]
+        return output
+    if row[2] is None:
+        return Transient(row[3], row[4], row[5])
+    return Failure(ErrorKind(row[2]), row[3], row[4], FatalStrategy(row[5]), row[6], row[7])

@@ -7,18 +7,14 @@ parent never decodes a payload and nothing crossing the boundary is
 pickled. The event loop watches each socket (``add_reader``), so a batch of
 results is one callback and one ``ExecutionFinished``.
 
-**How many tasks a child holds.** A child runs its tasks one after another;
-to keep it busy while results travel back it holds a short queue behind
-the running task: about ``TARGET_SECONDS`` of estimated work, at most
-``MAX_DEPTH`` tasks, and always one waiting behind a running one when both
-are shorter than ``SHORT_SECONDS``. The estimate is per operation, learned
-from the run times children report, and quick to rise, so a long operation
-soon gets one task per child -- as before batching -- and a no-op gets
-hundreds. A task of an operation not seen yet goes only to an idle child,
-and nothing waits behind it. The executor's ``capacity`` follows (reported
-with every ``ExecutionFinished``); a task that fits no child when it is submitted is
-handed back unstarted (``returned``) to the scheduler's FIFO, so what waits
-for a child waits where drains, aborts and timeouts see it as queued.
+**How many tasks a child holds** beyond the one it runs is ``_depth``'s
+rule: a short queue of estimated work, so that a slow operation gets one
+task per child -- as before batching -- and a no-op hundreds. The
+executor's ``capacity`` follows (reported with every ``ExecutionFinished``);
+a task that fits no child when it is submitted is handed back unstarted
+(``returned``) to the scheduler's FIFO, with every task after it, so what
+waits for a child waits where drains, aborts and timeouts see it as queued.
+A task whose abort signal is set before it starts is not run.
 
 **A child that dies** takes only its own tasks. The one it was running (its
 cell in the shared ``running`` array names it) is reported as a crash of
@@ -42,33 +38,16 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from squire_kernel.retry import FatalStrategy
 from worker_service import _child, _frames
+from worker_service._depth import MAX_DEPTH, UNSEEN_SECONDS, learn, room
 from worker_service._errors import OpsLoadError
-from worker_service._model import (
-    ErrorKind,
-    Failure,
-    Outcome,
-    TaskSpec,
-    Transient,
-    aborted_failure,
-)
+from worker_service._model import TaskSpec, aborted_failure
 from worker_service._scheduler_events import Executed, ExecutionFinished, PoolCrashed
 
 log = logging.getLogger("worker_service.executor")
 
 Sink = Callable[[ExecutionFinished | PoolCrashed], None]
 
-# Estimated work a child holds (its running task and the queue behind it).
-# Small enough that a drain, an abort or a timeout barely notices the queue;
-# large enough that a batch of cheap tasks covers a round trip.
-TARGET_SECONDS = 0.05
-MAX_DEPTH = 512
-# A task up to this long may wait behind another (see _room).
-SHORT_SECONDS = 0.1
-# What a task of an operation not seen yet adds to its child's backlog:
-# enough that nothing waits behind it.
-UNSEEN_SECONDS = 1.0
 # Reported as the crashed task's error type, as when this was a ProcessPoolExecutor.
 CRASH_ERROR_TYPE = "BrokenProcessPool"
 # Before replacing a child that died before it was ready (its imports fail).
@@ -126,11 +105,8 @@ class ProcessExecutor:
     def capacity(self) -> int:
         """Tasks held now plus what the ready children have room for."""
         estimate = self._yardstick
-        room = 0
-        for child in self._children:
-            if child.ready:
-                room += _room(len(child.held), child.backlog, estimate)
-        return max(1, len(self._slot_of) + room)
+        free = sum(room(len(c.held), c.backlog, estimate) for c in self._children if c.ready)
+        return max(1, len(self._slot_of) + free)
 
     @property
     def busy(self) -> int:
@@ -251,7 +227,7 @@ class ProcessExecutor:
             for child in children:
                 if child.ready and (best is None or child.backlog < best.backlog):
                     best = child
-            if best is None or not _room(len(best.held), best.backlog, estimate):
+            if best is None or not room(len(best.held), best.backlog, estimate):
                 # The rest too: nothing overtakes a task that waits for room
                 # (it would keep every child busy, and the task waiting).
                 returned = list(tasks[at:])
@@ -354,9 +330,9 @@ class ProcessExecutor:
             if len(row) == 2:  # its abort signal was set before it started
                 executed.append((task, aborted_failure(task.routing_key), 0.0))
                 continue
-            estimates[key] = _learn(estimates.get(key), seconds)
-            yardstick = _learn(yardstick, seconds)
-            executed.append((task, _outcome(row), seconds))
+            estimates[key] = learn(estimates.get(key), seconds)
+            yardstick = learn(yardstick, seconds)
+            executed.append((task, _frames.outcome(row), seconds))
         self._yardstick = yardstick
         if not held:
             child.backlog = 0.0  # no drift from the sums
@@ -432,37 +408,3 @@ class ProcessExecutor:
     def _emit(self, event: ExecutionFinished | PoolCrashed) -> None:
         if self._sink is not None:
             self._sink(event)
-
-
-def _room(held: int, backlog: float, estimate: float | None) -> int:
-    """How many more tasks of ``estimate`` seconds a child holding ``held``
-    tasks of ``backlog`` estimated seconds may take.
-
-    An idle child takes one; then as many as keep its backlog within
-    ``TARGET_SECONDS``; and a task no longer than ``SHORT_SECONDS`` may
-    always wait behind another such one, so that a child never idles while
-    a result travels back and the next task comes (a loaded machine makes
-    that trip slow, and run times measured on it look long)."""
-    if estimate is None:  # nothing learned yet: one each
-        return 0 if held else 1
-    by_target = int((TARGET_SECONDS + 1e-9 - backlog) / estimate) if estimate > 0 else MAX_DEPTH
-    short = estimate <= SHORT_SECONDS and backlog <= SHORT_SECONDS
-    pair = 2 - held if held < 2 and short else 0
-    return max(0, min(MAX_DEPTH - held, max(by_target, pair, 0 if held else 1)))
-
-
-def _learn(estimate: float | None, seconds: float) -> float:
-    """Quick to rise, slow to fall: a queue behind a task slower than expected
-    costs more than a round trip too many costs a fast one."""
-    if estimate is None or seconds > estimate:
-        return seconds
-    return estimate + 0.1 * (seconds - estimate)
-
-
-def _outcome(row: list[Any]) -> Outcome:
-    if len(row) == 3:
-        output: bytes = row[2]
-        return output
-    if row[2] is None:
-        return Transient(row[3], row[4], row[5])
-    return Failure(ErrorKind(row[2]), row[3], row[4], FatalStrategy(row[5]), row[6], row[7])

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from worker_service._depth import MAX_DEPTH
 from worker_service._executor import InlineExecutor, ThreadExecutor
 from worker_service._model import ErrorKind, TaskSpec
-from worker_service._process import MAX_DEPTH, ProcessExecutor
+from worker_service._process import ProcessExecutor
 from worker_service._runtime import load_registry
 from worker_service._scheduler_events import ExecutionFinished, PoolCrashed
 from worker_service._wire import tasks_from_wire
