@@ -14,9 +14,12 @@ slot + 1, so when the child dies the parent knows which task was running
 -- the one to blame -- and that the others of its batch never ran or ran
 to the end.
 
-Results are sent when the batch is done, or sooner once ``FLUSH_SECONDS``
+Results are sent when the queue is empty, or sooner once ``FLUSH_SECONDS``
 have passed since the last send: a batch of cheap tasks goes back as one
 frame, and a slow task's result does not wait for the rest of its batch.
+SIGUSR1 asks for the tasks not started yet back (``[WITHDRAWN, slots]``):
+the parent sends it when this child has held a queue without progress for
+long, so that the queue can run elsewhere.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import MutableSequence, Sequence
 from typing import Any
 
@@ -64,60 +68,108 @@ def main(
         traceback.print_exc()
         _frames.send(sock, [_frames.FAILED, traceback.format_exc(limit=3)])
         sys.exit(3)
+    server = _Server(registry, sock, flags, running, index)
+    signal.signal(signal.SIGUSR1, server.on_withdraw)
     try:
-        _frames.send(sock, [_frames.READY, sorted(registry.operations), sorted(registry.monoids)])
-        _serve(registry, sock, flags, running, index)
+        server.send([_frames.READY, sorted(registry.operations), sorted(registry.monoids)])
+        server.serve()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the executor closed while we were starting or sending: nobody listens
 
 
-def _serve(
-    registry: Registry,
-    sock: socket.socket,
-    flags: MutableSequence[int],
-    running: MutableSequence[int],
-    index: int,
-) -> None:
-    reader = _frames.Reader()
-    cache: dict[tuple[int, str, bytes, int], Prepared | Failure] = {}
-    signals: dict[int, SlotSignal] = {}
-    clock = time.perf_counter
-    while True:
-        data = sock.recv(1 << 20)
-        if not data:
-            return  # the parent closed our socket: the executor is closing
-        for batch in reader.feed(data):
-            results: list[list[Any]] = []
-            last_send = clock()
-            for slot, kind, operation, params, input, operands, serializer, retry in batch:
-                key = (kind, operation, params, serializer)
-                prepared = cache.get(key)
-                if prepared is None:
-                    if len(cache) >= _PREPARED_CACHE:
-                        cache.clear()
-                    prepared = cache[key] = prepare(registry, kind, operation, params, serializer)
-                start = clock()
-                if flags[slot]:
-                    # Aborted before it started: as if the worker had dropped it queued.
-                    results.append([slot, 0.0])
-                    continue
-                if isinstance(prepared, Failure):
-                    outcome: Outcome = prepared
-                else:
-                    abort = signals.get(slot)
-                    if abort is None:
-                        abort = signals[slot] = SlotSignal(flags, slot)
-                    running[index] = slot + 1
-                    outcome = prepared.run(input, operands, abort, retry)
-                    running[index] = 0
-                end = clock()
-                results.append(_result(slot, end - start, outcome))
-                if end - last_send >= FLUSH_SECONDS:
-                    _frames.send(sock, [_frames.RESULTS, results])
+class _Server:
+    """The child's loop: takes tasks from its queue, runs them, sends results."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        sock: socket.socket,
+        flags: MutableSequence[int],
+        running: MutableSequence[int],
+        index: int,
+    ) -> None:
+        self.registry = registry
+        self.sock = sock
+        self.flags = flags
+        self.running = running
+        self.index = index
+        self.queue: deque[list[Any]] = deque()  # received, not started
+        self.sending = False
+        self.withdraw_due = False
+
+    def send(self, value: Any) -> None:
+        self.sending = True
+        try:
+            _frames.send(self.sock, value)
+        finally:
+            self.sending = False
+        if self.withdraw_due:
+            self.withdraw()
+
+    def on_withdraw(self, signum: int, frame: object) -> None:
+        """SIGUSR1: the parent wants back what has not started (this child
+        has been busy for long). A signal handler runs between bytecodes of
+        this very thread, so it never races the loop; it only waits for a
+        send under way to finish, which it would otherwise split."""
+        if self.sending:
+            self.withdraw_due = True
+        else:
+            self.withdraw()
+
+    def withdraw(self) -> None:
+        self.withdraw_due = False
+        slots = [row[0] for row in self.queue]
+        self.queue.clear()
+        self.send([_frames.WITHDRAWN, slots])
+
+    def serve(self) -> None:
+        reader = _frames.Reader()
+        cache: dict[tuple[int, str, bytes, int], Prepared | Failure] = {}
+        signals: dict[int, SlotSignal] = {}
+        clock = time.perf_counter
+        queue, flags, running, index, registry = (
+            self.queue, self.flags, self.running, self.index, self.registry)
+        results: list[list[Any]] = []
+        last_send = clock()
+        while True:
+            if not queue:
+                if results:
+                    self.send([_frames.RESULTS, results])
                     results = []
-                    last_send = end
-            if results:
-                _frames.send(sock, [_frames.RESULTS, results])
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    return  # the parent closed our socket: the executor is closing
+                for batch in reader.feed(data):
+                    queue.extend(batch)
+                last_send = clock()
+                continue
+            slot, kind, operation, params, input, operands, serializer, retry = queue.popleft()
+            key = (kind, operation, params, serializer)
+            prepared = cache.get(key)
+            if prepared is None:
+                if len(cache) >= _PREPARED_CACHE:
+                    cache.clear()
+                prepared = cache[key] = prepare(registry, kind, operation, params, serializer)
+            start = clock()
+            if flags[slot]:
+                # Aborted before it started: as if the worker had dropped it queued.
+                results.append([slot, 0.0])
+                continue
+            if isinstance(prepared, Failure):
+                outcome: Outcome = prepared
+            else:
+                abort = signals.get(slot)
+                if abort is None:
+                    abort = signals[slot] = SlotSignal(flags, slot)
+                running[index] = slot + 1
+                outcome = prepared.run(input, operands, abort, retry)
+                running[index] = 0
+            end = clock()
+            results.append(_result(slot, end - start, outcome))
+            if end - last_send >= FLUSH_SECONDS:
+                self.send([_frames.RESULTS, results])
+                results = []
+                last_send = end
 
 
 def _result(slot: int, seconds: float, outcome: Outcome) -> list[Any]:

@@ -13,7 +13,9 @@ Child to parent: ``[READY, operations, monoids]`` once its imports worked
 is ``[slot, seconds, output]`` (ok), ``[slot, seconds, None, error_type,
 message, delay]`` (transient), ``[slot, seconds, kind, error_type, message,
 strategy, retries_exhausted, retries]`` (final failure), or ``[slot, 0.0]``:
-not run, its abort signal was set before it started.
+not run, its abort signal was set before it started. ``[WITHDRAWN, slots]``
+answers a SIGUSR1: those tasks were in its queue, not started, and are the
+parent's again.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from worker_service._model import ErrorKind, Failure, Outcome, Transient
 READY = 0
 FAILED = 1
 RESULTS = 2
+WITHDRAWN = 3
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME = (1 << 32) - 1
@@ -72,10 +75,6 @@ class Reader:
             del buffer[:at]
         return out
 
-    @property
-    def pending(self) -> int:
-        """Bytes of a frame not yet complete."""
-        return len(self._buffer)
 
 
 def outcome(row: list[Any]) -> Outcome:

@@ -33,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -54,10 +56,17 @@ CRASH_ERROR_TYPE = "BrokenProcessPool"
 RESPAWN_DELAY = 1.0
 # After the sockets close, how long idle children get to exit before SIGKILL.
 EXIT_WAIT = 1.0
+# A child that holds a queue and has reported nothing for this long (or for
+# STALL_FACTOR times what its running task was expected to take) is asked
+# for its queue back: its running task is slower than estimated.
+STALL_SECONDS = 0.25
+STALL_FACTOR = 4
+STALL_CHECK = 0.05
 
 
 class _Child:
-    __slots__ = ("alive", "backlog", "held", "index", "out", "process", "reader", "ready", "sock")
+    __slots__ = ("alive", "backlog", "held", "index", "out", "process", "progress_at", "reader",
+                 "ready", "sock", "withdrawing")
 
     def __init__(self, index: int, process: Any, sock: socket.socket) -> None:
         self.index = index
@@ -69,6 +78,8 @@ class _Child:
         self.out = bytearray()               # frames the socket did not take yet
         self.ready = False
         self.alive = True
+        self.progress_at = 0.0    # when it last reported results, or was given work idle
+        self.withdrawing = False  # asked for its queue back, no answer yet
 
 
 class ProcessExecutor:
@@ -97,6 +108,7 @@ class ProcessExecutor:
         self._idle.set()
         self._started: asyncio.Future[None] | None = None
         self._respawns: dict[int, asyncio.TimerHandle] = {}
+        self._stall_check: asyncio.TimerHandle | None = None
         self._closing = False
 
     # -------------------------------------------------------------- probes
@@ -152,6 +164,8 @@ class ProcessExecutor:
 
     async def close(self, grace: float) -> None:
         self._closing = True
+        if self._stall_check is not None:
+            self._stall_check.cancel()
         for handle in self._respawns.values():
             handle.cancel()
         self._respawns.clear()
@@ -177,30 +191,10 @@ class ProcessExecutor:
 
     async def _exited(self, within: float) -> None:
         """Wait up to ``within`` seconds for every child process to end."""
-        loop = self._loop
-        assert loop is not None
-        left = {c.process.sentinel for c in self._children if c.process.is_alive()}
-        if not left:
-            return
-        done = asyncio.Event()
-
-        def ended(sentinel: int) -> None:
-            loop.remove_reader(sentinel)
-            left.discard(sentinel)
-            if not left:
-                done.set()
-
-        watched = list(left)
-        for sentinel in watched:
-            loop.add_reader(sentinel, ended, sentinel)
-        try:
-            async with asyncio.timeout(within):
-                await done.wait()
-        except TimeoutError:
-            pass
-        finally:
-            for sentinel in watched:
-                loop.remove_reader(sentinel)
+        for _ in range(int(within / 0.01)):
+            if not any(c.process.is_alive() for c in self._children):
+                return
+            await asyncio.sleep(0.01)
 
     def _forget(self, child: _Child) -> None:
         """Stop watching ``child`` and close our end of its socket."""
@@ -239,6 +233,8 @@ class ProcessExecutor:
             self._slot_of[task] = slot
             self._estimate_at[slot] = estimate
             self._sent_at[slot] = now
+            if not best.held:
+                best.progress_at = now
             best.held[slot] = task
             best.backlog += estimate
             batches.setdefault(best, []).append([
@@ -247,6 +243,9 @@ class ProcessExecutor:
             ])
         if self._slot_of:
             self._idle.clear()
+        if batches and self._stall_check is None:
+            assert self._loop is not None
+            self._stall_check = self._loop.call_later(STALL_CHECK, self._check_stalls)
         for child, rows in batches.items():
             self._send(child, _frames.pack(rows))
         if returned:
@@ -306,6 +305,8 @@ class ProcessExecutor:
         for frame in frames:
             if frame[0] == _frames.RESULTS:
                 self._results(child, frame[1], executed)
+            elif frame[0] == _frames.WITHDRAWN:
+                self._withdrawn(child, frame[1])
             elif frame[0] == _frames.READY:
                 child.ready = True
                 self._became_ready()
@@ -334,8 +335,50 @@ class ProcessExecutor:
             yardstick = learn(yardstick, seconds)
             executed.append((task, _frames.outcome(row), seconds))
         self._yardstick = yardstick
+        child.progress_at = time.perf_counter()
         if not held:
             child.backlog = 0.0  # no drift from the sums
+
+    def _check_stalls(self) -> None:
+        self._stall_check = None
+        if self._closing:
+            return
+        now = time.perf_counter()
+        queues = False
+        for child in self._children:
+            if not child.ready or len(child.held) < 2:
+                continue
+            queues = True
+            slot = self._running[child.index] - 1
+            if child.withdrawing or slot not in child.held:
+                continue
+            patience = max(STALL_SECONDS, STALL_FACTOR * self._estimate_at[slot])
+            if now - child.progress_at > patience:
+                child.withdrawing = True
+                os.kill(child.process.pid, signal.SIGUSR1)
+        if queues:
+            assert self._loop is not None
+            self._stall_check = self._loop.call_later(STALL_CHECK, self._check_stalls)
+
+    def _withdrawn(self, child: _Child, slots: list[int]) -> None:
+        """``child`` gave back these queued tasks: they go back to the FIFO."""
+        child.withdrawing = False
+        returned = self._give_back(child, slots)
+        running = self._running[child.index] - 1
+        stuck = child.held.get(running)
+        if stuck is not None:
+            # It has run this long at least: what its operation is expected to take now.
+            seconds = time.perf_counter() - child.progress_at
+            key = (stuck.kind, stuck.operation)
+            self._estimates[key] = max(self._estimates.get(key, 0.0), seconds)
+            self._yardstick = max(self._yardstick or 0.0, seconds)
+            child.backlog += seconds - self._estimate_at[running]
+            self._estimate_at[running] = seconds
+        if returned:
+            log.warning("process-executor child %d has run one task for %.2fs: %d task(s) "
+                        "queued behind it go back to the queue", child.index,
+                        time.perf_counter() - child.progress_at, len(returned))
+            self._emit(ExecutionFinished((), self.capacity, returned))
 
     def _became_ready(self) -> None:
         if self._started is not None and not self._started.done():
@@ -365,16 +408,9 @@ class ProcessExecutor:
         child.process.join(0.1)
         running = self._running[child.index] - 1
         self._running[child.index] = 0
-        culprit = child.held.pop(running, None) if running >= 0 else None
-        innocent = list(child.held.items())
-        child.held.clear()
-        child.backlog = 0.0
+        [culprit] = self._give_back(child, [running]) if running in child.held else [None]
+        innocent = self._give_back(child, list(child.held))
         now = time.perf_counter()
-        for slot, task in [*innocent, *([(running, culprit)] if culprit else [])]:
-            del self._slot_of[task]
-            self._free.append(slot)
-        if not self._slot_of:
-            self._idle.set()
         log.error(
             "process-executor child %d (pid %s) died, exit code %s%s; %d task(s) it held "
             "go back to the queue", child.index, child.process.pid, child.process.exitcode,
@@ -398,7 +434,20 @@ class ProcessExecutor:
             self._emit(PoolCrashed(
                 [(culprit, now - self._sent_at[running])], False, CRASH_ERROR_TYPE))
         if innocent:
-            self._emit(ExecutionFinished((), self.capacity, [t for _, t in innocent]))
+            self._emit(ExecutionFinished((), self.capacity, innocent))
+
+    def _give_back(self, child: _Child, slots: list[int]) -> list[TaskSpec]:
+        """Take these slots' tasks from ``child`` and free the slots."""
+        tasks = [child.held.pop(slot) for slot in slots]
+        for slot, task in zip(slots, tasks, strict=True):
+            del self._slot_of[task]
+            self._free.append(slot)
+            child.backlog -= self._estimate_at[slot]
+        if not child.held:
+            child.backlog = 0.0
+        if not self._slot_of:
+            self._idle.set()
+        return tasks
 
     def _respawn(self, index: int) -> None:
         self._respawns.pop(index, None)

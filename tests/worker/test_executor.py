@@ -140,3 +140,29 @@ async def test_a_task_aborted_before_it_starts_is_not_run(tmp_path: Path) -> Non
         assert not second.exists()
     finally:
         await executor.close(1.0)
+
+
+async def test_a_queue_behind_a_task_slower_than_estimated_goes_back(tmp_path: Path) -> None:
+    executor = ProcessExecutor([OPS], 1)
+    events: Events = []
+    executor.attach(events.append)
+    await executor.start()
+    try:
+        for warm in tasks_from_wire([task("echo", 0), task("slow", {"max": 0})]):
+            executor.submit([warm])  # both now known to be quick
+            await wait_for(lambda: executor.busy == 0, 10, "the warm-up")
+        events.clear()
+        marker = tmp_path / "m"
+        tasks = tasks_from_wire([task("slow", {"marker": str(marker), "max": 30}, task_id=100)]
+                                + [task("echo", i, task_id=i) for i in range(10)])
+        executor.submit(tasks)
+        assert executor.busy == 11 and not events
+        # The slow run turns out long: its queue is withdrawn, not left waiting.
+        [event] = await wait_for(lambda: events, 5, "the queue withdrawn")
+        assert isinstance(event, ExecutionFinished) and not event.results
+        assert list(event.returned) == tasks[1:] and executor.busy == 1
+        assert event.capacity == 1  # nothing more goes behind it now
+        executor.abort(tasks[:1])
+        await wait_for(lambda: executor.busy == 0, 10, "the slow one aborted")
+    finally:
+        await executor.close(1.0)
