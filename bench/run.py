@@ -300,6 +300,22 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def _cpu_split(orchestrator: int, workers: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the orchestrator, the workers and their children."""
+    out = {"client": time.process_time(), "orchestrator": _cpu_seconds([orchestrator]) -
+           _cpu_seconds(_children(orchestrator))}
+    out["worker"] = sum(_cpu_seconds([w]) - _cpu_seconds(_children(w)) for w in workers)
+    out["children"] = sum(_cpu_seconds(_children(w)) for w in workers)
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
 def _machine_busy() -> float:
     """Seconds of CPU the whole machine has spent busy (all cores), from /proc/stat."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -346,13 +362,18 @@ def compare_executors(executors: list[str], sizes: Sizes, rounds: int,
         clients = {e: c.client for e, c in clusters.items()}
         pids = {e: [c.orchestrator_pid, *c.worker_pids] for e, c in clusters.items()}
         of_left: dict[str, list[float]] = {e: [] for e in executors}
+        cpu: dict[str, dict[str, list[float]]] = {e: {} for e in executors}
         for client in clients.values():  # warm up: spawn, estimates, connections
             IndexedStream.from_iterable(range(2_000)).map("noop").run(client)
             IndexedStream.from_iterable(range(20)).map("burn", ms=sizes.c1_ms).run(client)
         for _ in range(rounds):
             for e, client in clients.items():
                 if want("W1"):
+                    before = _cpu_split(pids[e][0], pids[e][1:])
                     results["W1", e].samples.append(w1_once(client, sizes.w1))
+                    after = _cpu_split(pids[e][0], pids[e][1:])
+                    for k in after:
+                        cpu[e].setdefault(k, []).append((after[k] - before[k]) / sizes.w1 * 1e6)
                 if want("W3"):
                     p50, p99 = w3_once(client, sizes.w3)
                     results["W3", e].samples.append(p50)
@@ -367,6 +388,9 @@ def compare_executors(executors: list[str], sizes: Sizes, rounds: int,
     for (workload, e), r in results.items():
         if not r.samples:
             continue
+        if workload == "W1":
+            for k, v in cpu[e].items():  # CPU µs per task, all workers (or children) together
+                r.extra[f"cpu_us_{k}"] = statistics.median(v)
         if workload == "W1" and inline is not None and inline.samples:
             r.extra["of_inline"] = r.median / inline.median
         if workload == "W3":
