@@ -16,7 +16,12 @@ to the end.
 
 Results are sent when the queue is empty, or sooner once ``FLUSH_SECONDS``
 have passed since the last send: a batch of cheap tasks goes back as one
-frame, and a slow task's result does not wait for the rest of its batch.
+frame, and a slow task's result does not wait long for the rest of its
+batch. Not after every task of a few milliseconds, though: each frame
+becomes a result message, and each of those a journal commit and item
+writes at the orchestrator, which cost it ~0.3 ms of CPU apiece (C1 in
+``bench/README.md``). ``FLUSH_SECONDS`` stays well below the queue's
+``_depth.TARGET_SECONDS``, so the parent refills the queue before it drains.
 SIGUSR1 asks for the tasks not started yet back (``[WITHDRAWN, slots]``):
 the parent sends it when this child has held a queue without progress for
 long, so that the queue can run elsewhere.
@@ -43,7 +48,7 @@ from worker_service._abort import SlotSignal
 from worker_service._execute import Prepared, prepare
 from worker_service._model import Failure, Outcome, Transient
 
-FLUSH_SECONDS = 0.001
+FLUSH_SECONDS = 0.02
 # Prepared runs kept per child, keyed by (kind, operation, params, serializer).
 _PREPARED_CACHE = 256
 
