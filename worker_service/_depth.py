@@ -10,7 +10,9 @@ most ``MAX_DEPTH`` tasks, and always one task waiting behind a running one
 when both are shorter than ``SHORT_SECONDS`` (a loaded machine makes that
 round trip slow, and run times measured on it look long). A task of an
 operation never seen yet goes only to an idle consumer, and counts as
-``UNSEEN_SECONDS`` of work, so nothing waits behind it.
+``UNSEEN_SECONDS`` of work, so nothing waits behind it. When the runs
+ahead of a queue turn out much slower than estimated, the queue is taken
+back (``STALL_SECONDS``) and goes back to the scheduler's FIFO.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ TARGET_SECONDS = 0.05
 MAX_DEPTH = 512
 SHORT_SECONDS = 0.1
 UNSEEN_SECONDS = 1.0
+# A queue behind runs that have reported nothing for this long (or for
+# STALL_FACTOR times what they were expected to take) is taken back: those
+# runs are slower than estimated. Checked every STALL_CHECK seconds.
+STALL_SECONDS = 0.25
+STALL_FACTOR = 4
+STALL_CHECK = 0.05
 
 
 def room(held: int, backlog: float, estimate: float | None, consumers: int = 1) -> int:

@@ -26,7 +26,14 @@ from typing import Protocol
 
 from squire_kernel.operations import AbortSignal, Registry
 from worker_service._abort import NEVER_ABORTED, AbortFlag
-from worker_service._depth import UNSEEN_SECONDS, learn, room
+from worker_service._depth import (
+    STALL_CHECK,
+    STALL_FACTOR,
+    STALL_SECONDS,
+    UNSEEN_SECONDS,
+    learn,
+    room,
+)
 from worker_service._execute import prepare, run_task
 from worker_service._model import ErrorKind, Failure, Outcome, TaskSpec, aborted_failure
 from worker_service._process import ProcessExecutor as ProcessExecutor
@@ -163,6 +170,9 @@ class ThreadExecutor:
         self._handoff_due = False  # guarded by _lock
         self._idle = asyncio.Event()
         self._idle.set()
+        self._futures: dict[TaskSpec, concurrent.futures.Future[None]] = {}
+        self._progress_at = 0.0  # when runs last ended, or the first of a batch was queued
+        self._stall_check: asyncio.TimerHandle | None = None
 
     @property
     def capacity(self) -> int:
@@ -188,14 +198,18 @@ class ThreadExecutor:
             if not room(len(flags), self._backlog, estimate, threads):
                 returned = tasks[at:]  # and nothing overtakes it
                 break
+            if not flags:
+                self._progress_at = time.perf_counter()
             flag = flags[task] = AbortFlag()
             seconds = self._estimate_at[task] = UNSEEN_SECONDS if estimate is None else estimate
             self._backlog += seconds
             op = operations.get(task.operation)
             signal = flag if op is not None and op.accepts_abort else NEVER_ABORTED
-            self._pool.submit(self._run, task, flag, signal)
+            self._futures[task] = self._pool.submit(self._run, task, flag, signal)
         if flags:
             self._idle.clear()
+        if len(flags) > threads and self._stall_check is None:
+            self._stall_check = self._loop.call_later(STALL_CHECK, self._check_stalls)
         if returned and self._sink is not None:
             self._sink(ExecutionFinished((), len(flags), returned))
 
@@ -230,8 +244,10 @@ class ThreadExecutor:
             self._handoff_due = False
         estimates, yardstick = self._estimates, self._yardstick
         executed: list[Executed] = []
+        self._progress_at = time.perf_counter()
         for task, outcome, seconds, ran in ended:
             del self._flags[task]
+            del self._futures[task]
             self._backlog -= self._estimate_at.pop(task)
             if ran:
                 key = (task.kind, task.operation)
@@ -245,6 +261,31 @@ class ThreadExecutor:
         if self._sink is not None:
             self._sink(ExecutionFinished(executed, self.capacity))
 
+    def _check_stalls(self) -> None:
+        """Take back the queue behind runs much slower than estimated."""
+        self._stall_check = None
+        if len(self._flags) <= self._concurrency:
+            return
+        waited = time.perf_counter() - self._progress_at
+        if waited > max(STALL_SECONDS, STALL_FACTOR * (self._yardstick or 0.0)):
+            # A future not started yet cancels (then never runs); a running one does not.
+            returned = [t for t, future in list(self._futures.items()) if future.cancel()]
+            for task in returned:
+                del self._flags[task], self._futures[task]
+                self._backlog -= self._estimate_at.pop(task)
+            for task in self._futures:  # running at least this long
+                key = (task.kind, task.operation)
+                self._estimates[key] = max(self._estimates.get(key, 0.0), waited)
+            self._yardstick = max(self._yardstick or 0.0, waited)
+            if returned:
+                log.warning("threads have run for %.2fs: %d task(s) queued behind them go back "
+                            "to the queue", waited, len(returned))
+                if self._sink is not None:
+                    self._sink(ExecutionFinished((), self.capacity, returned))
+        if len(self._flags) > self._concurrency:
+            assert self._loop is not None
+            self._stall_check = self._loop.call_later(STALL_CHECK, self._check_stalls)
+
     def abort(self, tasks: Iterable[TaskSpec]) -> None:
         for task in tasks:
             flag = self._flags.get(task)
@@ -252,6 +293,8 @@ class ThreadExecutor:
                 flag.set()
 
     async def close(self, grace: float) -> None:
+        if self._stall_check is not None:
+            self._stall_check.cancel()
         for flag in self._flags.values():
             flag.set()
         self._pool.shutdown(wait=False)

@@ -31,6 +31,7 @@ another task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -40,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from worker_service import _child, _frames
+from worker_service import _child, _depth, _frames
 from worker_service._depth import MAX_DEPTH, UNSEEN_SECONDS, learn, room
 from worker_service._errors import OpsLoadError
 from worker_service._model import TaskSpec, aborted_failure
@@ -56,12 +57,6 @@ CRASH_ERROR_TYPE = "BrokenProcessPool"
 RESPAWN_DELAY = 1.0
 # After the sockets close, how long idle children get to exit before SIGKILL.
 EXIT_WAIT = 1.0
-# A child that holds a queue and has reported nothing for this long (or for
-# STALL_FACTOR times what its running task was expected to take) is asked
-# for its queue back: its running task is slower than estimated.
-STALL_SECONDS = 0.25
-STALL_FACTOR = 4
-STALL_CHECK = 0.05
 
 
 class _Child:
@@ -245,7 +240,7 @@ class ProcessExecutor:
             self._idle.clear()
         if batches and self._stall_check is None:
             assert self._loop is not None
-            self._stall_check = self._loop.call_later(STALL_CHECK, self._check_stalls)
+            self._stall_check = self._loop.call_later(_depth.STALL_CHECK, self._check_stalls)
         for child, rows in batches.items():
             self._send(child, _frames.pack(rows))
         if returned:
@@ -352,13 +347,14 @@ class ProcessExecutor:
             slot = self._running[child.index] - 1
             if child.withdrawing or slot not in child.held:
                 continue
-            patience = max(STALL_SECONDS, STALL_FACTOR * self._estimate_at[slot])
+            patience = max(_depth.STALL_SECONDS, _depth.STALL_FACTOR * self._estimate_at[slot])
             if now - child.progress_at > patience:
                 child.withdrawing = True
-                os.kill(child.process.pid, signal.SIGUSR1)
+                with contextlib.suppress(ProcessLookupError):  # dead: _lost takes its tasks
+                    os.kill(child.process.pid, signal.SIGUSR1)
         if queues:
             assert self._loop is not None
-            self._stall_check = self._loop.call_later(STALL_CHECK, self._check_stalls)
+            self._stall_check = self._loop.call_later(_depth.STALL_CHECK, self._check_stalls)
 
     def _withdrawn(self, child: _Child, slots: list[int]) -> None:
         """``child`` gave back these queued tasks: they go back to the FIFO."""

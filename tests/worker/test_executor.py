@@ -166,3 +166,28 @@ async def test_a_queue_behind_a_task_slower_than_estimated_goes_back(tmp_path: P
         await wait_for(lambda: executor.busy == 0, 10, "the slow one aborted")
     finally:
         await executor.close(1.0)
+
+
+async def test_the_thread_executor_takes_back_a_queue_behind_slow_runs() -> None:
+    executor = ThreadExecutor(load_registry((OPS,)), 1)
+    events: Events = []
+    executor.attach(events.append)
+    await executor.start()
+    try:
+        for warm in (spec(0, "gated", b"0"), spec(1)):
+            GATE.release.set()
+            executor.submit([warm])  # both now known to be quick
+            await wait_for(lambda: executor.busy == 0, what="the warm-up")
+        GATE.reset()
+        events.clear()
+        tasks = [spec(10, "gated", b"10"), *(spec(i) for i in range(11, 16))]
+        executor.submit(tasks)
+        assert executor.busy == 6 and not events
+        [event] = await wait_for(lambda: events, 5, "the queue taken back")
+        assert isinstance(event, ExecutionFinished) and not event.results
+        assert list(event.returned) == tasks[1:] and executor.busy == 1
+        GATE.release.set()
+        await wait_for(lambda: executor.busy == 0, what="the gated run")
+        assert ended(events) == tasks[:1]
+    finally:
+        await executor.close(1.0)
