@@ -22,9 +22,11 @@ becomes a result message, and each of those a journal commit and item
 writes at the orchestrator, which cost it ~0.3 ms of CPU apiece (C1 in
 ``bench/README.md``). ``FLUSH_SECONDS`` stays well below the queue's
 ``_depth.TARGET_SECONDS``, so the parent refills the queue before it drains.
-SIGUSR1 asks for the tasks not started yet back (``[WITHDRAWN, slots]``):
-the parent sends it when this child has held a queue without progress for
-long, so that the queue can run elsewhere.
+A task the parent expects to run ``FLUSH_SECONDS`` or more first sends
+what is done. SIGUSR1 asks for the tasks not started yet back
+(``[WITHDRAWN, slots]``, after the results done so far): the parent sends
+it when this child has held more than its running task without progress
+for long, so that the queue can run elsewhere.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class _Server:
         self.running = running
         self.index = index
         self.queue: deque[list[Any]] = deque()  # received, not started
+        self.results: list[list[Any]] = []      # done, not sent
         self.sending = False
         self.withdraw_due = False
 
@@ -125,6 +128,13 @@ class _Server:
         self.withdraw_due = False
         slots = [row[0] for row in self.queue]
         self.queue.clear()
+        # Done before the long run began: they need not wait for it. Taken
+        # from the list in place, not swapped: the loop may hold the list to
+        # append to it right after this handler returns.
+        done = self.results[:]
+        del self.results[:len(done)]
+        if done:
+            self.send([_frames.RESULTS, done])
         self.send([_frames.WITHDRAWN, slots])
 
     def serve(self) -> None:
@@ -134,13 +144,11 @@ class _Server:
         clock = time.perf_counter
         queue, flags, running, index, registry = (
             self.queue, self.flags, self.running, self.index, self.registry)
-        results: list[list[Any]] = []
         last_send = clock()
         while True:
             if not queue:
-                if results:
-                    self.send([_frames.RESULTS, results])
-                    results = []
+                if self.results:
+                    self.flush()
                 data = self.sock.recv(1 << 20)
                 if not data:
                     return  # the parent closed our socket: the executor is closing
@@ -148,7 +156,11 @@ class _Server:
                     queue.extend(batch)
                 last_send = clock()
                 continue
-            slot, kind, operation, params, input, operands, serializer, retry = queue.popleft()
+            row = queue.popleft()
+            slot, kind, operation, params, input, operands, serializer, retry, expected = row
+            if expected >= FLUSH_SECONDS and self.results:
+                self.flush()  # what is done does not wait for a task expected to be long
+                last_send = clock()
             key = (kind, operation, params, serializer)
             prepared = cache.get(key)
             if prepared is None:
@@ -158,7 +170,7 @@ class _Server:
             start = clock()
             if flags[slot]:
                 # Aborted before it started: as if the worker had dropped it queued.
-                results.append([slot, 0.0])
+                self.results.append([slot, 0.0])
                 continue
             if isinstance(prepared, Failure):
                 outcome: Outcome = prepared
@@ -170,11 +182,14 @@ class _Server:
                 outcome = prepared.run(input, operands, abort, retry)
                 running[index] = 0
             end = clock()
-            results.append(_result(slot, end - start, outcome))
+            self.results.append(_result(slot, end - start, outcome))
             if end - last_send >= FLUSH_SECONDS:
-                self.send([_frames.RESULTS, results])
-                results = []
+                self.flush()
                 last_send = end
+
+    def flush(self) -> None:
+        results, self.results = self.results, []
+        self.send([_frames.RESULTS, results])
 
 
 def _result(slot: int, seconds: float, outcome: Outcome) -> list[Any]:

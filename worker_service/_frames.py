@@ -6,7 +6,8 @@ numbers, and the payload bytes that came from the network pass through as
 bytes -- nothing a child or the parent reads can run code when decoded.
 
 Parent to child, one frame per batch: a list of tasks, each
-``[slot, kind, operation, params, input, operands, serializer, retry]``.
+``[slot, kind, operation, params, input, operands, serializer, retry,
+estimate]`` (the seconds the parent expects it to run).
 
 Child to parent: ``[READY, operations, monoids]`` once its imports worked
 (``[FAILED, traceback]`` if not), then ``[RESULTS, results]`` where a result

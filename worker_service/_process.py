@@ -234,7 +234,7 @@ class ProcessExecutor:
             best.backlog += estimate
             batches.setdefault(best, []).append([
                 slot, task.kind, task.operation, task.params, task.input, task.operands,
-                task.serializer, task.retries + 1,
+                task.serializer, task.retries + 1, estimate,
             ])
         if self._slot_of:
             self._idle.clear()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from worker_service._depth import MAX_DEPTH
 from worker_service._executor import InlineExecutor, ThreadExecutor
 from worker_service._model import ErrorKind, TaskSpec
@@ -189,5 +191,31 @@ async def test_the_thread_executor_takes_back_a_queue_behind_slow_runs() -> None
         GATE.release.set()
         await wait_for(lambda: executor.busy == 0, what="the gated run")
         assert ended(events) == tasks[:1]
+    finally:
+        await executor.close(1.0)
+
+
+@pytest.mark.parametrize("learned", [0.05, 0.0], ids=["expected-long", "turns-long"])
+async def test_a_result_does_not_wait_for_the_long_run_after_it(
+    tmp_path: Path, learned: float
+) -> None:
+    executor = ProcessExecutor([OPS], 1)
+    events: Events = []
+    executor.attach(events.append)
+    await executor.start()
+    try:
+        for warm in tasks_from_wire([task("echo", 0), task("slow", {"max": learned})]):
+            executor.submit([warm])
+            await wait_for(lambda: executor.busy == 0, 10, "the warm-up")
+        events.clear()
+        quick, long = tasks_from_wire([task("echo", 1, task_id=1),
+                                       task("slow", {"max": 30}, task_id=2)])
+        executor.submit([quick, long])
+        assert executor.busy == 2, "both in the one child"
+        # Sent before the long run (expected long), or on the stall signal.
+        await wait_for(lambda: ended(events) == [quick], 3, "the quick result")
+        assert executor.busy == 1
+        executor.abort([long])
+        await wait_for(lambda: executor.busy == 0, 10, "the long run aborted")
     finally:
         await executor.close(1.0)
