@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from squire import monoid, operation
 
 
@@ -18,3 +20,13 @@ def inc(x: int) -> int:
 @monoid("add", empty=0)
 def add(a: int, b: int) -> int:
     return a + b
+
+
+@operation("burn")
+def burn(x: object, *, ms: float = 2.0) -> object:
+    """Spin for ``ms`` of this thread's CPU time: a CPU-bound operation that
+    costs the same however busy the machine is."""
+    end = time.thread_time() + ms / 1000
+    while time.thread_time() < end:
+        pass
+    return x

@@ -55,12 +55,14 @@ class Sizes:
     w6_directives: int = 10
     w6_tasks: int = 2_000
     repeats: int = 3
+    c1: int = 10_000
+    c1_ms: float = 2.0
     # W1 and W4 (same size as W1) make a ratio: more repeats steady it.
     ratio_repeats: int = 5
 
 
 SMOKE = Sizes(w1=2_000, w2=1_000, w3=50, w5=20_000, w6_directives=4, w6_tasks=200,
-              repeats=1, ratio_repeats=1)
+              repeats=1, ratio_repeats=1, c1=200)
 
 
 @dataclass
@@ -90,8 +92,8 @@ def vm(pid: int, key: str) -> int:
     return 0
 
 
-def cluster(**kwargs: Any) -> Any:
-    return squire.embedded(2, ops=("bench_ops",), executor="inline", concurrency=1,
+def cluster(executor: str = "inline", **kwargs: Any) -> Any:
+    return squire.embedded(2, ops=("bench_ops",), executor=executor, concurrency=1,
                            prefetch=PREFETCH, log=os.devnull, **kwargs)
 
 
@@ -272,6 +274,136 @@ def w6(client: squire.Client, directives: int, tasks: int, repeats: int) -> Resu
     return r
 
 
+def w3_once(client: squire.Client, n: int) -> tuple[float, float]:
+    """p50 and p99 in ms of ``n`` sequential one-element directives."""
+    lat = []
+    for i in range(n):
+        start = time.perf_counter()
+        out = IndexedStream.from_iterable([i]).map("noop").run(client)
+        lat.append((time.perf_counter() - start) * 1e3)
+        assert out == [i]
+    lat.sort()
+    return lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of these processes and their children, living."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick + _cpu_seconds([int(k) for k in kids])
+    return total
+
+
+def _cpu_split(orchestrator: int, workers: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the orchestrator, the workers and their children."""
+    out = {"client": time.process_time(), "orchestrator": _cpu_seconds([orchestrator]) -
+           _cpu_seconds(_children(orchestrator))}
+    out["worker"] = sum(_cpu_seconds([w]) - _cpu_seconds(_children(w)) for w in workers)
+    out["children"] = sum(_cpu_seconds(_children(w)) for w in workers)
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _machine_busy() -> float:
+    """Seconds of CPU the whole machine has spent busy (all cores), from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def c1_once(client: squire.Client, n: int, ms: float, pids: list[int]) -> tuple[float, float]:
+    """Tasks/s, and the share of the ideal reached on the CPU left to us.
+
+    This machine is shared: CPU other processes take during the run is CPU
+    no executor could have used, so the second figure counts only what was
+    left (2 cores x wall time, less the others' busy time)."""
+    busy0, ours0, self0 = _machine_busy(), _cpu_seconds(pids), time.process_time()
+    dt, out = timed(
+        lambda: IndexedStream.from_iterable(range(n)).map("burn", ms=ms).run(client)
+    )
+    ours = _cpu_seconds(pids) - ours0 + time.process_time() - self0
+    others = max(0.0, _machine_busy() - busy0 - ours)
+    assert out == list(range(n))
+    left = 2 * dt - others
+    return n / dt, (n * ms / 1000) / left
+
+
+def compare_executors(executors: list[str], sizes: Sizes, rounds: int,
+                      want: Callable[[str], bool]) -> list[Result]:
+    """W1, W3 and C1 for each executor, in alternating rounds within one sitting.
+
+    Every executor's cluster (2 workers x concurrency 1, prefetch 1024) is up
+    throughout; each round runs each workload once on each executor, so a
+    slow spell of this shared machine lands on all of them alike."""
+    results: dict[tuple[str, str], Result] = {}
+    p99s: dict[str, list[float]] = {e: [] for e in executors}
+    ideal = 2 * 1000 / sizes.c1_ms  # 2 workers x 1 child, each a core
+    for e in executors:
+        results["W1", e] = Result(f"W1 {e}", f"no-op map, {sizes.w1:,} tasks, --executor {e}",
+                                  "tasks/s")
+        results["W3", e] = Result(f"W3 {e}", f"{sizes.w3:,} one-element directives, {e}",
+                                  "ms p50")
+        results["C1", e] = Result(
+            f"C1 {e}", f"{sizes.c1_ms:g} ms CPU op x {sizes.c1:,}, 2 workers x 1, {e}", "tasks/s")
+    with contextlib.ExitStack() as stack:
+        clusters = {e: stack.enter_context(cluster(e)) for e in executors}
+        clients = {e: c.client for e, c in clusters.items()}
+        pids = {e: [c.orchestrator_pid, *c.worker_pids] for e, c in clusters.items()}
+        of_left: dict[str, list[float]] = {e: [] for e in executors}
+        cpu: dict[str, dict[str, list[float]]] = {e: {} for e in executors}
+        for client in clients.values():  # warm up: spawn, estimates, connections
+            IndexedStream.from_iterable(range(2_000)).map("noop").run(client)
+            IndexedStream.from_iterable(range(20)).map("burn", ms=sizes.c1_ms).run(client)
+        for _ in range(rounds):
+            for e, client in clients.items():
+                if want("W1"):
+                    before = _cpu_split(pids[e][0], pids[e][1:])
+                    results["W1", e].samples.append(w1_once(client, sizes.w1))
+                    after = _cpu_split(pids[e][0], pids[e][1:])
+                    for k in after:
+                        cpu[e].setdefault(k, []).append((after[k] - before[k]) / sizes.w1 * 1e6)
+                if want("W3"):
+                    p50, p99 = w3_once(client, sizes.w3)
+                    results["W3", e].samples.append(p50)
+                    p99s[e].append(p99)
+                if want("C1"):
+                    rate, left = c1_once(client, sizes.c1, sizes.c1_ms, pids[e])
+                    results["C1", e].samples.append(rate)
+                    of_left[e].append(left)
+    out = [r for r in results.values() if r.samples]
+    inline = results.get(("W1", "inline"))
+    inline_w3 = results.get(("W3", "inline"))
+    for (workload, e), r in results.items():
+        if not r.samples:
+            continue
+        if workload == "W1":
+            for k, v in cpu[e].items():  # CPU µs per task, all workers (or children) together
+                r.extra[f"cpu_us_{k}"] = statistics.median(v)
+        if workload == "W1" and inline is not None and inline.samples:
+            r.extra["of_inline"] = r.median / inline.median
+        if workload == "W3":
+            r.extra["p99_ms"] = statistics.median(p99s[e])
+            if inline_w3 is not None and inline_w3.samples:
+                r.extra["p50_minus_inline_ms"] = r.median - inline_w3.median
+        if workload == "C1":
+            r.extra["of_ideal"] = r.median / ideal
+            r.extra["of_cpu_left"] = statistics.median(of_left[e])
+            r.extra["of_cpu_left_all"] = of_left[e]
+    return out
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
@@ -294,6 +426,10 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for CI")
     p.add_argument("--only", default="", help="comma-separated subset, e.g. W1,W4")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "latest.json")
+    p.add_argument("--executor", default="",
+                   help="compare executors instead, e.g. process,thread,inline: W1, W3 and C1 "
+                        "(a CPU-bound operation) for each, in alternating rounds")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the executor comparison")
     args = p.parse_args()
     sizes = SMOKE if args.smoke else Sizes()
     only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
@@ -301,8 +437,13 @@ def main() -> None:
     def want(workload: str) -> bool:
         return not only or workload in only
 
-    console = Console()
+    console = Console(width=150)
     results: list[Result] = []
+    executors = [e.strip() for e in args.executor.split(",") if e.strip()]
+    if executors:
+        results = compare_executors(executors, sizes, 1 if args.smoke else args.rounds, want)
+        report(console, results, args.smoke, args.out)
+        return
     with cluster() as e:
         client = e.client
         IndexedStream.from_iterable(range(100)).map("noop").run(client)  # warm up
@@ -317,22 +458,25 @@ def main() -> None:
             results.append(w6(client, sizes.w6_directives, sizes.w6_tasks, sizes.repeats))
     if want("W5"):
         results.append(w5(sizes.w5))
+    report(console, sorted(results, key=lambda r: r.name), args.smoke, args.out)
 
-    table = Table(title=f"Squire benchmark ({'smoke' if args.smoke else 'full'})")
+
+def report(console: Console, results: list[Result], smoke: bool, out: Path) -> None:
+    table = Table(title=f"Squire benchmark ({'smoke' if smoke else 'full'})")
     for col in ("", "workload", "median", "unit", "spread (min .. max)", "more"):
         table.add_column(col)
-    for r in sorted(results, key=lambda r: r.name):
+    for r in results:
         more = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in r.extra.items() if not isinstance(v, list))
         table.add_row(r.name, r.what, f"{r.median:,.3g}", r.unit, r.spread, more)
     console.print(table)
     info = machine()
     console.print(f"machine: {info}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": info, "smoke": args.smoke,
-                                    "results": [asdict(r) | {"median": r.median}
-                                                for r in results]}, indent=2))
-    console.print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "smoke": smoke,
+                               "results": [asdict(r) | {"median": r.median}
+                                           for r in results]}, indent=2))
+    console.print(f"wrote {out}")
 
 
 if __name__ == "__main__":

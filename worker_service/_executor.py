@@ -3,14 +3,15 @@
 Every executor has the same face (``Executor``): ``submit`` takes a batch of
 tasks, and each run comes back to the attached sink as an
 ``ExecutionFinished`` event -- during ``submit`` itself for the inline
-executor (a whole batch in one event), later and one by one for a pool. A
-pool that breaks reports its tasks together as one ``PoolCrashed``. So the
-scheduler never asks which executor it drives.
+executor (a whole batch in one event), later and in batches of whatever
+ended together for the thread and process executors (``_process``). A
+process child that dies reports the task it was running as a
+``PoolCrashed``. So the scheduler never asks which executor it drives.
 
-A pool's ``capacity`` slots are taken at submit and freed when the run's
-event is emitted -- not when a session stops caring about it -- so a task
-left running by a broken stream session still counts against concurrency
-(a new session learns it from ``busy``) until it really ends.
+An executor's slots are taken at submit and freed when the run's event is
+emitted -- not when a session stops caring about it -- so a task left
+running by a broken stream session still counts against concurrency (a new
+session learns it from ``busy``) until it really ends.
 """
 
 from __future__ import annotations
@@ -18,24 +19,28 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import multiprocessing
+import threading
 import time
-import weakref
-from collections.abc import Callable, Iterable, MutableMapping, Sequence
-from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from squire_kernel.operations import AbortSignal, Registry
-from worker_service import _child
 from worker_service._abort import NEVER_ABORTED, AbortFlag
-from worker_service._errors import OpsLoadError
+from worker_service._depth import (
+    STALL_CHECK,
+    STALL_FACTOR,
+    STALL_SECONDS,
+    UNSEEN_SECONDS,
+    learn,
+    room,
+)
 from worker_service._execute import prepare, run_task
-from worker_service._model import ErrorKind, Failure, Outcome, TaskSpec
-from worker_service._scheduler_events import Executed, ExecutionFinished, PoolCrashed
+from worker_service._model import ErrorKind, Failure, Outcome, TaskSpec, aborted_failure
+from worker_service._process import ProcessExecutor as ProcessExecutor
+from worker_service._process import Sink as Sink
+from worker_service._scheduler_events import Executed, ExecutionFinished
 
 log = logging.getLogger("worker_service.executor")
-
-Sink = Callable[[ExecutionFinished | PoolCrashed], None]
 
 
 class Executor(Protocol):
@@ -134,43 +139,49 @@ class InlineExecutor:
         return None
 
 
-class _Run:
-    """A task occupying a pool slot."""
+class ThreadExecutor:
+    """Threads: for operations that release the GIL or wait on I/O.
 
-    __slots__ = ("cf", "pool", "slot", "start")
+    The pool's threads share one queue, which holds a short backlog beyond
+    the tasks they run (``_depth``'s rule, as a process child's queue), so a
+    thread takes its next task without a trip through the event loop. Runs
+    that end are handed to the loop in batches: whatever ended since the
+    loop last took them, with one ``call_soon_threadsafe`` and one
+    ``ExecutionFinished``. A task whose abort signal is set before a thread
+    takes it is not run.
+    """
 
-    def __init__(
-        self, cf: concurrent.futures.Future[Outcome], pool: concurrent.futures.Executor,
-        slot: int, start: float,
-    ) -> None:
-        self.cf = cf
-        self.pool = pool
-        self.slot = slot
-        self.start = start  # taken before the submit: the run may begin at once
-
-
-class _PoolExecutor:
-    def __init__(self, concurrency: int) -> None:
-        self.concurrency = concurrency
-        self._free = list(range(concurrency))
-        self._all_free = asyncio.Event()
-        self._all_free.set()
-        self._loop: asyncio.AbstractEventLoop | None = None
+    def __init__(self, registry: Registry, concurrency: int) -> None:
+        self._registry = registry
+        self._concurrency = concurrency
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            concurrency, thread_name_prefix="squire-task"
+        )
+        self._flags: dict[TaskSpec, AbortFlag] = {}
+        self._estimate_at: dict[TaskSpec, float] = {}
+        self._backlog = 0.0
+        self._estimates: dict[tuple[int, str], float] = {}
+        self._yardstick: float | None = None
         self._sink: Sink | None = None
-        self._runs: dict[TaskSpec, _Run] = {}
-        # A broken pool -> the error and the tasks that reported its crash so
-        # far; it is reported once all its tasks have.
-        self._crashes: dict[
-            concurrent.futures.Executor, tuple[str, list[tuple[TaskSpec, _Run]]]
-        ] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        # (task, outcome, seconds, whether it ran), guarded by _lock
+        self._ended: list[tuple[TaskSpec, Outcome, float, bool]] = []
+        self._handoff_due = False  # guarded by _lock
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._futures: dict[TaskSpec, concurrent.futures.Future[None]] = {}
+        self._progress_at = 0.0  # when runs last ended, or the first of a batch was queued
+        self._stall_check: asyncio.TimerHandle | None = None
 
     @property
     def capacity(self) -> int:
-        return self.concurrency
+        held = len(self._flags)
+        return max(1, held + room(held, self._backlog, self._yardstick, self._concurrency))
 
     @property
     def busy(self) -> int:
-        return self.concurrency - len(self._free)
+        return len(self._flags)
 
     def attach(self, sink: Sink | None) -> None:
         self._sink = sink
@@ -179,234 +190,121 @@ class _PoolExecutor:
         self._loop = asyncio.get_running_loop()
 
     def submit(self, tasks: Sequence[TaskSpec]) -> None:
-        loop = self._loop
-        assert loop is not None, "start() the executor first"
-        for task in tasks:
-            assert self._free, "submitted beyond capacity"
-            slot = self._free.pop()
-            self._all_free.clear()
-            start = time.perf_counter()
-            cf, pool = self._start(task, slot)
-            self._runs[task] = _Run(cf, pool, slot, start)
-            cf.add_done_callback(self._when_done(loop, task))
+        assert self._loop is not None, "start() the executor first"
+        operations, flags, threads = self._registry.operations, self._flags, self._concurrency
+        returned: Sequence[TaskSpec] = ()
+        for at, task in enumerate(tasks):
+            estimate = self._estimates.get((task.kind, task.operation))
+            if not room(len(flags), self._backlog, estimate, threads):
+                returned = tasks[at:]  # and nothing overtakes it
+                break
+            if not flags:
+                self._progress_at = time.perf_counter()
+            flag = flags[task] = AbortFlag()
+            seconds = self._estimate_at[task] = UNSEEN_SECONDS if estimate is None else estimate
+            self._backlog += seconds
+            op = operations.get(task.operation)
+            signal = flag if op is not None and op.accepts_abort else NEVER_ABORTED
+            self._futures[task] = self._pool.submit(self._run, task, flag, signal)
+        if flags:
+            self._idle.clear()
+        if len(flags) > threads and self._stall_check is None:
+            self._stall_check = self._loop.call_later(STALL_CHECK, self._check_stalls)
+        if returned and self._sink is not None:
+            self._sink(ExecutionFinished((), len(flags), returned))
 
-    def _when_done(
-        self, loop: asyncio.AbstractEventLoop, task: TaskSpec
-    ) -> Callable[[concurrent.futures.Future[Outcome]], None]:
-        def done(_: concurrent.futures.Future[Outcome]) -> None:
-            try:  # called in the pool's thread
-                loop.call_soon_threadsafe(self._finished, task)
-            except RuntimeError:  # the loop is closed: the worker is gone
-                pass
+    def _run(self, task: TaskSpec, flag: AbortFlag, abort: AbortSignal) -> None:
+        """In a pool thread: run ``task``, then queue its end for the loop."""
+        start = time.perf_counter()
+        ran = not flag.is_set()
+        try:
+            outcome = run_task(
+                self._registry, task.kind, task.operation, task.params, task.input,
+                task.operands, task.serializer, abort, task.retries + 1,
+            ) if ran else aborted_failure(task.routing_key)
+        except BaseException as exc:  # run_task turns what operations raise into failures
+            log.error("executing task %s/%d failed", task.routing_key, task.task_id,
+                      exc_info=exc)
+            outcome = Failure(ErrorKind.OPERATION, type(exc).__name__, str(exc))
+        ended = (task, outcome, time.perf_counter() - start, ran)
+        with self._lock:
+            self._ended.append(ended)
+            if self._handoff_due:
+                return
+            self._handoff_due = True
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._handoff)
+        except RuntimeError:  # the loop is closed: the worker is gone
+            pass
 
-        return done
+    def _handoff(self) -> None:
+        with self._lock:
+            ended, self._ended = self._ended, []
+            self._handoff_due = False
+        estimates, yardstick = self._estimates, self._yardstick
+        executed: list[Executed] = []
+        self._progress_at = time.perf_counter()
+        for task, outcome, seconds, ran in ended:
+            del self._flags[task]
+            del self._futures[task]
+            self._backlog -= self._estimate_at.pop(task)
+            if ran:
+                key = (task.kind, task.operation)
+                estimates[key] = learn(estimates.get(key), seconds)
+                yardstick = learn(yardstick, seconds)
+            executed.append((task, outcome, seconds))
+        self._yardstick = yardstick
+        if not self._flags:
+            self._backlog = 0.0  # no drift from the sums
+            self._idle.set()
+        if self._sink is not None:
+            self._sink(ExecutionFinished(executed, self.capacity))
 
-    def _start(
-        self, task: TaskSpec, slot: int
-    ) -> tuple[concurrent.futures.Future[Outcome], concurrent.futures.Executor]:
-        raise NotImplementedError
-
-    def _set_abort(self, slot: int) -> None:
-        raise NotImplementedError
-
-    def _pool_broke(self, pool: concurrent.futures.Executor) -> None:
-        return None
+    def _check_stalls(self) -> None:
+        """Take back the queue behind runs much slower than estimated."""
+        self._stall_check = None
+        if len(self._flags) <= self._concurrency:
+            return
+        waited = time.perf_counter() - self._progress_at
+        if waited > max(STALL_SECONDS, STALL_FACTOR * (self._yardstick or 0.0)):
+            # A future not started yet cancels (then never runs); a running one does not.
+            returned = [t for t, future in list(self._futures.items()) if future.cancel()]
+            for task in returned:
+                del self._flags[task], self._futures[task]
+                self._backlog -= self._estimate_at.pop(task)
+            for task in self._futures:  # running at least this long
+                key = (task.kind, task.operation)
+                self._estimates[key] = max(self._estimates.get(key, 0.0), waited)
+            self._yardstick = max(self._yardstick or 0.0, waited)
+            if returned:
+                log.warning("threads have run for %.2fs: %d task(s) queued behind them go back "
+                            "to the queue", waited, len(returned))
+                if self._sink is not None:
+                    self._sink(ExecutionFinished((), self.capacity, returned))
+        if len(self._flags) > self._concurrency:
+            assert self._loop is not None
+            self._stall_check = self._loop.call_later(STALL_CHECK, self._check_stalls)
 
     def abort(self, tasks: Iterable[TaskSpec]) -> None:
         for task in tasks:
-            run = self._runs.get(task)
-            # Once the future is done its slot may soon serve another task;
-            # setting the flag then would abort that one instead.
-            if run is not None and not run.cf.done():
-                self._set_abort(run.slot)
-
-    def _finished(self, task: TaskSpec) -> None:
-        run = self._runs.pop(task)
-        cf, pool = run.cf, run.pool
-        error = None if cf.cancelled() else cf.exception()
-        if isinstance(error, concurrent.futures.BrokenExecutor) or (
-            cf.cancelled() and pool in self._crashes
-        ):
-            # A broken pool fails all its futures at once; its crash is
-            # reported when the last of its runs is in, with all its tasks.
-            self._pool_broke(pool)
-            self._crashes.setdefault(pool, (type(error).__name__, []))[1].append((task, run))
-        else:
-            outcome: Outcome
-            if cf.cancelled():
-                outcome = Failure(ErrorKind.OPERATION, "CancelledError", "the executor closed")
-            elif error is not None:
-                log.error(
-                    "executing task %s/%d failed", task.routing_key, task.task_id,
-                    exc_info=error,
-                )
-                outcome = Failure(ErrorKind.OPERATION, type(error).__name__, str(error))
-            else:
-                outcome = cf.result()
-            self._release(run.slot)
-            self._emit(ExecutionFinished([(task, outcome, time.perf_counter() - run.start)]))
-        # A run that ended well just before its pool broke may be the last in.
-        if pool in self._crashes and not any(r.pool is pool for r in self._runs.values()):
-            error_type, crashed = self._crashes.pop(pool)
-            now = time.perf_counter()
-            for _, crashed_run in crashed:
-                self._release(crashed_run.slot)
-            self._emit(PoolCrashed(
-                [(t, now - r.start) for t, r in crashed], len(crashed) > 1, error_type,
-            ))
-
-    def _release(self, slot: int) -> None:
-        self._free.append(slot)
-        if len(self._free) == self.concurrency:
-            self._all_free.set()
-
-    def _emit(self, event: ExecutionFinished | PoolCrashed) -> None:
-        if self._sink is not None:
-            self._sink(event)
-
-    async def _wait_idle(self, grace: float) -> bool:
-        try:
-            async with asyncio.timeout(grace):
-                await self._all_free.wait()
-        except TimeoutError:
-            return False
-        return True
-
-
-class ThreadExecutor(_PoolExecutor):
-    """A ThreadPoolExecutor: for operations that release the GIL or wait on I/O."""
-
-    def __init__(self, registry: Registry, concurrency: int) -> None:
-        super().__init__(concurrency)
-        self._registry = registry
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            concurrency, thread_name_prefix="squire-task"
-        )
-        self._flags: dict[int, AbortFlag] = {}
-
-    def _start(
-        self, task: TaskSpec, slot: int
-    ) -> tuple[concurrent.futures.Future[Outcome], concurrent.futures.Executor]:
-        op = self._registry.operations.get(task.operation)
-        flag = self._flags[slot] = AbortFlag()
-        cf = self._pool.submit(
-            run_task, self._registry, task.kind, task.operation, task.params, task.input,
-            task.operands, task.serializer,
-            flag if op is not None and op.accepts_abort else NEVER_ABORTED, task.retries + 1,
-        )
-        return cf, self._pool
-
-    def _set_abort(self, slot: int) -> None:
-        self._flags[slot].set()
+            flag = self._flags.get(task)
+            if flag is not None:
+                flag.set()
 
     async def close(self, grace: float) -> None:
+        if self._stall_check is not None:
+            self._stall_check.cancel()
         for flag in self._flags.values():
             flag.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        if not await self._wait_idle(grace):
+        self._pool.shutdown(wait=False)
+        try:
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+        except TimeoutError:
             # Threads cannot be stopped from outside; interpreter exit waits
             # for them. Cooperative operations have seen their abort signal.
             log.warning(
                 "%d operation(s) still running in threads after %.1fs; exit waits for them",
                 self.busy, grace,
             )
-
-
-class ProcessExecutor(_PoolExecutor):
-    """A ProcessPoolExecutor of spawned children that import the ops modules."""
-
-    def __init__(self, modules: Sequence[str], concurrency: int) -> None:
-        super().__init__(concurrency)
-        self._modules = tuple(modules)
-        # spawn, not fork: forking a process that runs gRPC threads is unsafe.
-        self._context = multiprocessing.get_context("spawn")
-        # One abort flag per slot, in shared memory the children inherit.
-        self._flags = self._context.RawArray("b", concurrency)
-        # Each pool's process table, kept past shutdown() (which drops the
-        # pool's own reference to it): the only handle on its children.
-        self._children: weakref.WeakKeyDictionary[
-            concurrent.futures.ProcessPoolExecutor, MutableMapping[int, Any]
-        ] = weakref.WeakKeyDictionary()
-        self._closing = False
-        self._pool = self._new_pool()
-
-    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
-        pool = concurrent.futures.ProcessPoolExecutor(
-            self.concurrency,
-            mp_context=self._context,
-            initializer=_child.init_child,
-            initargs=(self._modules, self._flags),
-        )
-        # The pool adds each child it spawns to this very dict.
-        self._children[pool] = pool._processes
-        return pool
-
-    async def start(self) -> None:
-        """Spawn every child now and check it can import the ops modules.
-
-        Spawning takes a while; doing it before the hello keeps that latency
-        off the first tasks and turns an import failure into a start-up error.
-        """
-        await super().start()
-        loop = asyncio.get_running_loop()
-        try:
-            await asyncio.gather(
-                *(loop.run_in_executor(self._pool, _child.offered) for _ in range(self.concurrency))
-            )
-        except BrokenProcessPool as exc:
-            self._pool.shutdown(wait=False)
-            raise OpsLoadError(
-                f"process executor children cannot import the ops modules "
-                f"{', '.join(self._modules)} (see the traceback above)"
-            ) from exc
-
-    def _start(
-        self, task: TaskSpec, slot: int
-    ) -> tuple[concurrent.futures.Future[Outcome], concurrent.futures.Executor]:
-        self._flags[slot] = 0
-        args = (
-            task.kind, task.operation, task.params, task.input, task.operands,
-            task.serializer, slot, task.retries + 1,
-        )
-        try:
-            cf = self._pool.submit(_child.run_in_child, *args)
-        except BrokenProcessPool:
-            # The pool broke since the last task finished; its tasks were
-            # reported already, so start afresh.
-            self._pool_broke(self._pool)
-            cf = self._pool.submit(_child.run_in_child, *args)
-        return cf, self._pool
-
-    def _set_abort(self, slot: int) -> None:
-        self._flags[slot] = 1
-
-    def _pool_broke(self, pool: concurrent.futures.Executor) -> None:
-        """Replace ``pool`` after a child died; idempotent per pool."""
-        if pool is not self._pool:
-            return
-        log.error("a process-pool child died; starting a new pool")
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        # Every future of the broken pool has failed, so nothing its other
-        # children still run can be reported: kill them now. Left alone they
-        # would hold CPU beyond the concurrency limit, and the pool's own
-        # clean-up (SIGTERM, which children ignore, then join) would wait for
-        # them -- at interpreter exit, forever if one never finishes.
-        self._kill_children(self._pool)
-        if not self._closing:
-            self._pool = self._new_pool()
-
-    async def close(self, grace: float) -> None:
-        self._closing = True
-        for slot in range(self.concurrency):
-            self._flags[slot] = 1
-        pool = self._pool
-        pool.shutdown(wait=False, cancel_futures=True)
-        if not await self._wait_idle(grace):
-            log.warning("killing process-pool children still running after %.1fs", grace)
-            self._kill_children(pool)
-
-    def _kill_children(self, pool: concurrent.futures.ProcessPoolExecutor) -> None:
-        # SIGKILL because children ignore SIGTERM. (Python 3.14's
-        # kill_workers() does nothing once the pool is shut down.)
-        for process in list(self._children.get(pool, {}).values()):
-            process.kill()  # a no-op for a child already reaped

@@ -221,10 +221,8 @@ class Scheduler:
             held = len(queue) + len(self._running) + len(self._waiting)
             if held > self.config.window:
                 self._warned_window = True
-                log.warning(
-                    "the orchestrator sent more tasks than the credit window: "
-                    "%d held, window %d", held, self.config.window,
-                )
+                log.warning("the orchestrator sent more tasks than the credit window: "
+                            "%d held, window %d", held, self.config.window)
 
     def _on_finished(self, event: ExecutionFinished) -> None:
         running = self._running
@@ -247,18 +245,18 @@ class Scheduler:
                     again.append(task)
             else:
                 reports.append((task, outcome))
-        # A retry due at once goes first, as if it had never left the executor.
+        again += [t for t in event.returned if self._ended(t) and not self._reported_instead(t)]
+        if event.capacity is not None:  # never below the slots taken
+            self._capacity = event.capacity
+        # Retries due at once, then tasks handed back unstarted, go first, as if
+        # they had never left the executor.
         self._requeue(again)
 
     def _on_crash(self, event: PoolCrashed) -> None:
         again: list[TaskSpec] = []
         for task, seconds in event.crashed:
-            if self._running.pop(task, None) is None:
-                self._stray(task)
+            if not self._ended(task):
                 continue
-            self._deadlines.pop(task, None)
-            if task is self._isolated:
-                self._isolated = None
             if event.shared and not task.suspect:
                 # Blaming every task of a broken pool would let a poison task
                 # take innocent ones (even of other directives) down with it:
@@ -271,10 +269,8 @@ class Scheduler:
                 if not self._reported_instead(task):
                     again.append(task)
                 continue
-            log.error(
-                "task %s/%d (%s) lost: an executor process died",
-                task.routing_key, task.task_id, task.operation, extra=task.log_fields(),
-            )
+            log.error("task %s/%d (%s) lost: an executor process died", task.routing_key,
+                      task.task_id, task.operation, extra=task.log_fields())
             task.elapsed += seconds
             self._reports.append((task, crashed(event.error_type)))
         self._requeue(again)
@@ -285,12 +281,9 @@ class Scheduler:
         waiting = self._waiting
         if waiting:
             due = sorted((t for t, at in waiting.items() if at <= now), key=waiting.__getitem__)
-            again: list[TaskSpec] = []
             for task in due:
                 del waiting[task]
-                if not self._reported_instead(task):
-                    again.append(task)
-            self._requeue(again)
+            self._requeue([t for t in due if not self._reported_instead(t)])
         if self._deadlines:
             for task in [t for t, at in self._deadlines.items() if at <= now]:
                 del self._deadlines[task]
@@ -437,6 +430,16 @@ class Scheduler:
         for task in list(self._running):
             self._detach(task, now)
             self._reports.append((task, RETURNED))
+
+    def _ended(self, task: TaskSpec) -> bool:
+        """Take ``task``'s run out of running; False if this session did not wait for it."""
+        if self._running.pop(task, None) is None:
+            self._stray(task)
+            return False
+        self._deadlines.pop(task, None)
+        if task is self._isolated:
+            self._isolated = None
+        return True
 
     def _stray(self, task: TaskSpec) -> None:
         """A run this session does not wait for ended: its slot is free again."""

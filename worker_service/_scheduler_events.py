@@ -63,9 +63,18 @@ class TasksReceived:
 
 @dataclass(frozen=True, slots=True)
 class ExecutionFinished:
-    """The executor ran these tasks once each (inline: a whole batch; pools: one)."""
+    """The executor ran these tasks once each (a batch, or a single run).
+
+    ``capacity``: the executor's capacity from now on, when it changes with
+    what it learns (the process executor's grows with how cheap tasks are).
+    ``returned``: tasks it hands back without having run them (no child had
+    room, or the child that held them died before their results came back):
+    they go back to the head of the FIFO, without blame.
+    """
 
     results: Sequence[Executed]
+    capacity: int | None = None
+    returned: Sequence[TaskSpec] = ()
 
 
 @dataclass(frozen=True, slots=True)

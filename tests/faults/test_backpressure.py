@@ -48,6 +48,17 @@ def _stalled(c: Cluster, directive_id: str) -> tuple[int, int] | None:
     return None
 
 
+def _steady(c: Cluster, directive_id: str) -> tuple[int, int] | None:
+    """``_stalled``, and still so a moment later: workers fast enough to finish
+    everything received so far look stalled for an instant while input still
+    flows (the batched executors made that instant likely)."""
+    first = _stalled(c, directive_id)
+    if first is None:
+        return None
+    time.sleep(0.3)
+    return first if _stalled(c, directive_id) == first else None
+
+
 def _read_all(run: squire.DirectiveRun, ledger: Ledger, tag: str) -> dict[int, Any]:
     values: dict[int, Any] = {}
     for event in run:
@@ -73,7 +84,7 @@ def _stall(c: Cluster, client: squire.Client, source: Source) -> tuple[squire.Di
     started = next(run)  # and read nothing more
     assert isinstance(started, squire.DirectiveStarted)
     directive_id = started.directive_id
-    received, _ = wait_until(lambda: _stalled(c, directive_id), 30,
+    received, _ = wait_until(lambda: _steady(c, directive_id), 30,
                              message="the directive to stall on its unread results")
     # stalled for good: nothing moves while the client does not read
     deadline = time.monotonic() + 1.0

@@ -1,15 +1,15 @@
-"""Process-pool faults: a child that kills itself, a worker killed outright."""
+"""Process-executor faults: a child that kills itself or is killed, a worker killed outright."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from squire.api.v1 import squire_pb2 as pb
@@ -64,14 +64,12 @@ def _pids(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()] if path.exists() else []
 
 
-async def test_survivors_of_a_broken_pool_are_killed_and_drain_kills_the_rest(
+async def test_a_dying_child_leaves_the_others_running_and_drain_kills_the_rest(
     orchestrator: FakeOrchestrator, tmp_path: Path
 ) -> None:
-    # Regression: a broken pool's other children ran on unseen (their futures
-    # had failed), and its clean-up waited for them after SIGTERM, which
-    # children ignore: the worker (and a test run) hung at interpreter exit.
-    # The drain deadline's SIGKILL also missed them: the pool forgets its
-    # process table on shutdown().
+    # Each child is on its own: a crash in one neither kills nor re-runs the
+    # task another runs. The drain deadline's SIGKILL still reaches a child
+    # that is deaf to its abort signal.
     pids = tmp_path / "pids"
     cfg = config(
         orchestrator, executor=ExecutorKind.PROCESS, concurrency=2, prefetch=0, drain_grace=0.3
@@ -82,25 +80,25 @@ async def test_survivors_of_a_broken_pool_are_killed_and_drain_kills_the_rest(
         await wait_for(lambda: len(_pids(pids)) == 1, 10, "the stubborn task running")
         [survivor] = _pids(pids)
         session.send_tasks(task("crash", None, key="poison", task_id=1))
-        # The pool breaks; the stubborn task runs again alone in a new pool ...
-        await wait_for(lambda: len(_pids(pids)) == 2, 10, "the stubborn task running again")
-        rerun = _pids(pids)[1]
-        # ... and its first run's child is gone, though it had 120 s to go.
-        await wait_for(lambda: _gone(survivor), 10, f"the broken pool's child {survivor} killed")
-        assert not _gone(rerun)
+        [result] = await session.wait_results(1, timeout=10)
+        assert (result.routing_key, result.err.kind) == ("poison", pb.ERROR_KIND_CRASHED)
+        assert _pids(pids) == [survivor] and not _gone(survivor)  # neither re-run nor killed
     # The drain deadline kills the child still running past it.
-    await wait_for(lambda: _gone(rerun), 10, f"child {rerun} killed at the drain deadline")
+    await wait_for(lambda: _gone(survivor), 10, f"child {survivor} killed at the drain deadline")
     assert session.result(1, "a").err.kind == pb.ERROR_KIND_RETURNED  # handed back, not lost
 
 
-async def test_closing_an_executor_whose_pool_broke_kills_its_survivors(tmp_path: Path) -> None:
-    # The worker may close right as its pool breaks, before any session has
-    # replaced it: every slot is free then, yet a child still runs.
-    pids = tmp_path / "pids"
+async def _executor(events: list[ExecutionFinished | PoolCrashed]) -> ProcessExecutor:
     executor = ProcessExecutor(["worker.ops_for_tests"], 2)
-    events: list[ExecutionFinished | PoolCrashed] = []
     executor.attach(events.append)
     await executor.start()
+    return executor
+
+
+async def test_closing_the_executor_kills_children_past_the_grace(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    events: list[ExecutionFinished | PoolCrashed] = []
+    executor = await _executor(events)
     try:
         [stubborn] = tasks_from_wire([task("stubborn", {"pids": str(pids), "max": 120})])
         executor.submit([stubborn])
@@ -108,15 +106,59 @@ async def test_closing_an_executor_whose_pool_broke_kills_its_survivors(tmp_path
         [survivor] = _pids(pids)
         [crash] = tasks_from_wire([task("crash", None)])
         executor.submit([crash])
-        # Both runs of the broken pool are reported together, as one crash.
+        # Only the task that killed its child is reported, as a crash of its own.
         [event] = await wait_for(lambda: events, 10, "the crash reported")
         assert isinstance(event, PoolCrashed)
-        assert {t for t, _ in event.crashed} == {stubborn, crash}
-        assert event.shared and event.error_type == BrokenProcessPool.__name__
-        assert executor.busy == 0
+        assert [t for t, _ in event.crashed] == [crash]
+        assert not event.shared and event.error_type == "BrokenProcessPool"
+        assert executor.busy == 1 and not _gone(survivor)
     finally:
         await executor.close(grace=0.1)
-    await wait_for(lambda: _gone(survivor), 10, f"the broken pool's child {survivor} killed")
+    await wait_for(lambda: _gone(survivor), 10, f"child {survivor} killed at close")
+    assert not multiprocessing.active_children()
+
+
+async def test_a_child_killed_mid_batch_hands_back_only_its_own_unfinished_tasks(
+    tmp_path: Path,
+) -> None:
+    events: list[ExecutionFinished | PoolCrashed] = []
+    executor = ProcessExecutor(["worker.ops_for_tests"], 1)
+    executor.attach(events.append)
+    await executor.start()
+    try:
+        # Teach the executor that both operations are cheap, so that its child
+        # holds many tasks at once (an operation never seen goes to an idle
+        # child alone).
+        pids = tmp_path / "pids"
+        cheap = [task("echo", 0), task("stubborn", {"pids": "/dev/null", "max": 0})]
+        for warm in tasks_from_wire(cheap):
+            executor.submit([warm])
+            await wait_for(lambda: executor.busy == 0, 10, "warm-up")
+        events.clear()
+        tasks = tasks_from_wire(
+            [task("stubborn", {"pids": str(pids), "max": 120}, task_id=100)]
+            + [task("echo", i, task_id=i) for i in range(20)]
+        )
+        executor.submit(tasks)
+        assert executor.busy == 21 and not events, "the batch did not go to the child"
+        await wait_for(lambda: _pids(pids), 10, "the stubborn task running")
+        [victim] = _pids(pids)
+        os.kill(victim, signal.SIGKILL)
+        await wait_for(lambda: len(events) == 2, 10, "the crash handled")
+        crash, back = events
+        # The task it was running is its crash; the ones queued behind come back unrun.
+        assert isinstance(crash, PoolCrashed) and [t for t, _ in crash.crashed] == tasks[:1]
+        assert isinstance(back, ExecutionFinished) and not back.results
+        assert list(back.returned) == tasks[1:]
+        assert executor.busy == 0
+        # A replacement child says it is ready (its room is news), then serves.
+        await wait_for(lambda: len(events) == 3, 20, "the replacement ready")
+        assert isinstance(events[2], ExecutionFinished) and events[2].capacity
+        executor.submit(tasks[1:3])
+        await wait_for(lambda: len(events) == 4, 10, "the replacement's results")
+        assert [o for _, o, _ in events[3].results] == [b"0", b"1"]  # type: ignore[union-attr]
+    finally:
+        await executor.close(grace=0.1)
 
 
 _PARENT = textwrap.dedent("""

@@ -157,6 +157,53 @@ def test_slots_of_earlier_sessions_count_until_their_runs_end() -> None:
     assert ("old", 99) not in h.results  # never reported on this stream
 
 
+def test_the_executor_reports_a_new_capacity_with_its_results() -> None:
+    # The process executor's capacity grows once it learns its tasks are cheap.
+    h = Harness(capacity=1)
+    tasks = [spec(i) for i in range(6)]
+    h.receive(*tasks)
+    assert h.started == tasks[:1]
+    h.running.remove(tasks[0])
+    h(ExecutionFinished([(tasks[0], b"ok", 0.001)], capacity=4))
+    assert h.started == tasks[:5]
+    # It shrinks no lower than the slots taken; nothing more starts meanwhile.
+    h.running.remove(tasks[1])
+    h(ExecutionFinished([(tasks[1], b"ok", 0.5)], capacity=3))
+    assert h.started == tasks[:5]
+    h.running.remove(tasks[2])
+    h(ExecutionFinished([(tasks[2], b"ok", 0.5)], capacity=3))
+    assert h.started == tasks
+
+
+def test_tasks_handed_back_unstarted_go_first_without_blame_or_retry() -> None:
+    h = Harness(capacity=4)
+    tasks = [spec(i) for i in range(6)]
+    h.receive(*tasks)
+    h.running.remove(tasks[1])
+    h.running.remove(tasks[2])
+    # No room in any child (or theirs died): back to the FIFO's head, in order.
+    h(ExecutionFinished([], capacity=2, returned=[tasks[1], tasks[2]]))
+    assert h.started == tasks[:4] and not h.results
+    assert h.scheduler.buffered == 4
+    h.finish(tasks[0])
+    assert h.started[4:] == [tasks[1]]
+    assert all(t.retries == 0 and not t.suspect for t in tasks)
+
+
+def test_tasks_handed_back_while_draining_or_aborted_are_reported() -> None:
+    h = Harness(capacity=4)
+    a, b = spec(1, "a"), spec(1, "b")
+    h.receive(a, b)
+    h(AbortReceived(["a"]))
+    h.running.remove(a)
+    h(ExecutionFinished([], returned=[a]))
+    assert h.kind(a) == ErrorKind.ABORTED
+    h(DrainRequested(5.0))
+    h.running.remove(b)
+    h(ExecutionFinished([], returned=[b]))
+    assert h.kind(b) == ErrorKind.RETURNED and h.closed
+
+
 def test_more_than_the_window_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
     h = Harness(capacity=1, window=2)
     with caplog.at_level(logging.WARNING, "worker_service.scheduler"):

@@ -2,7 +2,8 @@
 
 Each seed plays a few hundred random steps against one executor that
 outlives its stream sessions: tasks arrive, runs finish (one by one like a
-pool, or all at once like an inline batch), pools crash, keys are aborted,
+pool, or all at once like an inline batch), runs come back unstarted with
+a new capacity (the process executor), pools crash, keys are aborted,
 time passes, drains start and expire, streams break and a new session
 takes over the executor. ``validate()`` runs after every step, and the
 simulator checks from outside what the session relies on:
@@ -163,12 +164,30 @@ class Sim:
             self.after_close.update(tasks)
         self.feed(TasksReceived(tasks))
 
+    def new_capacity(self) -> int | None:
+        """Sometimes a capacity that changed with what the executor learned
+        (never below the slots it has taken), as the process executor's does."""
+        if self.rng.random() < 0.7:
+            return None
+        self.capacity = max(1, len(self.in_flight), self.rng.choice([1, 2, 3, 8, 16]))
+        return self.capacity
+
     def finish_one(self) -> None:
         if self.in_flight:
             task = self.rng.choice(list(self.in_flight))
             outcome = self.outcome(task)
             del self.in_flight[task]
-            self.feed(ExecutionFinished([(task, outcome, self.rng.uniform(0.0, 0.3))]))
+            seconds = self.rng.uniform(0.0, 0.3)
+            self.feed(ExecutionFinished([(task, outcome, seconds)], self.new_capacity()))
+
+    def hand_back(self) -> None:
+        """Tasks the executor had no room for, or that a dead child held, come
+        back unstarted."""
+        if self.in_flight:
+            back = self.rng.sample(list(self.in_flight), self.rng.randint(1, len(self.in_flight)))
+            for task in back:
+                del self.in_flight[task]
+            self.feed(ExecutionFinished([], self.new_capacity(), back))
 
     def finish_all(self) -> None:
         results = [(t, self.outcome(t), self.rng.uniform(0.0, 0.1)) for t in self.in_flight]
@@ -198,8 +217,8 @@ class Sim:
             self._new_session()  # the runtime would reconnect (or stop)
         action = rng.choices(
             ["receive", "one", "all", "crash", "tick", "abort", "abort_all", "drain",
-             "expire", "break"],
-            [30, 25, 6, 3, 20, 2, 0.3, 2, 1, 1],
+             "expire", "break", "back"],
+            [30, 25, 6, 3, 20, 2, 0.3, 2, 1, 1, 3],
         )[0]
         match action:
             case "receive":
@@ -222,6 +241,8 @@ class Sim:
                 self.feed(DrainExpired())
             case "break":
                 self.feed(StreamBroken())
+            case "back":
+                self.hand_back()
 
     def settle(self) -> None:
         """Drain the last session to its end; check every task was reported once."""
