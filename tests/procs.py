@@ -172,3 +172,49 @@ def cluster(**kwargs: object) -> Iterator[Cluster]:
         yield c
     finally:
         c.close()
+
+
+class Replica:
+    """One orchestrator replica on a shared store (Postgres): started by
+    hand so a test can SIGKILL, SIGSTOP or SIGTERM it and start it again."""
+
+    def __init__(self, name: str, store: str, logs: Path, *, ttl: float = 3.0,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.port = free_port()
+        self.store = store
+        self.logs = logs
+        self.ttl = ttl
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        argv = [entry_point("squire-orchestrator"), "--host", "127.0.0.1", "--port",
+                str(self.port), "--metrics-port", "0", "--store", self.store,
+                "--lease-ttl", str(self.ttl), "--adoption-grace", "1"]
+        with open(self.logs / f"{self.name}.log", "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"})
+
+    def health(self) -> str:
+        """Its grpc.health.v1 status for service "": SERVING (the leader),
+        NOT_SERVING (a standby), or DOWN."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            with grpc.insecure_channel(self.address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=1)
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        except grpc.RpcError:
+            return "DOWN"
+
+    def stop(self, sig: int) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)

@@ -20,51 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from procs import entry_point, free_port, wait_until
+from procs import Replica, entry_point, wait_until
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
 SCRIPT = NODE_DIR / "test" / "ha_map.js"
 OPS = "squire_examples.ops"
 TTL = 4.0
-
-
-class Replica:
-    def __init__(self, name: str, store: str, logs: Path) -> None:
-        self.name = name
-        self.port = free_port()
-        self.store = store
-        self.logs = logs
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        argv = [entry_point("squire-orchestrator"), "--host", "127.0.0.1", "--port",
-                str(self.port), "--metrics-port", "0", "--store", self.store,
-                "--lease-ttl", str(TTL), "--adoption-grace", "1"]
-        with open(self.logs / f"{self.name}.log", "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def health(self) -> str:
-        try:
-            with grpc.insecure_channel(self.address) as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=1)
-            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-        except grpc.RpcError:
-            return "DOWN"
-
-    def stop(self, sig: int) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -81,10 +43,10 @@ def replicas(pg_url: str, logs: Path) -> Iterator[tuple[Replica, Replica]]:
     started: list[Replica] = []
     workers: list[subprocess.Popen[bytes]] = []
     try:
-        a = Replica("orchestrator-a", pg_url, logs)
+        a = Replica("orchestrator-a", pg_url, logs, ttl=TTL)
         started.append(a)
         wait_until(lambda: a.health() == "SERVING", 30, message="the first replica leading")
-        b = Replica("orchestrator-b", pg_url, logs)
+        b = Replica("orchestrator-b", pg_url, logs, ttl=TTL)
         started.append(b)
         wait_until(lambda: b.health() == "NOT_SERVING", 30, message="the second one standing by")
         for i in range(2):

@@ -21,9 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 import squire
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pg import Postgres
-from procs import entry_point, free_port, wait_until
+from procs import Replica, entry_point, wait_until
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
@@ -38,43 +37,6 @@ from .support import (
 )
 
 TTL = 3.0  # the default --lease-ttl
-
-
-class Replica:
-    def __init__(self, name: str, store: str, env: dict[str, str], logs: Path) -> None:
-        self.name = name
-        self.port = free_port()
-        self.store = store
-        self.env = env
-        self.logs = logs
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        argv = [entry_point("squire-orchestrator"), "--host", "127.0.0.1", "--port",
-                str(self.port), "--metrics-port", "0", "--store", self.store,
-                "--lease-ttl", str(TTL), "--adoption-grace", "1"]
-        with open(self.logs / f"{self.name}.log", "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"})
-
-    def health(self) -> str:
-        try:
-            with grpc.insecure_channel(self.address) as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=1)
-            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-        except grpc.RpcError:
-            return "DOWN"
-
-    def stop(self, sig: int) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=30)
 
 
 def start_workers(addresses: str, env: dict[str, str], logs: Path,
@@ -96,10 +58,10 @@ def replicas(pg_url: str, env: dict[str, str], logs: Path):  # type: ignore[no-u
     started: list[Replica] = []
     workers: list[subprocess.Popen[bytes]] = []
     try:
-        a = Replica("orchestrator-a", pg_url, env, logs)
+        a = Replica("orchestrator-a", pg_url, logs, ttl=TTL, env=env)
         started.append(a)
         wait_until(lambda: a.health() == "SERVING", 30, message="the first replica leading")
-        b = Replica("orchestrator-b", pg_url, env, logs)
+        b = Replica("orchestrator-b", pg_url, logs, ttl=TTL, env=env)
         started.append(b)
         wait_until(lambda: b.health() == "NOT_SERVING", 30, message="the second one standing by")
         workers = start_workers(f"{a.address},{b.address}", env, logs, n=3)
