@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -108,7 +109,9 @@ class Orchestrator:
         self.router = Router(router_config, time.monotonic)
         self.hub = Hub(self.router)
         self.durable = Durable(self.hub, self.config.retention)
-        self.leadership = Leadership(self.store, default_holder(), "", self.config.lease_ttl)
+        # host:pid plus a nonce: two orchestrators of one process (tests) are two holders
+        holder = f"{default_holder()}:{os.urandom(3).hex()}"
+        self.leadership = Leadership(self.store, holder, "", self.config.lease_ttl)
         self.deposed = False  # it led, and lost the lease: the process should exit 1
         self._leading: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
