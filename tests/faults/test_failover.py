@@ -108,10 +108,17 @@ def test_a_standby_refuses_naming_the_leader(replicas: tuple[Replica, Replica]) 
         stub = pb_grpc.DirectiveServiceStub(channel)
         plan = pb.Plan(serializer=pb.SERIALIZER_JSON)
         plan.stages.add().map.operation = "fault_square"
-        with pytest.raises(grpc.RpcError) as refused:
-            list(stub.RunDirective(iter([pb.DirectiveRequest(plan=plan)]), timeout=5))
-        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
-        assert f"the leader is {a.address}" in (refused.value.details() or "")
+        def refusal() -> str:
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.RunDirective(iter([pb.DirectiveRequest(plan=plan)]), timeout=5))
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+            return refused.value.details() or ""
+
+        # Right after its start the standby may not have read the lease yet
+        # ("no leader holds the lease right now"); then it names the leader.
+        details = wait_until(lambda: "the leader is" in refusal() and refusal(), 10,
+                             message="a refusal naming the leader")
+        assert f"the leader is {a.address}" in details
         status = pb_grpc.StatusServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
         assert status.state == "standby"
 
