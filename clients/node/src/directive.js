@@ -514,36 +514,7 @@ export class DirectiveRun {
    * @returns {Promise<Attempt>}
    */
   async #startAgain(original) {
-    const replicas = /** @type {import('./replicas.js').Replicas} */ (this.#replicas);
-    const deadline = Date.now() + this.#reattachTimeoutMs;
-    let backoff = FIRST_BACKOFF_MS;
-    while (Date.now() < deadline) {
-      await this.#sleep(Math.min(backoff, deadline - Date.now()));
-      backoff = Math.min(backoff * 2, MAX_BACKOFF_MS);
-      if (this.#cancelled || this.#clientClosed?.aborted || Date.now() >= deadline) break;
-      await replicas.find();
-      if (this.#cancelled || this.#clientClosed?.aborted) break;
-      const attempt = this.#open(true);
-      /** @type {IteratorResult<any> | null} */
-      let step;
-      try {
-        step = await this.#firstMessage(attempt, deadline);
-      } catch (err) {
-        const error = fromGrpcError(err);
-        if (this.#feeder.failure !== null) throw this.#feeder.failure.error;
-        if (error instanceof SquireError && error.code === 'UNAVAILABLE') {
-          replicas.failed(error);
-          continue;
-        }
-        if (this.#cancelled || this.#clientClosed?.aborted) break;
-        throw error;
-      }
-      if (step === null) break;
-      if (!step.done) this.#resumedEvent = this.#event(step.value, attempt);
-      return attempt;
-    }
-    if (this.#cancelled) throw new SquireError('CANCELLED', 'Cancelled on client');
-    throw original;
+    return this.#retry(original, { fresh: true });
   }
 
   /**
@@ -556,6 +527,18 @@ export class DirectiveRun {
    * @returns {Promise<Attempt>} the call, its started event read
    */
   async #reattach(original) {
+    return this.#retry(original, { fresh: false });
+  }
+
+  /**
+   * The loop both share: with backoff until the deadline, find the leader,
+   * open the call (`fresh`: the directive anew; else an attach) and read its
+   * first message; UNAVAILABLE tries again, anything else is thrown.
+   * @param {SquireError} original
+   * @param {{fresh: boolean}} how
+   * @returns {Promise<Attempt>}
+   */
+  async #retry(original, { fresh }) {
     const deadline = Date.now() + this.#reattachTimeoutMs;
     let backoff = FIRST_BACKOFF_MS;
     while (Date.now() < deadline) {
@@ -564,15 +547,17 @@ export class DirectiveRun {
       if (this.#cancelled || this.#clientClosed?.aborted || Date.now() >= deadline) break;
       await this.#replicas?.find();
       if (this.#cancelled || this.#clientClosed?.aborted) break;
-      const attempt = this.#open(false);
+      const attempt = this.#open(fresh);
       /** @type {IteratorResult<any> | null} */
       let step;
       try {
         step = await this.#firstMessage(attempt, deadline);
       } catch (err) {
         const error = fromGrpcError(err);
+        if (fresh && this.#feeder.failure !== null) throw this.#feeder.failure.error;
         if (error instanceof SquireError && (error.code === 'UNAVAILABLE'
-          || (error.code === 'FAILED_PRECONDITION' && error.details.includes('already has a caller')))) {
+          || (!fresh && error.code === 'FAILED_PRECONDITION'
+            && error.details.includes('already has a caller')))) {
           this.#replicas?.failed(error);
           continue;
         }
@@ -580,9 +565,9 @@ export class DirectiveRun {
         throw error;
       }
       if (step === null) break; // the deadline passed while the call waited
-      this.reattached += 1;
+      if (!fresh) this.reattached += 1;
       // (Its started event is news to the caller only for an attach by id
-      // whose first call failed.)
+      // whose first call failed, or for a directive started anew.)
       if (!step.done) this.#resumedEvent = this.#event(step.value, attempt);
       return attempt;
     }
