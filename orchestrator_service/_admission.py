@@ -137,10 +137,11 @@ def check_publish(
             return Refused(
                 Code.INVALID_ARGUMENT, f"task {task.task_id}: unknown task kind {task.kind}"
             )
-        if task.task_id in channel.pending_ids or task.task_id in seen:
+        if task.task_id in seen:
             return Refused(
                 Code.INVALID_ARGUMENT,
-                f"task id {task.task_id} is already pending on channel {channel_id!r}",
+                f"task id {task.task_id} appears twice in one PublishRequest "
+                f"(channel {channel_id!r})",
             )
         seen.add(task.task_id)
     return None

@@ -38,6 +38,7 @@ class Channel:
         self.leased = 0  # tasks at workers
         self.unread = 0  # results emitted to the servicer, not yet taken by a subscriber
         self.pending_ids: set[int] = set()  # external channels: ids without a result yet
+        self.ids: set[int] = set()  # external channels: every id published (no duplicates)
         self.fifos: dict[QueueKey, deque[TaskRecord]] = {}
         self._priority: dict[QueueKey, int] = {}
 

@@ -35,6 +35,7 @@ from orchestrator_service._events import (
     ChannelClosed,
     ChannelLeased,
     ChannelReleased,
+    ChannelRestored,
     CloseWorker,
     CreditChanged,
     DirectiveCancelled,
@@ -52,6 +53,7 @@ from orchestrator_service._events import (
     Instruction,
     IpcMessage,
     Journal,
+    JournalChannel,
     QueueUnserved,
     Refused,
     ResultsArrived,
@@ -63,6 +65,7 @@ from orchestrator_service._events import (
     WorkerDisconnected,
 )
 from orchestrator_service._items import Items
+from orchestrator_service._journal_records import CLOSED, PUBLISHED, task_row
 from orchestrator_service._model import (
     Code,
     DirectiveState,
@@ -74,7 +77,7 @@ from orchestrator_service._model import (
     queue_label,
 )
 from orchestrator_service._outcomes import Outcomes, sort_results
-from orchestrator_service._restore import replay
+from orchestrator_service._restore import replay, replay_channel
 from orchestrator_service._state import RouterState
 
 
@@ -93,6 +96,7 @@ class Router(RouterState):
             TasksPublished: self._tasks_published,  # type: ignore[dict-item]
             ChannelClosed: self._channel_closed,  # type: ignore[dict-item]
             ChannelReleased: self._channel_released,  # type: ignore[dict-item]
+            ChannelRestored: self._channel_restored,  # type: ignore[dict-item]
             ResultsTaken: self._results_taken,  # type: ignore[dict-item]
             DirectiveSubmitted: self._directive_submitted,  # type: ignore[dict-item]
             InputsAccepted: self._inputs_accepted,  # type: ignore[dict-item]
@@ -217,7 +221,10 @@ class Router(RouterState):
         if refused is not None:
             self._out.append(refused)
             return
-        self.channels[event.channel_id] = Channel(event.channel_id, self.clock())
+        now = self.clock()
+        self.channels[event.channel_id] = Channel(event.channel_id, now)
+        if self.config.journal:
+            self._out.append(JournalChannel(event.channel_id, [], opened=True, created_at=now))
 
     def _tasks_published(self, event: TasksPublished) -> None:
         channel = self.channels.get(event.channel_id)
@@ -227,19 +234,57 @@ class Router(RouterState):
             return
         assert channel is not None
         now = self.clock()
-        for task in event.tasks:
+        ids = channel.ids
+        tasks = [t for t in event.tasks if t.task_id not in ids]
+        if not tasks:
+            return
+        for task in tasks:
             task.routing_key = channel.id
             task.published_at = now
             channel.pending_ids.add(task.task_id)
-        self._enqueue(channel, event.tasks)
+            ids.add(task.task_id)
+        if self.config.journal:
+            self._out.append(
+                JournalChannel(channel.id, [(PUBLISHED, [task_row(t) for t in tasks])])
+            )
+        self._enqueue(channel, tasks)
+
+    def _channel_restored(self, event: ChannelRestored) -> None:
+        key = event.channel_id
+        if key in self.channels:
+            self._out.append(Refused(Code.ALREADY_EXISTS, "channel id already leased"))
+            return
+        now = self.clock()
+        state, _ = replay_channel(key, event.records)
+        channel = self.channels[key] = Channel(key, event.created_at)
+        channel.ids = state.ids
+        channel.sender_closed = state.closed
+        channel.pending_ids = set(state.outstanding)
+        # What had its result before the restart counts as published and completed.
+        channel.published = channel.completed = state.delivered
+        if state.outstanding:
+            self._enqueue(channel, list(state.outstanding.values()))
+            if self.config.adoption_grace > 0 and self.adoption_until is None:
+                self.adoption_until = now + self.config.adoption_grace
+        if channel.drained:
+            self._out.append(EndChannel(key, released=False))
 
     def _channel_closed(self, event: ChannelClosed) -> None:
         channel = self.channels.get(event.channel_id)
         if channel is None:
             self._out.append(admission.unknown_channel(event.channel_id))
             return
+        if channel.directive:
+            self._out.append(Refused(
+                Code.FAILED_PRECONDITION,
+                f"channel {channel.id!r} belongs to a directive; end its input through "
+                "RunDirective",
+            ))
+            return
+        if not channel.sender_closed and self.config.journal:
+            self._out.append(JournalChannel(channel.id, [(CLOSED,)]))
         channel.sender_closed = True
-        if channel.drained and not channel.directive:
+        if channel.drained:
             self._out.append(EndChannel(channel.id, released=False))
 
     def _channel_released(self, event: ChannelReleased) -> None:

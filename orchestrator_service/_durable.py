@@ -22,16 +22,24 @@ import grpc
 from squire.api.v1 import squire_pb2 as pb
 
 from orchestrator_service import _convert as convert
-from orchestrator_service._events import DirectiveCancelled, DirectiveRestored, EndCall
-from orchestrator_service._hub import CallBox, Hub
+from orchestrator_service._events import (
+    ChannelReleased,
+    ChannelRestored,
+    DirectiveCancelled,
+    DirectiveRestored,
+    EndCall,
+)
+from orchestrator_service._hub import CallBox, ChannelBox, Hub
 from orchestrator_service._items import Items
 from orchestrator_service._journal_records import (
+    DELIVERED,
     ENTRY_RECORDS,
     Record,
     decode_plan,
     decode_records,
     decode_summary,
 )
+from orchestrator_service._journal_types import StreamKind
 from orchestrator_service._model import Code, PlanSpec, ProgressSnapshot, RouterError
 from orchestrator_service._restore import replay
 from orchestrator_service._signal import Signal
@@ -102,6 +110,9 @@ class Durable:
         resumed = 0
         for stream in recovered.streams:
             key = stream.stream_id
+            if stream.kind == StreamKind.CHANNEL:
+                resumed += self._recover_channel(stream, mono - max(0.0, wall - stream.created_at))
+                continue
             plan = decode_plan(stream.header)
             hub.plans[key] = plan
             records = records_of(stream)
@@ -131,6 +142,20 @@ class Durable:
                     self.orphans[key] = mono + self.retention.reattach_grace
         return resumed
 
+    def _recover_channel(self, stream: StoredStream, created: float) -> int:
+        """A leased channel goes on where it stood; its subscriber resumes
+        with how many results it has (those before are read back from the
+        journal). Nobody naming it within the reattach grace releases it."""
+        hub = self.hub
+        key = stream.stream_id
+        records = records_of(stream)
+        delivered = sum(len(r[1]) for r in records if r[0] == DELIVERED)
+        hub.channels[key] = ChannelBox(key, taken=delivered, used=False)
+        hub.channel_streams.add(key)
+        hub.handle(ChannelRestored(key, records, created))
+        self.orphans[key] = hub.router.clock() + self.retention.reattach_grace
+        return 1
+
     # ---------------------------------------------------------------- sweep
 
     def sweep(self) -> None:
@@ -138,6 +163,18 @@ class Durable:
         hub = self.hub
         now = hub.router.clock()
         for key, deadline in list(self.orphans.items()):
+            channel = hub.channels.get(key)
+            if channel is not None:
+                if channel.used:
+                    del self.orphans[key]
+                elif now >= deadline:
+                    del self.orphans[key]
+                    log.info(
+                        "nobody came back for the channel; released",
+                        extra={"routing_key": key, "grace": self.retention.reattach_grace},
+                    )
+                    hub.handle(ChannelReleased(key))
+                continue
             if key in hub.calls or key not in hub.router.directives:
                 del self.orphans[key]
             elif now >= deadline:

@@ -75,7 +75,8 @@ class ChannelLeased:
 
 @dataclass(frozen=True, slots=True)
 class TasksPublished:
-    """Client tasks for an external channel; all or none are accepted."""
+    """Client tasks for an external channel; all or none are accepted. A task
+    whose id the channel already has is a duplicate: it is left out."""
 
     channel_id: str
     tasks: list[TaskRecord]
@@ -138,6 +139,16 @@ class DirectiveRestored:
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelRestored:
+    """A leased channel read back from the journal at startup: its records,
+    in order. Its tasks without a journaled result are queued again."""
+
+    channel_id: str
+    records: list[Record]
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passed: expire silent workers and queues nobody serves."""
 
@@ -156,7 +167,7 @@ Event = (
     WorkerConnected | WorkerDisconnected | HeartbeatReceived | CreditChanged | ResultsArrived
     | ChannelLeased | TasksPublished | ChannelClosed | ChannelReleased | ResultsTaken
     | DirectiveSubmitted | InputsAccepted | InputEnded | DirectiveCancelled
-    | DirectiveRestored | Tick | DrainRequested | AcceptingStopped
+    | DirectiveRestored | ChannelRestored | Tick | DrainRequested | AcceptingStopped
 )
 
 # ------------------------------------------------------------ instructions
@@ -269,7 +280,19 @@ class Journal:
     created_at: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class JournalChannel:
+    """Commit these records of a leased channel before any later instruction
+    for it (its results, its end) reaches its subscriber; ``opened`` on the
+    first one (the lease itself)."""
+
+    channel_id: str
+    records: list[Record]
+    opened: bool = False
+    created_at: float = 0.0
+
+
 Instruction = (
     Refused | SendTasks | SendIpc | CloseWorker | EmitItems | GrantCredit | EndCall
-    | EmitResults | EndChannel | QueueUnserved | TasksCompleted | Journal
+    | EmitResults | EndChannel | QueueUnserved | TasksCompleted | Journal | JournalChannel
 )

@@ -31,6 +31,7 @@ from orchestrator_service._events import (
     Instruction,
     IpcMessage,
     Journal,
+    JournalChannel,
     QueueUnserved,
     Refused,
     SendIpc,
@@ -98,9 +99,17 @@ class ChannelBox:
 
     channel_id: str
     results: deque[ChannelResult] = field(default_factory=deque)
+    # Results taken by subscribers so far: ``results[0]`` is the channel's
+    # result number ``taken`` (from 0, in delivery order). With a journal,
+    # those before it can be read back for a subscriber that lacks them.
+    taken: int = 0
     ended: bool = False
     released: bool = False
     signal: Signal = field(default_factory=Signal)
+    # The Subscribe call that may take results (one that resumes with a count
+    # displaces the one before it); None: any.
+    subscriber: object | None = None
+    used: bool = True  # a call named it since it was restored (else it is an orphan)
 
 
 class Hub:
@@ -134,6 +143,8 @@ class Hub:
         self.read_at: dict[str, float] = {}  # ended, end written to a caller: since when
         self.plans: dict[str, PlanSpec] = {}  # of every journaled directive
         self.removed = 0  # directives dropped from the journal (compaction follows)
+        self.channel_streams: set[str] = set()  # leased channels open in the journal
+        self.last_commit: asyncio.Future[None] | None = None  # of the latest journal write
         # Set while the orchestrator stops with a journal: calls end with
         # UNAVAILABLE and this message, and their directives live on.
         self.closing: str | None = None
@@ -177,7 +188,21 @@ class Hub:
                 if instruction.records:
                     entries.append(Entry(key, ENTRY_RECORDS, encode_records(instruction.records)))
                 later.append(instruction)
-            elif kind is EmitItems or kind is GrantCredit:
+            elif kind is JournalChannel:
+                assert isinstance(instruction, JournalChannel)
+                key = instruction.channel_id
+                if instruction.opened:
+                    opens.append(OpenStream(key, StreamKind.CHANNEL, b"", instruction.created_at))
+                    self.channel_streams.add(key)
+                if instruction.records:
+                    entries.append(Entry(key, ENTRY_RECORDS, encode_records(instruction.records)))
+            elif kind is EmitItems or kind is GrantCredit or kind is EmitResults:
+                later.append(instruction)
+            elif kind is EndChannel:
+                assert isinstance(instruction, EndChannel)
+                if instruction.released and instruction.channel_id in self.channel_streams:
+                    self.channel_streams.discard(instruction.channel_id)
+                    ends.append(RemoveStream(instruction.channel_id))
                 later.append(instruction)
             elif kind is EndCall:
                 assert isinstance(instruction, EndCall)
@@ -194,6 +219,8 @@ class Hub:
         writes = opens + ([Append(entries)] if entries else []) + ends
         assert self.store is not None
         commit = self.store.write(writes) if writes else None
+        if commit is not None:
+            self.last_commit = commit
         if later:
             if commit is None and not self._held:
                 now.extend(later)
@@ -202,6 +229,22 @@ class Hub:
                 if commit is not None:
                     commit.add_done_callback(self._committed)
         return now
+
+    async def committed(self) -> None:
+        """Wait until every journal write made so far is committed (commits
+        follow write order); raises the store's error if it gave up."""
+        commit = self.last_commit
+        if commit is not None and not commit.done():
+            await asyncio.shield(commit)
+        elif commit is not None and not commit.cancelled() and commit.exception() is not None:
+            raise commit.exception()  # type: ignore[misc]
+
+    def wake_all(self) -> None:
+        """Wake every directive call and subscriber (to see ``closing``)."""
+        for box in list(self.calls.values()):
+            box.signal()
+        for channel in list(self.channels.values()):
+            channel.signal()
 
     def _committed(self, _: asyncio.Future[None]) -> None:
         """A journal write committed: release what waited for it, in order."""

@@ -13,6 +13,13 @@ Records (tuples, built on the hot path):
 - ``(RESULTS, task_ids, outputs, errors | None)``: outcomes of its tasks;
 - ``(ADVANCE,)``: the directive looked for fold combines and its end;
 - ``(END_INPUT,)``, ``(CANCEL,)``, ``(FAIL, code, message)``.
+
+A leased channel (stream kind CHANNEL, empty header) journals the same way
+(``Channel.log``), with its own records:
+- ``(PUBLISHED, rows)``: tasks it accepted, one ``task_row`` each;
+- ``(DELIVERED, task_ids, outputs, errors | None, seconds)``: results, in the
+  order they go to the subscriber;
+- ``(CLOSED,)``: the sender closed.
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ from orchestrator_service._model import (
     MapStage,
     PlanSpec,
     Stage,
+    TaskRecord,
 )
 
 INPUTS, RESULTS, ADVANCE, END_INPUT, CANCEL, FAIL = 1, 2, 3, 4, 5, 6
+PUBLISHED, DELIVERED, CLOSED = 11, 12, 13
 
 Record = tuple[Any, ...]
 
@@ -48,12 +57,28 @@ def _packb(value: Any) -> bytes:
     return packed
 
 
+def task_row(task: TaskRecord) -> tuple[Any, ...]:
+    """A published task as its channel journals it."""
+    return (
+        task.task_id, task.operation, task.kind, task.params, task.input,
+        list(task.operands), task.serializer, task.metadata, task.timeout_seconds,
+    )
+
+
+def task_from_row(channel_id: str, row: Sequence[Any]) -> TaskRecord:
+    task_id, operation, kind, params, input, operands, serializer, metadata, timeout = row
+    return TaskRecord(
+        channel_id, task_id, operation, kind, params, input, operands, serializer,
+        metadata, timeout,
+    )
+
+
 def encode_records(records: Sequence[Record]) -> bytes:
     out: list[Any] = []
     for record in records:
-        if record[0] == RESULTS and record[3] is not None:
+        if record[0] in (RESULTS, DELIVERED) and record[3] is not None:
             errors = [None if e is None else _error_row(e) for e in record[3]]
-            out.append((RESULTS, record[1], record[2], errors))
+            out.append((record[0], record[1], record[2], errors, *record[4:]))
         else:
             out.append(record)
     return _packb(out)
@@ -63,7 +88,7 @@ def decode_records(payload: bytes) -> list[Record]:
     rows = msgpack.unpackb(payload, raw=False, use_list=True)
     records: list[Record] = []
     for row in rows:
-        if row[0] == RESULTS and row[3] is not None:
+        if row[0] in (RESULTS, DELIVERED) and row[3] is not None:
             row[3] = [None if e is None else _error_from_row(e) for e in row[3]]
         records.append(tuple(row))
     return records

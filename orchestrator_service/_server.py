@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
+from orchestrator_service._channel_servicer import ChannelServicer
 from orchestrator_service._core import Router
 from orchestrator_service._directive_servicer import DirectiveServicer
 from orchestrator_service._durable import Durable, Retention
@@ -40,7 +41,6 @@ from orchestrator_service._security import (
     server_credentials,
 )
 from orchestrator_service._servicer import (
-    ChannelServicer,
     StatusServicer,
     WorkerServicer,
 )
@@ -246,8 +246,7 @@ class Orchestrator:
         self.deposed = True
         self.leadership.leading = False
         self.hub.closing = "this orchestrator lost its leadership; reattach to the new leader"
-        for box in list(self.hub.calls.values()):
-            box.signal()
+        self.hub.wake_all()
         self._stopping = asyncio.create_task(self.shutdown(0))
 
     async def wait_closed(self) -> None:
@@ -258,10 +257,9 @@ class Orchestrator:
 
         Without a journal, running directives get ``grace`` seconds to
         finish and the workers are drained (told to finish and leave). With
-        one, running directives stay in the journal: their calls end with
-        UNAVAILABLE (the SDKs reattach to the next start), the workers are
-        not drained (they reconnect to it), and only leased channels, which
-        are not journaled, get the grace."""
+        one, running directives and leased channels stay in the journal:
+        their calls end with UNAVAILABLE (the SDKs reattach to the next
+        start), and the workers are not drained (they reconnect to it)."""
         if self.state in (State.DRAINING, State.CLOSED):
             await self._stopped.wait()
             return
@@ -280,8 +278,6 @@ class Orchestrator:
         log.info("orchestrator draining", extra={"grace": grace})
         deadline = time.monotonic() + grace
         # Polling: the core has no "all channels gone" event, and this runs once.
-        # With a journal, running directives need not finish: they go on at
-        # the next start (only leased channels, which are not journaled, wait).
         while self._must_wait() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         if self.store.durable:
@@ -289,8 +285,7 @@ class Orchestrator:
             self.hub.closing = self.hub.closing or (
                 "the orchestrator is restarting; the directive goes on: reattach by its id"
             )
-            for box in list(self.hub.calls.values()):
-                box.signal()
+            self.hub.wake_all()
         else:
             self.hub.handle(DrainRequested(max(0.0, deadline - time.monotonic())))
         if self._ticker is not None:
@@ -372,9 +367,9 @@ class Orchestrator:
         )
 
     def _must_wait(self) -> bool:
-        if not self.store.durable:
-            return bool(self.router.channels)
-        return any(not c.directive for c in self.router.channels.values())
+        # With a journal nothing needs to finish: directives and leased
+        # channels go on at the next start.
+        return not self.store.durable and bool(self.router.channels)
 
     async def _tick(self) -> None:
         compacted_at, removed = time.monotonic(), 0

@@ -15,19 +15,13 @@ from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from orchestrator_service import _convert as convert
 from orchestrator_service._events import (
-    ChannelClosed,
-    ChannelLeased,
-    ChannelReleased,
     CreditChanged,
     HeartbeatReceived,
     ResultsArrived,
-    ResultsTaken,
-    TasksPublished,
     WorkerConnected,
     WorkerDisconnected,
 )
-from orchestrator_service._hub import ChannelBox, Hub, WorkerLink
-from orchestrator_service._items import take_bounded
+from orchestrator_service._hub import Hub, WorkerLink
 from orchestrator_service._model import Code, RouterError, queue_label
 
 log = logging.getLogger("squire.orchestrator")
@@ -141,92 +135,6 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             await asyncio.wait(
                 (link.signal.future(), reader), return_when=asyncio.FIRST_COMPLETED
             )
-
-
-class ChannelServicer(pb_grpc.ChannelServiceServicer):
-    def __init__(self, hub: Hub) -> None:
-        self._hub = hub
-
-    async def LeaseChannel(
-        self, request: pb.LeaseChannelRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LeaseChannelResponse:
-        hub = self._hub
-        channel_id = hub.new_id()
-        hub.channels[channel_id] = ChannelBox(channel_id)
-        try:
-            hub.handle(ChannelLeased(channel_id))
-        except RouterError as exc:
-            del hub.channels[channel_id]
-            await abort(context, exc)
-        return pb.LeaseChannelResponse(channel_id=channel_id)
-
-    async def Publish(
-        self,
-        request_iterator: AsyncIterator[pb.PublishRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> pb.PublishResponse:
-        hub = self._hub
-        router = hub.router
-        channel_id = ""
-        published = 0
-        try:
-            async for request in request_iterator:
-                channel_id = request.channel_id or channel_id
-                if not channel_id:
-                    raise RouterError(
-                        Code.INVALID_ARGUMENT, "the first PublishRequest must name channel_id"
-                    )
-                tasks = [
-                    convert.spec_to_record(spec, published + i)
-                    for i, spec in enumerate(request.tasks)
-                ]
-                while not router.can_publish(channel_id) and channel_id in hub.channels:
-                    # flow control: wait for room (re-checked at least every second)
-                    signal = hub.channels[channel_id].signal
-                    await asyncio.wait((signal.future(),), timeout=1.0)
-                hub.handle(TasksPublished(channel_id, tasks))
-                published += len(tasks)
-        except RouterError as exc:
-            await abort(context, exc)
-        return pb.PublishResponse(published=published)
-
-    async def Subscribe(
-        self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ResultBatch]:
-        hub = self._hub
-        box = hub.channels.get(request.channel_id)
-        if box is None or request.channel_id not in hub.router.channels:
-            await abort(context, RouterError(
-                Code.NOT_FOUND,
-                f"unknown channel id {request.channel_id!r} (never leased or released)",
-            ))
-        while True:
-            results = take_bounded(box.results, convert.MAX_ITEMS_PER_MESSAGE)
-            if results:
-                hub.handle(ResultsTaken(box.channel_id, len(results)))
-                yield convert.results_to_pb(results)
-                continue
-            if box.ended or box.released:
-                return
-            await box.signal.wait()
-
-    async def CloseChannel(
-        self, request: pb.CloseChannelRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CloseChannelResponse:
-        try:
-            self._hub.handle(ChannelClosed(request.channel_id))
-        except RouterError as exc:
-            await abort(context, exc)
-        return pb.CloseChannelResponse()
-
-    async def ReleaseChannel(
-        self, request: pb.ReleaseChannelRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReleaseChannelResponse:
-        try:
-            self._hub.handle(ChannelReleased(request.channel_id))
-        except RouterError as exc:
-            await abort(context, exc)
-        return pb.ReleaseChannelResponse()
 
 
 class StatusServicer(pb_grpc.StatusServiceServicer):

@@ -20,9 +20,11 @@ from orchestrator_service._events import (
     EndChannel,
     Instruction,
     IpcMessage,
+    JournalChannel,
     SendIpc,
     SendTasks,
 )
+from orchestrator_service._journal_records import DELIVERED
 from orchestrator_service._model import (
     IGNORE,
     ChannelResult,
@@ -151,6 +153,10 @@ class RouterState:
                 ChannelResult(task, group.outputs[position], error, group.seconds[position])
             )
         channel.unread += len(results)
+        if self.config.journal:
+            self._out.append(JournalChannel(channel.id, [(
+                DELIVERED, [t.task_id for t in tasks], group.outputs, errors, group.seconds,
+            )]))
         self._out.append(EmitResults(channel.id, results))
         if channel.drained:
             self._out.append(EndChannel(channel.id, released=False))

@@ -33,6 +33,12 @@ def validate_router(router: RouterState) -> None:
         assert channel.unread >= 0, f"channel {channel.id}: unread {channel.unread}"
         assert channel.completed <= channel.published, f"channel {channel.id}: completed"
         assert channel.directive == (channel.id in router.directives), f"channel {channel.id}"
+        if not channel.directive:
+            assert channel.pending_ids <= channel.ids, f"channel {channel.id}: a pending id unknown"
+            assert len(channel.pending_ids) == channel.published - channel.completed, (
+                f"channel {channel.id}: {len(channel.pending_ids)} ids pending, "
+                f"{channel.published - channel.completed} tasks without a result"
+            )
     for key, queue in router.queues.items():
         assert queue.depth == depths[key], f"queue {key}: depth {queue.depth} != {depths[key]}"
     assert set(router._ready) <= set(router.channels), "a released channel is still ready"

@@ -40,6 +40,7 @@ from orchestrator_service._events import (
     Instruction,
     IpcMessage,
     Journal,
+    JournalChannel,
     QueueUnserved,
     Refused,
     ResultsArrived,
@@ -178,6 +179,8 @@ class Driver:
         # Journal instructions, as an instant store would hold them: per
         # directive its plan, creation time and records, in order.
         self.journal: dict[str, tuple[PlanSpec, float, list[Record]]] = {}
+        # and per leased channel its creation time and records (dropped on release)
+        self.channel_journal: dict[str, tuple[float, list[Record]]] = {}
         self.steps = 0
         self._ids = itertools.count(1)
 
@@ -219,6 +222,8 @@ class Driver:
             view_c = self.channels[i.channel_id]
             view_c.ended = True
             view_c.released = i.released
+            if i.released:
+                self.channel_journal.pop(i.channel_id, None)
         elif isinstance(i, TasksCompleted):
             self.completed.extend(i.tasks)
         elif isinstance(i, QueueUnserved):
@@ -227,6 +232,10 @@ class Driver:
             if i.plan is not None:
                 self.journal[i.directive_id] = (i.plan, i.created_at, [])
             self.journal[i.directive_id][2].extend(i.records)
+        elif isinstance(i, JournalChannel):
+            if i.opened:
+                self.channel_journal[i.channel_id] = (i.created_at, [])
+            self.channel_journal[i.channel_id][1].extend(i.records)
         else:
             raise AssertionError(f"unknown instruction {i!r}")
         return None

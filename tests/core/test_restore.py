@@ -1,5 +1,5 @@
-"""Directives rebuilt from their journal (``DirectiveRestored``), without
-the network.
+"""Directives and leased channels rebuilt from their journal
+(``DirectiveRestored``, ``ChannelRestored``), without the network.
 
 The core journals every call that changes a directive; a new core that is
 given those records goes on where the old one stood: it emits no item
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator_service._events import DirectiveRestored
+from orchestrator_service._events import ChannelRestored, DirectiveRestored
 from orchestrator_service._journal_records import (
     decode_plan,
     decode_records,
@@ -27,8 +27,9 @@ from orchestrator_service._model import (
     MapStage,
     PlanSpec,
     RouterConfig,
+    TaskRecord,
 )
-from orchestrator_service._restore import replay
+from orchestrator_service._restore import replay, replay_channel
 from squire_kernel.serde import decode, encode
 
 from .sim import Driver, Sim, hello
@@ -58,6 +59,22 @@ def restart(old: Driver, config: RouterConfig = CONFIG) -> Driver:
         new.journal[directive_id] = (plan, created, list(records))
         new.directives[directive_id] = view
         new.handle(DirectiveRestored(directive_id, plan, records, created))
+    new.channels = {}
+    for channel_id, (created, records) in old.channel_journal.items():
+        records = decode_records(encode_records(records))
+        new.channel_journal[channel_id] = (created, list(records))
+        view = new.channels[channel_id] = old.channels[channel_id]
+        # The subscriber resumes with what it took; the rest of what was
+        # delivered is read back from the journal and sent at once (as
+        # Subscribe does): the new core does not count them as unread.
+        _, results = replay_channel(channel_id, records, keep_results=True)
+        assert [r.task.task_id for r in results[: len(view.taken)]] == [
+            r.task.task_id for r in view.taken
+        ], "the journal's result order is not the order the subscriber saw"
+        view.taken.extend(results[len(view.taken):])
+        view.results = []
+        view.ended = False
+        new.handle(ChannelRestored(channel_id, records, created))
     return new
 
 
@@ -140,6 +157,46 @@ def test_a_cancelled_directive_is_restored_finished_and_ends_once() -> None:
     assert not new.router.directives and len(records) < len(sim.journal[d.id][2])
 
 
+def test_a_leased_channel_goes_on_where_it_stood() -> None:
+    sim = Sim(CONFIG)
+    sim.connect(hello("w1", capacity=4, prefetch=0))
+    ch = sim.lease()
+    tasks = [TaskRecord("", i, "length", input=encode("x" * i)) for i in range(10)]
+    sim.publish(ch.id, tasks)
+    sim.step(limit=3)  # 3 results delivered, 1 task at the worker
+    sim.take(ch, 2)  # the subscriber took 2 of them
+    sim.close(ch.id)
+
+    new = restart(sim)
+    new.log = []
+    new.held = {}
+    channel = new.router.channels[ch.id]
+    assert channel.sender_closed and channel.ids == set(range(10))
+    assert len(ch.taken) == 3  # the third came back from the journal on resume
+    # A publisher resending what its broken call may have delivered: all left out.
+    new.router.channels[ch.id].sender_closed = False
+    new.publish(ch.id, [TaskRecord("", i, "length", input=b'""') for i in range(10)])
+    new.router.channels[ch.id].sender_closed = True
+    new.connect(hello("w2", capacity=4, prefetch=0))
+    new.run()
+    assert len(new.log) == 7  # the 3 journaled results did not run again
+    new.take(ch, 100)
+    results = ch.taken
+    assert sorted(r.task.task_id for r in results) == list(range(10))
+    assert all(decode(r.output) == r.task.task_id for r in results)
+    assert ch.ended and not ch.released
+
+
+def test_a_released_channel_is_gone_from_the_journal() -> None:
+    sim = Sim(CONFIG)
+    ch = sim.lease()
+    sim.publish(ch.id, [TaskRecord("", 1, "length", input=b'""')])
+    assert ch.id in sim.channel_journal
+    sim.release(ch.id)
+    assert ch.id not in sim.channel_journal
+    assert ch.id not in restart(sim).router.channels
+
+
 # ------------------------------------------------------------- randomized
 
 
@@ -157,15 +214,13 @@ class CrashingChaos(Chaos):
         self.d = Driver(config)
         self.crashes = 0
         self.restored = 0  # directives rebuilt, over all crashes
+        self.restored_channels = 0
 
     def step(self) -> None:
         if self.rng.random() < 0.01:
             self.crash()
             return
         super().step()
-        # Leased channels are not journaled (yet): this chaos plays directives.
-        for c in self.channels:
-            c.released = True
 
     def crash(self) -> None:
         """The core dies; a new one restores from the journal, and some of the
@@ -175,6 +230,7 @@ class CrashingChaos(Chaos):
         self.stale.clear()
         self.d = restart(self.d, self.config)
         self.restored += len(self.d.router.directives)
+        self.restored_channels += sum(not c.directive for c in self.d.router.channels.values())
         for worker_id, base in hellos.items():
             if self.rng.random() < 0.6:
                 self.rejoin(worker_id, base)
@@ -203,15 +259,24 @@ def test_random_crashes_lose_nothing_and_deliver_each_element_once(seed: int) ->
             assert sorted(seen) == list(range(len(s.inputs))), f"directive {view.id}"
             for index, value in zip(view.items.indexes, view.items.values, strict=True):
                 assert decode(value) == expected(s.stages, s.inputs[index])
+    for c in chaos.channels:
+        ids = [r.task.task_id for r in c.view.taken + c.view.results]
+        assert len(ids) == len(set(ids)), f"channel {c.view.id} delivered a result twice"
+        assert set(ids) <= c.task_ids
+        if not c.released:
+            assert c.view.ended and set(ids) == c.task_ids, f"channel {c.view.id} lost results"
+            for r in c.view.taken + c.view.results:
+                assert r.task.routing_key == c.view.id
     assert not chaos.d.router.directives
     assert chaos.crashes >= 1
 
 
-def test_the_random_crashes_do_restore_running_directives() -> None:
-    restored = 0
+def test_the_random_crashes_do_restore_running_directives_and_channels() -> None:
+    restored = channels = 0
     for seed in range(10):
         chaos = CrashingChaos(seed)
         for _ in range(600):
             chaos.step()
         restored += chaos.restored
-    assert restored >= 20
+        channels += chaos.restored_channels
+    assert restored >= 20 and channels >= 20

@@ -399,8 +399,11 @@ def test_channel_lifecycle_and_errors() -> None:
     ch = s.lease()
     s.publish(ch.id, [TaskRecord("", i, "length", input=encode("x" * i)) for i in range(5)])
     with pytest.raises(RouterError) as dup:
-        s.publish(ch.id, [TaskRecord("", 4, "length", input=b'""')])
-    assert dup.value.code is Code.INVALID_ARGUMENT
+        s.publish(ch.id, [TaskRecord("", 7, "length", input=b'""')] * 2)
+    assert dup.value.code is Code.INVALID_ARGUMENT and "twice" in dup.value.message
+    # An id the channel has is left out (a publisher resending after a broken call).
+    s.publish(ch.id, [TaskRecord("", 4, "length", input=b'"changed"')])
+    assert s.router.channels[ch.id].published == 5
     s.run()
     s.close(ch.id)
     assert ch.ended  # every result was emitted: the stream ends after them

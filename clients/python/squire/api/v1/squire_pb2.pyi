@@ -744,7 +744,11 @@ class TaskSpec(_message.Message):
     SERIALIZER_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     task_id: _builtins.int
-    """chosen by the client, unique within the channel"""
+    """Chosen by the client, unique within the channel: a task whose id the
+    channel already has (published before, with or without its result) is
+    ignored and counted in PublishResponse.duplicates, so publishing again
+    what a broken call may or may not have delivered is safe.
+    """
     operation: _builtins.str
     kind: Global___TaskKind.ValueType
     params: _builtins.bytes
@@ -799,18 +803,25 @@ Global___PublishRequest: _TypeAlias = PublishRequest  # noqa: Y015
 
 @_typing.final
 class PublishResponse(_message.Message):
+    """Sent once every task of the call is accepted (with a journal: committed)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PUBLISHED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
     published: _builtins.int
+    """tasks this call added to the channel"""
+    duplicates: _builtins.int
+    """tasks whose id the channel already had: ignored"""
     def __init__(
         self,
         *,
         published: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["published", b"published"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicates", b"duplicates", "published", b"published"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -821,17 +832,29 @@ class SubscribeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHANNEL_ID_FIELD_NUMBER: _builtins.int
+    RECEIVED_FIELD_NUMBER: _builtins.int
     channel_id: _builtins.str
+    received: _builtins.int
+    """How many results of this channel the subscriber already has, from
+    earlier Subscribe calls: the stream starts with the next one, in the
+    channel's result order (results a broken stream may have lost are sent
+    again from the journal). A Subscribe that sets it displaces an earlier
+    one still open (that call ends with ABORTED). Unset: the stream goes on
+    with the results no Subscribe call has taken yet.
+    """
     def __init__(
         self,
         *,
         channel_id: _builtins.str = ...,
+        received: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_received", b"_received", "received", b"received"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_received", b"_received", "channel_id", b"channel_id", "received", b"received"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__received: _TypeAlias = _typing.Literal["received"]  # noqa: Y015
+    _WhichOneofArgType__received: _TypeAlias = _typing.Literal["_received", b"_received"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__received) -> _WhichOneofReturnType__received | None: ...
 
 Global___SubscribeRequest: _TypeAlias = SubscribeRequest  # noqa: Y015
 

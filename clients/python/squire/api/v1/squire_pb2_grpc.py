@@ -111,6 +111,13 @@ class WorkerService:
 class ChannelServiceStub:
     """------------------------------------------------------------ channel API
 
+    With a journal (--store sqlite:// or postgresql://) a channel is durable:
+    its lease, every published task, every result and the close are committed
+    before the call that made them returns (or, for results, before they are
+    sent), and an orchestrator that restarts on the same store has the channel
+    again. A publisher whose call broke sends its unacknowledged tasks again
+    (ids the channel has are ignored); a subscriber resubscribes with how many
+    results it has (SubscribeRequest.received) and gets the rest exactly once.
     """
 
     def __init__(self, channel):
@@ -149,6 +156,13 @@ class ChannelServiceStub:
 class ChannelServiceServicer:
     """------------------------------------------------------------ channel API
 
+    With a journal (--store sqlite:// or postgresql://) a channel is durable:
+    its lease, every published task, every result and the close are committed
+    before the call that made them returns (or, for results, before they are
+    sent), and an orchestrator that restarts on the same store has the channel
+    again. A publisher whose call broke sends its unacknowledged tasks again
+    (ids the channel has are ignored); a subscriber resubscribes with how many
+    results it has (SubscribeRequest.received) and gets the rest exactly once.
     """
 
     def LeaseChannel(self, request, context):
@@ -227,6 +241,13 @@ def add_ChannelServiceServicer_to_server(servicer, server):
 class ChannelService:
     """------------------------------------------------------------ channel API
 
+    With a journal (--store sqlite:// or postgresql://) a channel is durable:
+    its lease, every published task, every result and the close are committed
+    before the call that made them returns (or, for results, before they are
+    sent), and an orchestrator that restarts on the same store has the channel
+    again. A publisher whose call broke sends its unacknowledged tasks again
+    (ids the channel has are ignored); a subscriber resubscribes with how many
+    results it has (SubscribeRequest.received) and gets the rest exactly once.
     """
 
     @staticmethod

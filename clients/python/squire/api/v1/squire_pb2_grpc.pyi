@@ -86,7 +86,16 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class ChannelServiceStub:
-    """------------------------------------------------------------ channel API"""
+    """------------------------------------------------------------ channel API
+
+    With a journal (--store sqlite:// or postgresql://) a channel is durable:
+    its lease, every published task, every result and the close are committed
+    before the call that made them returns (or, for results, before they are
+    sent), and an orchestrator that restarts on the same store has the channel
+    again. A publisher whose call broke sends its unacknowledged tasks again
+    (ids the channel has are ignored); a subscriber resubscribes with how many
+    results it has (SubscribeRequest.received) and gets the rest exactly once.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -109,7 +118,16 @@ class ChannelServiceStub:
 
 @_typing.type_check_only
 class ChannelServiceAsyncStub(ChannelServiceStub):
-    """------------------------------------------------------------ channel API"""
+    """------------------------------------------------------------ channel API
+
+    With a journal (--store sqlite:// or postgresql://) a channel is durable:
+    its lease, every published task, every result and the close are committed
+    before the call that made them returns (or, for results, before they are
+    sent), and an orchestrator that restarts on the same store has the channel
+    again. A publisher whose call broke sends its unacknowledged tasks again
+    (ids the channel has are ignored); a subscriber resubscribes with how many
+    results it has (SubscribeRequest.received) and gets the rest exactly once.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     LeaseChannel: _aio.UnaryUnaryMultiCallable[_squire_pb2.LeaseChannelRequest, _squire_pb2.LeaseChannelResponse]  # type: ignore[assignment]
@@ -128,7 +146,16 @@ class ChannelServiceAsyncStub(ChannelServiceStub):
     """Release the channel: drop what is queued, abort what runs, free the id."""
 
 class ChannelServiceServicer(metaclass=_abc_1.ABCMeta):
-    """------------------------------------------------------------ channel API"""
+    """------------------------------------------------------------ channel API
+
+    With a journal (--store sqlite:// or postgresql://) a channel is durable:
+    its lease, every published task, every result and the close are committed
+    before the call that made them returns (or, for results, before they are
+    sent), and an orchestrator that restarts on the same store has the channel
+    again. A publisher whose call broke sends its unacknowledged tasks again
+    (ids the channel has are ignored); a subscriber resubscribes with how many
+    results it has (SubscribeRequest.received) and gets the rest exactly once.
+    """
 
     @_abc_1.abstractmethod
     def LeaseChannel(
