@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -163,3 +164,61 @@ def test_orchestrator_sigkill_during_chain(ledger: Ledger, env: dict[str, str], 
             assert sum(first.values()) - n <= _in_flight_bound(kills[0])
             assert len(second) == n
     figures.add("orchestrator SIGKILL, chain of two maps", "orchestrator SIGKILLs", kills[0])
+
+
+def test_orchestrator_sigkill_during_a_leased_channel(ledger: Ledger, env: dict[str, str],
+                                                      logs: Path, figures: Figures) -> None:
+    """The leased-channel API across kills: one thread publishes, the main
+    thread receives; the SDK resends what a broken Publish call had not had
+    acknowledged (ids the channel has are left out) and resubscribes with
+    how many results it has."""
+    rng = random.Random(_seed())
+    n = 3_000
+    tag = "ochannel"
+    kills = [0]
+    with cluster(env=env, log_dir=logs) as c:
+        start_workers(c, [f"w{i}" for i in range(WORKERS)], concurrency=CONCURRENCY)
+        with squire.Client(c.target) as client, client.lease_channel() as channel:
+            maybe_kill = _killer(c, rng, n, kills)
+            values: dict[int, int] = {}
+            progress = threading.Condition()
+
+            def publish() -> None:
+                # Streamed: at most 300 tasks ahead of the results, so the
+                # kills land while a Publish call is open.
+                for i in range(n):
+                    with progress:
+                        progress.wait_for(lambda: len(values) >= i - 300, timeout=120)
+                    channel.sender.send("fault_square", i, task_id=i,
+                                        params={"tag": tag, "sleep": 0.001})
+                channel.sender.close()
+
+            publisher = threading.Thread(target=publish, daemon=True)
+            publisher.start()
+            for outcome in channel.receiver:
+                assert outcome.ok, outcome.error
+                ledger.deliver(tag, outcome.task_id)
+                with progress:
+                    values[outcome.task_id] = outcome.value
+                    progress.notify_all()
+                maybe_kill(len(values))
+            publisher.join(30)
+            assert not publisher.is_alive()
+            tally = ledger.tally(tag, n)
+            tally.assert_exactly_once()
+            assert values == {i: i * i for i in range(n)}
+            assert tally.re_executions <= _in_flight_bound(kills[0])
+            assert kills[0] >= 1
+            assert channel.receiver.resubscribed >= 1
+            assert channel.sender._publisher.resent >= 1
+            published, duplicates = (channel.sender._publisher.published,
+                                     channel.sender._publisher.duplicates)
+            # What a broken call had sent went again; the channel had some of it.
+            assert published + duplicates == n and duplicates >= 1, (published, duplicates)
+    figures.add("orchestrator SIGKILL, leased channel", "tasks", f"{n:,}")
+    figures.add("orchestrator SIGKILL, leased channel", "orchestrator SIGKILLs", kills[0])
+    figures.add("orchestrator SIGKILL, leased channel", "lost / duplicated results", "0 / 0")
+    figures.add("orchestrator SIGKILL, leased channel", "tasks executed again",
+                tally.re_executions)
+    figures.add("orchestrator SIGKILL, leased channel", "tasks resent, left out as duplicates",
+                duplicates)

@@ -18,7 +18,9 @@ import grpc.aio
 from squire._bridge import call_soon
 from squire._channel import Publisher
 from squire._errors import Cancelled, translate_rpc_error
+from squire._feeder import DEFAULT_REATTACH_TIMEOUT
 from squire._model import TaskOutcome
+from squire._reconnect import Backoff, acall_retrying, unavailable
 from squire._wire import task_outcome
 from squire.api.v1 import squire_pb2 as pb
 from squire_kernel.serde import Serializer
@@ -48,13 +50,17 @@ class AsyncChannelSender:
         blocking_stub: pb_grpc.ChannelServiceStub,
         channel_id: str,
         serializer: Serializer,
+        *,
+        reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT,
     ) -> None:
         loop = asyncio.get_running_loop()
         self._stub = stub
         self._channel_id = channel_id
+        self._reattach_timeout = reattach_timeout
         self._changed = asyncio.Event()
         self._publisher = Publisher(
-            blocking_stub, channel_id, serializer, lambda: call_soon(loop, self._changed.set)
+            blocking_stub, channel_id, serializer, lambda: call_soon(loop, self._changed.set),
+            reattach_timeout=reattach_timeout,
         )
         self._published: int | None = None
 
@@ -109,11 +115,13 @@ class AsyncChannelSender:
                 if self._publisher.finished:
                     break
                 await self._changed.wait()
-            published = self._publisher.result()  # the call ended: returns at once
-            try:
-                await self._stub.CloseChannel(pb.CloseChannelRequest(channel_id=self._channel_id))
-            except grpc.RpcError as exc:
-                raise translate_rpc_error(exc) from exc
+            published = self._publisher.result()  # publishing ended: returns at once
+            await acall_retrying(
+                lambda: self._stub.CloseChannel(
+                    pb.CloseChannelRequest(channel_id=self._channel_id)
+                ),
+                self._reattach_timeout,
+            )
             self._published = published
         return self._published
 
@@ -134,16 +142,27 @@ class AsyncChannelSender:
 
 
 class AsyncChannelReceiver:
-    """The asyncio twin of :class:`ChannelReceiver`: ``async for outcome in receiver``."""
+    """The asyncio twin of :class:`ChannelReceiver`: ``async for outcome in receiver``
+    (it subscribes again after UNAVAILABLE, as that one does)."""
 
     def __init__(
-        self, stub: pb_grpc.ChannelServiceAsyncStub, channel_id: str, serializer: Serializer
+        self,
+        stub: pb_grpc.ChannelServiceAsyncStub,
+        channel_id: str,
+        serializer: Serializer,
+        *,
+        reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT,
     ) -> None:
         self._stub = stub
         self._channel_id = channel_id
         self._serializer = serializer
+        self._reattach_timeout = reattach_timeout
         self._buffer: deque[TaskOutcome] = deque()
         self._call: Any = None
+        self._backoff: Backoff | None = None
+        self._cancelled = False
+        self.received = 0  # results received, over every Subscribe call
+        self.resubscribed = 0  # times it subscribed again after UNAVAILABLE
 
     def __aiter__(self) -> Self:
         return self
@@ -151,22 +170,40 @@ class AsyncChannelReceiver:
     async def __anext__(self) -> TaskOutcome:
         while not self._buffer:
             if self._call is None:
-                self._call = self._stub.Subscribe(pb.SubscribeRequest(channel_id=self._channel_id))
+                self._call = self._stub.Subscribe(
+                    pb.SubscribeRequest(channel_id=self._channel_id, received=self.received)
+                )
+            call = self._call
             try:
-                batch = await self._call.read()
+                batch = await call.read()
             except grpc.RpcError as exc:
-                raise translate_rpc_error(exc) from exc
+                self._call = None
+                delay = self._retry_delay(exc)
+                if delay is None:
+                    raise translate_rpc_error(exc) from exc
+                await asyncio.sleep(delay)
+                self.resubscribed += 1
+                continue
             except asyncio.CancelledError as exc:
-                if not _locally_cancelled(self._call):
+                if not _locally_cancelled(call):
                     raise
                 raise Cancelled("receiving was cancelled by the client", "CANCELLED") from exc
             if batch is grpc.aio.EOF:
                 raise StopAsyncIteration
+            self._backoff = None
+            self.received += len(batch.results)
             self._buffer.extend(task_outcome(r, self._serializer) for r in batch.results)
         return self._buffer.popleft()
 
+    def _retry_delay(self, exc: grpc.RpcError) -> float | None:
+        if self._cancelled or not unavailable(exc) or self._reattach_timeout <= 0:
+            return None
+        self._backoff = self._backoff or Backoff(self._reattach_timeout)
+        return self._backoff.next()
+
     def cancel(self) -> None:
         """Stop receiving (the channel itself stays leased)."""
+        self._cancelled = True
         if self._call is not None:
             self._call.cancel()
 
@@ -180,12 +217,19 @@ class AsyncChannelHandle:
         blocking_stub: pb_grpc.ChannelServiceStub,
         channel_id: str,
         serializer: Serializer,
+        *,
+        reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT,
     ) -> None:
         self.channel_id = channel_id
         self.serializer = serializer
-        self.sender = AsyncChannelSender(stub, blocking_stub, channel_id, serializer)
-        self.receiver = AsyncChannelReceiver(stub, channel_id, serializer)
+        self.sender = AsyncChannelSender(
+            stub, blocking_stub, channel_id, serializer, reattach_timeout=reattach_timeout
+        )
+        self.receiver = AsyncChannelReceiver(
+            stub, channel_id, serializer, reattach_timeout=reattach_timeout
+        )
         self._stub = stub
+        self._reattach_timeout = reattach_timeout
         self._released = False
 
     async def release(self) -> None:
@@ -195,10 +239,13 @@ class AsyncChannelHandle:
         self._released = True
         self.sender._publisher.abort()
         self.receiver.cancel()
-        try:
-            await self._stub.ReleaseChannel(pb.ReleaseChannelRequest(channel_id=self.channel_id))
-        except grpc.RpcError as exc:
-            raise translate_rpc_error(exc) from exc
+        await acall_retrying(
+            lambda: self._stub.ReleaseChannel(
+                pb.ReleaseChannelRequest(channel_id=self.channel_id)
+            ),
+            self._reattach_timeout,
+            done_if=grpc.StatusCode.NOT_FOUND,
+        )
 
     async def __aenter__(self) -> Self:
         return self

@@ -23,6 +23,7 @@ is full) ``send`` blocks once a bounded local buffer is full too.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
@@ -31,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from squire._errors import SquireError, translate_rpc_error
+from squire._feeder import DEFAULT_REATTACH_TIMEOUT
 from squire._model import TaskOutcome
+from squire._reconnect import Backoff, call_retrying, unavailable
 from squire._wire import task_outcome, task_spec
 from squire.api.v1 import squire_pb2 as pb
 from squire_kernel.serde import Serializer
@@ -42,6 +45,9 @@ if TYPE_CHECKING:
     from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 MAX_BUFFERED_TASKS = 1024
+# Tasks one Publish call carries before it ends and its response
+# acknowledges them: what a publisher keeps to resend after a broken call.
+MAX_UNACKNOWLEDGED = 8192
 MAX_BYTES_PER_MESSAGE = 4 * 1024 * 1024
 MAX_TASKS_PER_MESSAGE = 256
 
@@ -106,12 +112,20 @@ class _Outbox:
 
 
 class Publisher:
-    """One Publish call on the blocking gRPC stack, fed from a bounded buffer.
+    """Publish calls on the blocking gRPC stack, fed from a bounded buffer.
+
+    Tasks go out over one Publish call at a time; a call ends after
+    ``MAX_UNACKNOWLEDGED`` tasks and its response acknowledges them (with a
+    journal: committed). A call that fails with UNAVAILABLE (the orchestrator
+    restarts, or fails over) is made again with backoff for
+    ``reattach_timeout`` seconds, its unacknowledged tasks sent first again:
+    the orchestrator leaves out ids the channel has, so nothing runs twice.
 
     Thread-safe. :meth:`add` never blocks; it returns None while the buffer
-    is full. Waiters learn that room freed up or that the call ended through
-    ``cond`` (blocking sender) or ``on_change``, called from gRPC threads
-    (asyncio sender; see ``squire._bridge`` for why it also uses this stack).
+    is full. Waiters learn that room freed up or that publishing ended
+    through ``cond`` (blocking sender) or ``on_change``, called from gRPC
+    threads (asyncio sender; see ``squire._bridge`` for why it also uses
+    this stack).
     """
 
     def __init__(
@@ -120,18 +134,37 @@ class Publisher:
         channel_id: str,
         serializer: Serializer,
         on_change: Callable[[], None] | None = None,
+        *,
+        reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT,
     ) -> None:
         self.cond = threading.Condition()
         self._stub = stub
         self._outbox = _Outbox(channel_id, serializer)
         self._on_change = on_change
-        self._call: Any = None  # opened by the first task
-        self._call_done = False
+        self._reattach_timeout = reattach_timeout
+        self._call: Any = None  # the Publish call now open, if any
+        self._calls = 0  # calls made: the generator of an older one stops
+        self._unacknowledged: list[pb.TaskSpec] = []  # sent on the open call
+        self._backoff: Backoff | None = None  # while the orchestrator is away
+        self._retry: threading.Timer | None = None
+        self._error: BaseException | None = None
+        self._aborted = False
+        self.published = 0  # tasks the orchestrator added to the channel
+        self.duplicates = 0  # tasks it already had (resent after a broken call)
+        self.resent = 0  # calls made again after UNAVAILABLE
 
     @property
     def finished(self) -> bool:
-        """True once the Publish call ended (or was never needed)."""
-        return self._call is None or self._call_done
+        """True once every task is acknowledged after the end of input, or
+        publishing failed."""
+        with self.cond:
+            return self._error is not None or self._idle_closed()
+
+    def _idle_closed(self) -> bool:
+        return (
+            self._outbox.closed and not self._outbox.pending and not self._unacknowledged
+            and self._call is None and self._retry is None
+        )
 
     def add(
         self,
@@ -142,20 +175,14 @@ class Publisher:
         **payload: Any,
     ) -> int | None:
         with self.cond:
-            if self._call_done:
-                self.result()  # raises why the call ended
-                raise SquireError(
-                    f"the orchestrator ended the Publish stream of channel "
-                    f"{self._outbox.channel_id} early"
-                )
+            if self._error is not None:
+                raise self._error
             if self._outbox.full:
                 return None
             task_id = self._outbox.add(
                 operation, task_id=task_id, params=params, metadata=metadata, **payload
             )
-            if self._call is None:
-                self._call = self._stub.Publish.future(self._requests())
-                self._call.add_done_callback(self._on_call_done)
+            self._open()
             self.cond.notify_all()
             return task_id
 
@@ -165,35 +192,101 @@ class Publisher:
             self.cond.notify_all()
 
     def result(self) -> int:
-        """Tasks the orchestrator accepted; blocks until the call ends."""
-        if self._call is None:
-            return 0
-        try:
-            response: pb.PublishResponse = self._call.result()
-        except grpc.RpcError as exc:
-            raise translate_rpc_error(exc) from exc
-        return response.published
+        """Tasks acknowledged: each one sent is on the channel (added by its
+        call, or already there: ``duplicates``). Blocks until every task is
+        acknowledged (call :meth:`end_input` first)."""
+        with self.cond:
+            while self._error is None and not self._idle_closed():
+                self.cond.wait()
+            if self._error is not None:
+                raise self._error
+            return self.published + self.duplicates
 
     def abort(self) -> None:
-        self.end_input()
-        if self._call is not None:
-            self._call.cancel()
+        with self.cond:
+            self._aborted = True
+            self._outbox.closed = True
+            self._outbox.pending.clear()
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
+            call = self._call
+            self._changed()
+        if call is not None:
+            call.cancel()
 
-    def _requests(self) -> Iterator[pb.PublishRequest]:
-        # Pulled by a gRPC thread as flow control allows.
+    def _open(self) -> None:
+        """Open a call if tasks wait and none is open (hold ``cond``)."""
+        if self._call is None and self._retry is None and not self._aborted and (
+            self._outbox.pending
+        ):
+            self._calls += 1
+            self._call = self._stub.Publish.future(self._requests(self._calls))
+            self._call.add_done_callback(self._on_call_done)
+
+    def _requests(self, number: int) -> Iterator[pb.PublishRequest]:
+        # Pulled by a gRPC thread as flow control allows. The call ends
+        # after MAX_UNACKNOWLEDGED tasks, so its response frees them.
         while True:
             with self.cond:
-                while not (self._outbox.pending or self._outbox.closed or self._call_done):
+                while not (self._outbox.pending or self._outbox.closed) and number == self._calls:
                     self.cond.wait()
-                if not self._outbox.pending or self._call_done:
+                if (
+                    number != self._calls or not self._outbox.pending
+                    or len(self._unacknowledged) >= MAX_UNACKNOWLEDGED
+                ):
                     return
                 request = self._outbox.take()
+                self._unacknowledged.extend(request.tasks)
                 self._changed()
             yield request
 
-    def _on_call_done(self, _call: Any) -> None:
+    def _on_call_done(self, call: Any) -> None:
         with self.cond:
-            self._call_done = True
+            if call is not self._call:
+                return
+            self._call = None
+            self._calls += 1  # its generator, if gRPC still pulls it, stops
+            try:
+                response: pb.PublishResponse = call.result()
+            except grpc.RpcError as exc:
+                self._failed(exc)
+            except grpc.FutureCancelledError:
+                self._error = SquireError(
+                    f"publishing on channel {self._outbox.channel_id} was cancelled"
+                )
+            else:
+                self.published += response.published
+                self.duplicates += response.duplicates
+                self._unacknowledged.clear()
+                self._backoff = None
+                self._open()
+            self._changed()
+
+    def _failed(self, exc: grpc.RpcError) -> None:
+        if self._aborted:
+            self._error = translate_rpc_error(exc)
+            return
+        if unavailable(exc) and self._reattach_timeout > 0:
+            self._backoff = self._backoff or Backoff(self._reattach_timeout)
+            delay = self._backoff.next()
+            if delay is not None:
+                # What the broken call sent goes first on the next one.
+                self._outbox.pending.extendleft(reversed(self._unacknowledged))
+                self._unacknowledged.clear()
+                self._retry = threading.Timer(delay, self._again)
+                self._retry.daemon = True
+                self._retry.start()
+                return
+        self._error = translate_rpc_error(exc)
+
+    def _again(self) -> None:
+        with self.cond:
+            if self._retry is None:
+                return  # aborted meanwhile
+            self._retry = None
+            self.resent += 1
+            self._open()
             self._changed()
 
     def _changed(self) -> None:
@@ -213,11 +306,19 @@ class ChannelSender:
     """
 
     def __init__(
-        self, stub: pb_grpc.ChannelServiceStub, channel_id: str, serializer: Serializer
+        self,
+        stub: pb_grpc.ChannelServiceStub,
+        channel_id: str,
+        serializer: Serializer,
+        *,
+        reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT,
     ) -> None:
         self._stub = stub
         self._channel_id = channel_id
-        self._publisher = Publisher(stub, channel_id, serializer)
+        self._reattach_timeout = reattach_timeout
+        self._publisher = Publisher(
+            stub, channel_id, serializer, reattach_timeout=reattach_timeout
+        )
         self._published: int | None = None
 
     def send(
@@ -259,15 +360,19 @@ class ChannelSender:
         """No more tasks: finish publishing, then close the sender on the orchestrator.
 
         The receiver's iteration ends once every published task has its
-        result. Returns how many tasks the orchestrator accepted. Idempotent.
+        result. Returns how many tasks the orchestrator acknowledged: every
+        one sent, including those it already had (a task resent after the
+        orchestrator restarted counts once). Idempotent.
         """
         if self._published is None:
             self._publisher.end_input()
             published = self._publisher.result()
-            try:
-                self._stub.CloseChannel(pb.CloseChannelRequest(channel_id=self._channel_id))
-            except grpc.RpcError as exc:
-                raise translate_rpc_error(exc) from exc
+            call_retrying(
+                lambda: self._stub.CloseChannel(
+                    pb.CloseChannelRequest(channel_id=self._channel_id)
+                ),
+                self._reattach_timeout,
+            )
             self._published = published
         return self._published
 
@@ -291,16 +396,29 @@ class ChannelReceiver:
 
     Iterate it once, from one thread. Subscribe opens with the first ``next``;
     the iteration ends once the sender is closed and every task has its result.
+    If the stream breaks with UNAVAILABLE (the orchestrator restarts or fails
+    over), it subscribes again, with backoff for ``reattach_timeout``
+    seconds, naming how many results it has: it gets the rest, each once.
     """
 
     def __init__(
-        self, stub: pb_grpc.ChannelServiceStub, channel_id: str, serializer: Serializer
+        self,
+        stub: pb_grpc.ChannelServiceStub,
+        channel_id: str,
+        serializer: Serializer,
+        *,
+        reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT,
     ) -> None:
         self._stub = stub
         self._channel_id = channel_id
         self._serializer = serializer
+        self._reattach_timeout = reattach_timeout
         self._buffer: deque[TaskOutcome] = deque()
         self._call: Any = None
+        self._backoff: Backoff | None = None
+        self._cancelled = False
+        self.received = 0  # results received, over every Subscribe call
+        self.resubscribed = 0  # times it subscribed again after UNAVAILABLE
 
     def __iter__(self) -> Self:
         return self
@@ -308,16 +426,33 @@ class ChannelReceiver:
     def __next__(self) -> TaskOutcome:
         while not self._buffer:
             if self._call is None:
-                self._call = self._stub.Subscribe(pb.SubscribeRequest(channel_id=self._channel_id))
+                self._call = self._stub.Subscribe(
+                    pb.SubscribeRequest(channel_id=self._channel_id, received=self.received)
+                )
             try:
                 batch: pb.ResultBatch = next(self._call)
             except grpc.RpcError as exc:
-                raise translate_rpc_error(exc) from exc
+                self._call = None
+                delay = self._retry_delay(exc)
+                if delay is None:
+                    raise translate_rpc_error(exc) from exc
+                time.sleep(delay)
+                self.resubscribed += 1
+                continue
+            self._backoff = None
+            self.received += len(batch.results)
             self._buffer.extend(task_outcome(r, self._serializer) for r in batch.results)
         return self._buffer.popleft()
 
+    def _retry_delay(self, exc: grpc.RpcError) -> float | None:
+        if self._cancelled or not unavailable(exc) or self._reattach_timeout <= 0:
+            return None
+        self._backoff = self._backoff or Backoff(self._reattach_timeout)
+        return self._backoff.next()
+
     def cancel(self) -> None:
         """Stop receiving (the channel itself stays leased)."""
+        self._cancelled = True
         if self._call is not None:
             self._call.cancel()
 
@@ -332,13 +467,23 @@ class ChannelHandle:
     """
 
     def __init__(
-        self, stub: pb_grpc.ChannelServiceStub, channel_id: str, serializer: Serializer
+        self,
+        stub: pb_grpc.ChannelServiceStub,
+        channel_id: str,
+        serializer: Serializer,
+        *,
+        reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT,
     ) -> None:
         self.channel_id = channel_id
         self.serializer = serializer
-        self.sender = ChannelSender(stub, channel_id, serializer)
-        self.receiver = ChannelReceiver(stub, channel_id, serializer)
+        self.sender = ChannelSender(
+            stub, channel_id, serializer, reattach_timeout=reattach_timeout
+        )
+        self.receiver = ChannelReceiver(
+            stub, channel_id, serializer, reattach_timeout=reattach_timeout
+        )
         self._stub = stub
+        self._reattach_timeout = reattach_timeout
         self._released = False
 
     def release(self) -> None:
@@ -348,10 +493,15 @@ class ChannelHandle:
         self._released = True
         self.sender._publisher.abort()
         self.receiver.cancel()
-        try:
-            self._stub.ReleaseChannel(pb.ReleaseChannelRequest(channel_id=self.channel_id))
-        except grpc.RpcError as exc:
-            raise translate_rpc_error(exc) from exc
+        # NOT_FOUND on a retry: the first attempt released it before its
+        # answer was lost.
+        call_retrying(
+            lambda: self._stub.ReleaseChannel(
+                pb.ReleaseChannelRequest(channel_id=self.channel_id)
+            ),
+            self._reattach_timeout,
+            done_if=grpc.StatusCode.NOT_FOUND,
+        )
 
     def __enter__(self) -> Self:
         return self

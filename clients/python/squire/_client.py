@@ -88,8 +88,9 @@ class Client:
         reattach_timeout: float = DEFAULT_REATTACH_TIMEOUT,
     ) -> None:
         self.target = _client_target(target, channel)
-        # A running directive whose orchestrator goes away (a restart, a
-        # failover) is reattached for this long before its call fails.
+        # A running directive or leased channel whose orchestrator goes away
+        # (a restart, a failover) is reattached for this long before its
+        # call fails.
         self.reattach_timeout = reattach_timeout
         # Small directives ride one shared RunDirectives stream (squire._session);
         # session=False gives every directive its own RunDirective call.
@@ -209,7 +210,10 @@ class Client:
             response = self._channels.LeaseChannel(pb.LeaseChannelRequest())
         except grpc.RpcError as exc:
             raise translate_rpc_error(exc) from exc
-        return ChannelHandle(self._channels, response.channel_id, Serializer.parse(serializer))
+        return ChannelHandle(
+            self._channels, response.channel_id, Serializer.parse(serializer),
+            reattach_timeout=self.reattach_timeout,
+        )
 
     def close(self) -> None:
         """Close the channel (unless it was injected). Idempotent."""
@@ -339,7 +343,8 @@ class AsyncClient:
         except grpc.RpcError as exc:
             raise translate_rpc_error(exc) from exc
         return AsyncChannelHandle(
-            self._channels, self._blocking_channels, response.channel_id, serializer
+            self._channels, self._blocking_channels, response.channel_id, serializer,
+            reattach_timeout=self.reattach_timeout,
         )
 
     async def close(self) -> None:
