@@ -188,7 +188,7 @@ def test_orchestrator_sigkill_during_a_leased_channel(ledger: Ledger, env: dict[
                 # kills land while a Publish call is open.
                 for i in range(n):
                     with progress:
-                        progress.wait_for(lambda: len(values) >= i - 300, timeout=120)
+                        progress.wait_for(lambda i=i: len(values) >= i - 300, timeout=120)
                     channel.sender.send("fault_square", i, task_id=i,
                                         params={"tag": tag, "sleep": 0.001})
                 channel.sender.close()
