@@ -23,14 +23,13 @@
 import { SquireError, fromGrpcError } from './errors.js';
 import { Feeder } from './feeder.js';
 import { planMessage } from './plan.js';
+import { Backoff, DEFAULT_REATTACH_TIMEOUT_MS } from './reconnect.js';
 import { cancelCall } from './rpc.js';
 import { decode, encode, parseSerializer, rawPayload, serializerFromWire } from './serde.js';
 import { CLOSED_MESSAGE, ENDED_MESSAGE, SESSION_MAX_ITEMS, callEndError } from './session.js';
 
 /** How long a run keeps trying to reattach by default (ClientOptions.reattachTimeoutMs). */
-export const DEFAULT_REATTACH_TIMEOUT_MS = 120_000;
-const FIRST_BACKOFF_MS = 50;
-const MAX_BACKOFF_MS = 1000;
+export { DEFAULT_REATTACH_TIMEOUT_MS };
 
 /**
  * Stands in for the value of an element whose operation failed with
@@ -539,19 +538,17 @@ export class DirectiveRun {
    * @returns {Promise<Attempt>}
    */
   async #retry(original, { fresh }) {
-    const deadline = Date.now() + this.#reattachTimeoutMs;
-    let backoff = FIRST_BACKOFF_MS;
-    while (Date.now() < deadline) {
-      await this.#sleep(Math.min(backoff, deadline - Date.now()));
-      backoff = Math.min(backoff * 2, MAX_BACKOFF_MS);
-      if (this.#cancelled || this.#clientClosed?.aborted || Date.now() >= deadline) break;
+    const backoff = new Backoff(this.#reattachTimeoutMs);
+    for (let delay = backoff.next(); delay !== null; delay = backoff.next()) {
+      await this.#sleep(delay);
+      if (this.#cancelled || this.#clientClosed?.aborted || backoff.expired) break;
       await this.#replicas?.find();
       if (this.#cancelled || this.#clientClosed?.aborted) break;
       const attempt = this.#open(fresh);
       /** @type {IteratorResult<any> | null} */
       let step;
       try {
-        step = await this.#firstMessage(attempt, deadline);
+        step = await this.#firstMessage(attempt, backoff.deadline);
       } catch (err) {
         const error = fromGrpcError(err);
         if (fresh && this.#feeder.failure !== null) throw this.#feeder.failure.error;

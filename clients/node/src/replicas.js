@@ -22,9 +22,8 @@ import grpc from '@grpc/grpc-js';
 import protoLoader from '@grpc/proto-loader';
 
 import { SquireError, fromGrpcError } from './errors.js';
+import { Backoff } from './reconnect.js';
 
-const FIRST_BACKOFF_MS = 50;
-const MAX_BACKOFF_MS = 1000;
 /** How long one health check of one replica may take. */
 const PROBE_TIMEOUT_MS = 1000;
 
@@ -215,8 +214,9 @@ export class Replicas {
    * @returns {Promise<{ response: any, replica: Replica }>}
    */
   async unary(service, method, request, timeoutMs) {
-    const deadline = timeoutMs ? Date.now() + timeoutMs : Infinity;
-    for (let backoff = FIRST_BACKOFF_MS; ; backoff = Math.min(backoff * 2, MAX_BACKOFF_MS)) {
+    const backoff = new Backoff(timeoutMs ? timeoutMs : Infinity);
+    const deadline = backoff.deadline;
+    for (;;) {
       await this.ready();
       const replica = this.current;
       const stub = replica[service];
@@ -228,10 +228,12 @@ export class Replicas {
         });
         return { response, replica };
       } catch (err) {
+        const delay = backoff.next();
+        // (No try left once the pause would reach the deadline.)
         if (!(err instanceof SquireError) || err.code !== 'UNAVAILABLE' || this.#closed
-          || Date.now() + backoff >= deadline) throw err;
+          || delay === null || Date.now() + delay >= deadline) throw err;
         this.failed(err);
-        await new Promise((resolve) => setTimeout(resolve, backoff));
+        await new Promise((resolve) => setTimeout(resolve, delay));
       }
     }
   }
