@@ -1,6 +1,7 @@
 """The orchestrator on a journal whose disk fills up (issue 15), in-process:
 a real 1 MiB tmpfs. While commits fail, a new directive is refused with
-RESOURCE_EXHAUSTED naming the reason; the running one is not failed, and
+RESOURCE_EXHAUSTED naming the reason (so are a new channel and tasks
+published on one); the running one is not failed, and
 what it had is committed once space is freed, so it completes."""
 
 from __future__ import annotations
@@ -68,11 +69,15 @@ async def test_a_full_disk_refuses_new_work_and_loses_nothing(small_fs: Path) ->
         worker = WireWorker(target, "w1")
         running = asyncio.create_task(worker.run())
         await wait_for(lambda: orch.router.workers)
+        async with grpc.aio.insecure_channel(target) as channel:
+            channels = pb_grpc.ChannelServiceStub(channel)
+            leased = (await channels.LeaseChannel(pb.LeaseChannelRequest())).channel_id
         # Fill the filesystem to its last bytes, leaving the journal no room.
         filler = small_fs / "filler"
         await asyncio.to_thread(fill, filler)
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.DirectiveServiceStub(channel)
+            channels = pb_grpc.ChannelServiceStub(channel)
             strings = ["x" * 100 + str(i) for i in range(300)]
             first = stub.RunDirective(iter([
                 plan(), pb.DirectiveRequest(inputs=pb.InputBatch(items=[encode(s) for s in strings]))
@@ -85,6 +90,16 @@ async def test_a_full_disk_refuses_new_work_and_loses_nothing(small_fs: Path) ->
             assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "journal" in (err.value.details() or "") and "disk full" in (
                 err.value.details() or "")
+            # The same for a new channel, and for tasks on a leased one.
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await channels.LeaseChannel(pb.LeaseChannelRequest())
+            assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            task = pb.TaskSpec(task_id=1, operation="length", input=encode("abc"),
+                               serializer=pb.SERIALIZER_JSON)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await channels.Publish(iter([pb.PublishRequest(channel_id=leased, tasks=[task])]))
+            assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "publishing is refused" in (err.value.details() or "")
             os.unlink(filler)  # space again: the held commits go through
             values = {}
             async for event in first:
@@ -93,5 +108,8 @@ async def test_a_full_disk_refuses_new_work_and_loses_nothing(small_fs: Path) ->
                         values[item.index] = decode(item.value)
             assert values == {i: len(s) for i, s in enumerate(strings)}
             assert orch.store.failure is None
+            published = await channels.Publish(
+                iter([pb.PublishRequest(channel_id=leased, tasks=[task])]))
+            assert published.published == 1
         worker.stop()
         running.cancel()

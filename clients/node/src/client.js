@@ -8,9 +8,10 @@ import grpc from '@grpc/grpc-js';
 
 import { Channel } from './channel.js';
 import { SquireError } from './errors.js';
-import { DEFAULT_REATTACH_TIMEOUT_MS, DirectiveRun, collect, items } from './directive.js';
+import { DirectiveRun, collect, items } from './directive.js';
 import { normalizePlan } from './plan.js';
 import { loadApi } from './proto.js';
+import { DEFAULT_REATTACH_TIMEOUT_MS } from './reconnect.js';
 import { unary } from './rpc.js';
 import { Replicas, healthService, splitTarget } from './replicas.js';
 import { parseSerializer } from './serde.js';
@@ -305,20 +306,28 @@ export class Client {
   }
 
   /**
-   * Lease a fresh result channel (see {@link Channel}).
-   * @param {{ serializer?: string }} [options]
+   * Lease a fresh result channel (see {@link Channel}). With a journal (the
+   * orchestrator's default store) the channel outlives the orchestrator
+   * going away: its calls are made again, with backoff, for
+   * `reattachTimeoutMs` (this channel's, over the client's).
+   * @param {{ serializer?: string, reattachTimeoutMs?: number }} [options]
    * @returns {Promise<Channel>}
    */
   async leaseChannel(options = {}) {
     this.#checkOpen();
     const serializer = parseSerializer(options.serializer);
+    const context = {
+      reattachTimeoutMs: options.reattachTimeoutMs ?? this.#reattachTimeoutMs,
+      closed: this.#closing.signal,
+      replicas: this.#replicas,
+    };
     if (this.#replicas !== null) {
-      // A channel lives on the replica that leased it: its calls stay there.
-      const { response, replica } = await this.#replicas.unary('channels', 'LeaseChannel', {}, this.timeoutMs);
-      return new Channel(replica.channels, response.channelId, serializer, this.timeoutMs);
+      // The channel is in the shared journal: its calls follow the leader.
+      const { response } = await this.#replicas.unary('channels', 'LeaseChannel', {}, this.timeoutMs);
+      return new Channel(this.#replicas.channels, response.channelId, serializer, this.timeoutMs, context);
     }
     const response = await unary(this.#channels, 'LeaseChannel', {}, this.timeoutMs);
-    return new Channel(this.#channels, response.channelId, serializer, this.timeoutMs);
+    return new Channel(this.#channels, response.channelId, serializer, this.timeoutMs, context);
   }
 
   /**

@@ -15,7 +15,8 @@
  * connect makes the client look again (straight at the leader the refusal
  * names, when it is one of the addresses). What a failed call does next is
  * the caller's: directive runs retry what had not started and reattach what
- * had (directive.js), unary calls retry until their deadline (here).
+ * had (directive.js), channels resend, resubscribe and retry (channel.js),
+ * unary calls retry until their deadline (here).
  */
 
 import grpc from '@grpc/grpc-js';
@@ -140,6 +141,22 @@ export class Replicas {
     return {
       RunDirective: (/** @type {any[]} */ ...args) => this.current.directives.RunDirective(...args),
       RunDirectives: (/** @type {any[]} */ ...args) => this.current.directives.RunDirectives(...args),
+    };
+  }
+
+  /**
+   * A ChannelService stub whose calls go to the replica leading when each
+   * call starts: a channel is in the shared journal, so after a failover
+   * the new leader has it (channel.js resends, resubscribes and retries).
+   */
+  get channels() {
+    /** @param {string} method */
+    const forward = (method) => (/** @type {any[]} */ ...args) => this.current.channels[method](...args);
+    return {
+      Publish: forward('Publish'),
+      Subscribe: forward('Subscribe'),
+      CloseChannel: forward('CloseChannel'),
+      ReleaseChannel: forward('ReleaseChannel'),
     };
   }
 
