@@ -230,3 +230,40 @@ def scrape(port: int) -> dict[str, float]:
 
 def outcome(metrics: dict[str, float], name: str) -> int:
     return int(metrics.get(f'squire_task_outcomes_total{{outcome="{name}"}}', 0))
+
+
+def stream_channel(channel: squire.ChannelHandle, ledger: Ledger, tag: str, n: int,
+                   on_result: Callable[[int], None] = lambda _: None) -> dict[int, int]:
+    """Tasks 0..n-1 of ``fault_square`` published on ``channel`` from a
+    thread, at most 300 ahead of the results (so faults land while a Publish
+    call is open), and the results received here, each delivery in the
+    ledger; ``on_result(received)`` after each. Returns task id -> value."""
+    values: dict[int, int] = {}
+    progress = threading.Condition()
+    failed: list[BaseException] = []
+
+    def publish() -> None:
+        try:
+            for i in range(n):
+                with progress:
+                    progress.wait_for(lambda i=i: len(values) >= i - 300, timeout=120)
+                channel.sender.send("fault_square", i, task_id=i,
+                                    params={"tag": tag, "sleep": 0.001})
+            channel.sender.close()
+        except BaseException as exc:  # raised below
+            failed.append(exc)
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    for outcome in channel.receiver:
+        assert outcome.ok, outcome.error
+        ledger.deliver(tag, outcome.task_id)
+        with progress:
+            values[outcome.task_id] = outcome.value
+            progress.notify_all()
+        on_result(len(values))
+    publisher.join(30)
+    assert not publisher.is_alive(), "the publisher did not finish"
+    if failed:
+        raise failed[0]
+    return values

@@ -34,6 +34,7 @@ from .support import (
     assert_squares,
     consume,
     square_map,
+    stream_channel,
 )
 
 TTL = 3.0  # the default --lease-ttl
@@ -293,3 +294,41 @@ def _runs(client: squire.Client) -> bool:
         return square_map(3, "pgdown2").run(client) == [0, 1, 4]
     except squire.RpcError:
         return False
+
+
+def test_a_leased_channel_survives_a_failover_and_a_rolling_upgrade(
+    replicas: tuple[Replica, Replica], ledger: Ledger, figures: Figures
+) -> None:
+    """The leased-channel API across both ways leadership moves: the leader
+    SIGKILLed a third of the way in, the new one SIGTERMed at two thirds."""
+    n, tag = 2_000, "fchannel"
+    pair = list(replicas)
+    moves: list[tuple[str, float]] = []
+
+    def move(received: int) -> None:
+        if len(moves) >= 2 or received < n * (len(moves) + 1) // 3:
+            return
+        leader = wait_until(lambda: leader_of(*pair), 30, message="one leader")
+        standby = pair[1] if leader is pair[0] else pair[0]
+        wait_until(lambda: standby.health() == "NOT_SERVING", 30, message="a standby")
+        how = "SIGKILL" if not moves else "SIGTERM"
+        began = time.monotonic()
+        leader.stop(signal.SIGKILL if how == "SIGKILL" else signal.SIGTERM)
+        wait_until(lambda: standby.health() == "SERVING", 30, message="the takeover")
+        moves.append((how, time.monotonic() - began))
+        leader.start()  # back as the standby
+
+    with squire.Client(f"{pair[0].address},{pair[1].address}") as client, \
+            client.lease_channel() as channel:
+        values = stream_channel(channel, ledger, tag, n, move)
+        publisher = channel.sender._publisher
+        assert publisher.published + publisher.duplicates == n
+    assert values == {i: i * i for i in range(n)}
+    tally = ledger.tally(tag, n)
+    tally.assert_exactly_once()
+    assert [how for how, _ in moves] == ["SIGKILL", "SIGTERM"]
+    scenario = f"leased channel, {n:,} tasks, leader SIGKILLed then SIGTERMed"
+    for how, took in moves:
+        figures.add(scenario, f"standby serving after the {how}", f"{took:.2f} s")
+    figures.add(scenario, "lost / duplicated results", "0 / 0")
+    figures.add(scenario, "tasks executed again", tally.re_executions)

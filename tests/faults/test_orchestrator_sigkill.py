@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import random
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from .support import (
     consume,
     square_map,
     start_workers,
+    stream_channel,
 )
 
 N = 5_000
@@ -179,31 +179,7 @@ def test_orchestrator_sigkill_during_a_leased_channel(ledger: Ledger, env: dict[
     with cluster(env=env, log_dir=logs) as c:
         start_workers(c, [f"w{i}" for i in range(WORKERS)], concurrency=CONCURRENCY)
         with squire.Client(c.target) as client, client.lease_channel() as channel:
-            maybe_kill = _killer(c, rng, n, kills)
-            values: dict[int, int] = {}
-            progress = threading.Condition()
-
-            def publish() -> None:
-                # Streamed: at most 300 tasks ahead of the results, so the
-                # kills land while a Publish call is open.
-                for i in range(n):
-                    with progress:
-                        progress.wait_for(lambda i=i: len(values) >= i - 300, timeout=120)
-                    channel.sender.send("fault_square", i, task_id=i,
-                                        params={"tag": tag, "sleep": 0.001})
-                channel.sender.close()
-
-            publisher = threading.Thread(target=publish, daemon=True)
-            publisher.start()
-            for outcome in channel.receiver:
-                assert outcome.ok, outcome.error
-                ledger.deliver(tag, outcome.task_id)
-                with progress:
-                    values[outcome.task_id] = outcome.value
-                    progress.notify_all()
-                maybe_kill(len(values))
-            publisher.join(30)
-            assert not publisher.is_alive()
+            values = stream_channel(channel, ledger, tag, n, _killer(c, rng, n, kills))
             tally = ledger.tally(tag, n)
             tally.assert_exactly_once()
             assert values == {i: i * i for i in range(n)}

@@ -1,6 +1,6 @@
 // Durable leased channels with the Node client against real services: an
 // orchestrator journaling to its --state-dir (the default SQLite store) is
-// SIGKILLed while a channel streams, tasks paced behind their results so
+// SIGKILLed (or SIGTERMed) while a channel streams, tasks paced behind their results so
 // that a Publish call is open and a Subscribe stream mid-way, and restarted
 // on the same port and state directory. The channel sends again what the
 // broken Publish call had not had acknowledged (the orchestrator leaves out
@@ -52,7 +52,15 @@ async function serving() {
   }, { timeoutMs: 30_000, intervalMs: 100, message: 'the orchestrator serving' });
 }
 
-test('a channel across an orchestrator SIGKILL: every result exactly once, with its value', { timeout: 120_000 }, async (t) => {
+/**
+ * Publish n tasks paced behind their results, the orchestrator stopped with
+ * `signal` right after task 1000 is handed to its Publish call and started
+ * again on its journal; check every result and the counts.
+ * @param {import('node:test').TestContext} t
+ * @param {NodeJS.Signals} signal
+ */
+async function acrossRestart(t, signal) {
+  await serving();
   const client = new Client(cluster.target);
   clients.push(client);
   const channel = await client.leaseChannel();
@@ -78,7 +86,7 @@ test('a channel across an orchestrator SIGKILL: every result exactly once, with 
     for (let i = 0; i < n; i += 1) {
       while (counts.size < i - ahead) await new Promise((resolve) => waiting.push(() => resolve(undefined)));
       await channel.publish([{ operation: 'sleep', input: seconds(i), taskId: i }]);
-      if (i === killAt) restart = cluster.restartOrchestrator();
+      if (i === killAt) restart = cluster.restartOrchestrator(signal);
     }
     closed = await channel.close();
   })();
@@ -115,7 +123,13 @@ test('a channel across an orchestrator SIGKILL: every result exactly once, with 
   await channel.release();
   const status = await client.status();
   assert.ok(!status.channels.some((/** @type {any} */ c) => c.channelId === channel.channelId), 'released');
-});
+}
+
+test('a channel across an orchestrator SIGKILL: every result exactly once, with its value', { timeout: 120_000 },
+  (t) => acrossRestart(t, 'SIGKILL'));
+
+test('a channel across an orchestrator SIGTERM (a graceful restart): the same', { timeout: 120_000 },
+  (t) => acrossRestart(t, 'SIGTERM'));
 
 test('a channel leased before a restart is there after it: publish, close and read on', { timeout: 90_000 }, async () => {
   await serving();

@@ -141,21 +141,27 @@ export class Cluster {
     return this;
   }
 
-  /** Kill the orchestrator with SIGKILL (no graceful shutdown) and wait for it to exit. */
-  async killOrchestrator() {
+  /**
+   * Kill the orchestrator with SIGKILL (no graceful shutdown; or `signal`,
+   * e.g. SIGTERM: it stops gracefully) and wait for it to exit.
+   * @param {NodeJS.Signals} [signal]
+   */
+  async killOrchestrator(signal = 'SIGKILL') {
     const child = this.processes.get('orchestrator');
     if (!child || child.exitCode !== null || child.signalCode !== null) return;
     const exited = new Promise((resolve) => child.once('exit', resolve));
-    child.kill('SIGKILL');
+    child.kill(signal);
     await exited;
   }
 
   /**
-   * Start the orchestrator again on the port it had, and wait until every
-   * worker has reconnected to it.
+   * Start the orchestrator again on the port it had (after killing it with
+   * `signal`, SIGKILL by default), and wait until every worker has
+   * reconnected to it.
+   * @param {NodeJS.Signals} [signal]
    */
-  async restartOrchestrator() {
-    await this.killOrchestrator();
+  async restartOrchestrator(signal = 'SIGKILL') {
+    await this.killOrchestrator(signal);
     const port = this.target.split(':').at(-1) ?? '';
     this.#spawn('orchestrator', entryPoint('squire-orchestrator'), [
       '--host', '127.0.0.1', '--port', port, '--metrics-port', '0',
