@@ -98,12 +98,13 @@ class Durable:
         self.retention = retention
         self.orphans: dict[str, float] = {}  # restored directive -> when it is given up
         self.finished_at: dict[str, float] = {}  # ended, unread -> wall time it ended
+        self.channels_resumed = 0  # leased channels restored at start
 
     # ------------------------------------------------------------ recovery
 
     def recover(self, recovered: Recovered) -> int:
         """Put what the journal holds back in place; returns how many
-        directives were resumed."""
+        directives were resumed (``channels_resumed`` counts the channels)."""
         hub = self.hub
         wall, mono = time.time(), hub.router.clock()
         operands = hub.router.config.max_fold_operands
@@ -111,7 +112,8 @@ class Durable:
         for stream in recovered.streams:
             key = stream.stream_id
             if stream.kind == StreamKind.CHANNEL:
-                resumed += self._recover_channel(stream, mono - max(0.0, wall - stream.created_at))
+                self._recover_channel(stream, mono - max(0.0, wall - stream.created_at))
+                self.channels_resumed += 1
                 continue
             plan = decode_plan(stream.header)
             hub.plans[key] = plan
@@ -142,7 +144,7 @@ class Durable:
                     self.orphans[key] = mono + self.retention.reattach_grace
         return resumed
 
-    def _recover_channel(self, stream: StoredStream, created: float) -> int:
+    def _recover_channel(self, stream: StoredStream, created: float) -> None:
         """A leased channel goes on where it stood; its subscriber resumes
         with how many results it has (those before are read back from the
         journal). Nobody naming it within the reattach grace releases it."""
@@ -154,7 +156,6 @@ class Durable:
         hub.channel_streams.add(key)
         hub.handle(ChannelRestored(key, records, created))
         self.orphans[key] = hub.router.clock() + self.retention.reattach_grace
-        return 1
 
     # ---------------------------------------------------------------- sweep
 

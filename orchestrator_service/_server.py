@@ -236,7 +236,8 @@ class Orchestrator:
         self.state = State.RUNNING
         log.info("orchestrator leading", extra={
             "address": self.leadership.address, "epoch": self.epoch,
-            "resumed": self.resumed, "recovery_seconds": round(self.recovery_seconds, 3),
+            "resumed": self.resumed, "channels_resumed": self.durable.channels_resumed,
+            "recovery_seconds": round(self.recovery_seconds, 3),
         })
         await self.store.lost.wait()
         if self.state is not State.RUNNING:
@@ -361,6 +362,7 @@ class Orchestrator:
             "journal opened",
             extra={
                 "store": self.store.url, "epoch": self.epoch, "resumed": self.resumed,
+                "channels_resumed": self.durable.channels_resumed,
                 "finished_unread": len(self.hub.ended),
                 "recovery_seconds": round(self.recovery_seconds, 3),
             },

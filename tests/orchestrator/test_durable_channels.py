@@ -74,7 +74,7 @@ async def test_a_restarted_orchestrator_has_the_channel_and_the_subscriber_resum
     again = Orchestrator(config(journal, port))
     await again.start()
     try:
-        assert channel_id in again.router.channels and again.resumed == 1
+        assert channel_id in again.router.channels and again.durable.channels_resumed == 1
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.ChannelServiceStub(channel)
             # A publisher that does not know what its last call delivered sends it again.
