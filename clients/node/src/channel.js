@@ -219,7 +219,10 @@ export class Outbox {
  * again after UNAVAILABLE.
  */
 export class Channel {
-  /** Results results() has yielded, over every Subscribe call (SubscribeRequest.received). */
+  /**
+   * Results received, over every Subscribe call (what SubscribeRequest.received
+   * says): yielded by results(), or left by a loop that ended early for the next.
+   */
   received = 0;
   /** Times results() subscribed again after the orchestrator went away. */
   resubscribed = 0;
@@ -256,6 +259,8 @@ export class Channel {
   #released = false;
   /** @type {Set<any>} */
   #subscriptions = new Set();
+  /** @type {any[]} results received and not yielded yet (a loop left early) */
+  #unread = [];
 
   /**
    * @param {any} stub the ChannelService client
@@ -342,10 +347,11 @@ export class Channel {
    * The channel's results in completion order. Subscribing before or after
    * publishing both work; the iteration ends once the sender is closed and
    * every task has its result, or when release() is called. Each Subscribe
-   * call says how many results this channel has yielded (`received`), so a
-   * later results() goes on after them, and when the orchestrator goes away
-   * the iteration subscribes again by itself (`resubscribed`) and gets the
-   * rest, each result once. Iterate one results() at a time: a new
+   * call says how many results this channel has received (`received`), and
+   * when the orchestrator goes away the iteration subscribes again by itself
+   * (`resubscribed`) and gets the rest, each result once. A later results()
+   * goes on where the last one stopped (first the results a loop left early
+   * had received and not yielded). Iterate one results() at a time: a new
    * Subscribe call displaces an open one (that one rejects with ABORTED).
    * @returns {AsyncGenerator<TaskResult, void, undefined>}
    */
@@ -355,6 +361,7 @@ export class Channel {
     /** @type {unknown} the error the outage began with */
     let first = null;
     for (;;) {
+      while (this.#unread.length > 0) yield this.#result(this.#unread.shift());
       const call = this.#stub.Subscribe({ channelId: this.channelId, received: this.received });
       call.on('error', () => undefined); // observed through the iteration or the status
       /** @type {Promise<any>} */
@@ -368,11 +375,9 @@ export class Channel {
         for await (const batch of call) {
           outage = null;
           first = null;
-          for (const result of batch.results) {
-            const value = this.#result(result);
-            this.received += 1;
-            yield value;
-          }
+          this.received += batch.results.length;
+          this.#unread.push(...batch.results);
+          while (this.#unread.length > 0) yield this.#result(this.#unread.shift());
         }
         // (grpc-js may end the message stream before it reports a failure.)
         const status = await ended;
@@ -412,6 +417,7 @@ export class Channel {
     this.#released = true;
     this.#releasing.abort();
     this.#outbox.clear();
+    this.#unread = [];
     if (this.#call !== null) cancelCall(this.#call.call);
     for (const call of this.#subscriptions) cancelCall(call);
     this.#notify();

@@ -295,6 +295,23 @@ test('results() always says how many results it has, and subscribes again on UNA
   for await (const _ of channel.results()) assert.fail('nothing more');
   assert.equal(subscribes[3].received, 5, 'a later results() goes on after what this channel has');
 
+  // A loop left early: what it had received and not yielded comes first next time.
+  const early = await newClient().leaseChannel();
+  subscribes = [];
+  script.Subscribe = (call, number) => {
+    if (number === 1) call.write(batch([7, 8, 9])); // and stays open until cancelled
+    else call.end();
+  };
+  for await (const result of early.results()) {
+    assert.equal(result.taskId, 7);
+    break;
+  }
+  assert.equal(early.received, 3);
+  const rest = [];
+  for await (const result of early.results()) rest.push(result.taskId);
+  assert.deepEqual(rest, [8, 9]);
+  assert.deepEqual(subscribes.map((r) => r.received), [0, 3]);
+
   // Anything but UNAVAILABLE ends the iteration with that error.
   script.Subscribe = (call) => call.emit('error', { code: grpc.status.ABORTED, details: 'another Subscribe call took over' });
   await assert.rejects(async () => {
