@@ -17,8 +17,12 @@ import { Client, SquireError, stream } from '@squire/client';
 
 import { loadApi } from '../src/proto.js';
 import { healthService, namedLeader, splitTarget } from '../src/replicas.js';
+import { waitUntil } from './harness.js';
 
 const UNAVAILABLE = 14;
+
+/** The one leased channel, as the replicas' shared journal holds it: task id -> encoded input. */
+const journal = { tasks: new Map() };
 
 class FakeReplica {
   /** @type {'leader' | 'standby'} */
@@ -28,6 +32,8 @@ class FakeReplica {
   address = '';
   refused = 0;
   served = 0;
+  /** Publish calls it answered. */
+  published = 0;
   server = new grpc.Server();
 
   refusal() {
@@ -95,6 +101,55 @@ class FakeReplica {
         }
         callback(null, { directives: [{ directiveId: `on-${this.address}` }] });
       },
+    });
+    /** @param {any} callback */
+    const refuse = (callback) => {
+      this.refused += 1;
+      callback({ code: UNAVAILABLE, details: this.refusal() });
+    };
+    /** @param {(callback: any) => void} serve */
+    const unaryCall = (serve) => (/** @type {any} */ _call, /** @type {any} */ callback) => {
+      if (this.role !== 'leader') refuse(callback);
+      else serve(callback);
+    };
+    this.server.addService(api.ChannelService.service, {
+      LeaseChannel: unaryCall((callback) => callback(null, { channelId: 'ch' })),
+      Publish: (/** @type {any} */ call, /** @type {any} */ callback) => {
+        call.on('error', () => undefined);
+        if (this.role !== 'leader') {
+          refuse(callback);
+          return;
+        }
+        let added = 0;
+        let duplicates = 0;
+        call.on('data', (/** @type {any} */ request) => {
+          for (const task of request.tasks) {
+            if (journal.tasks.has(task.taskId)) duplicates += 1;
+            else {
+              journal.tasks.set(task.taskId, task.input);
+              added += 1;
+            }
+          }
+        });
+        call.on('end', () => {
+          this.published += 1;
+          callback(null, { published: added, duplicates });
+        });
+      },
+      Subscribe: (/** @type {any} */ call) => {
+        call.on('error', () => undefined);
+        if (this.role !== 'leader') {
+          this.refused += 1;
+          call.emit('error', { code: UNAVAILABLE, details: this.refusal() });
+          return;
+        }
+        const results = [...journal.tasks].slice(call.request.received)
+          .map(([taskId, input]) => ({ taskId, ok: { output: input }, attempt: 1 }));
+        call.write({ results });
+        call.end();
+      },
+      CloseChannel: unaryCall((callback) => callback(null, {})),
+      ReleaseChannel: unaryCall((callback) => callback(null, {})),
     });
     const port = await new Promise((resolve, reject) => {
       this.server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(),
@@ -209,6 +264,32 @@ for (const session of [false, true]) {
     });
   });
 }
+
+test('a channel follows the leader: what a standby refuses goes again to the one it names', async () => {
+  journal.tasks.clear();
+  bLeads();
+  const client = newClient(`${a.address},${b.address}`);
+  const channel = await client.leaseChannel();
+  await channel.publish([1, 2, 3].map((input) => ({ operation: 'identity', input })));
+  await waitUntil(() => channel.published === 3, { timeoutMs: 5000, message: 'the tasks acknowledged by b' });
+  assert.equal(b.published, 1);
+  // b resigns, a takes over: b's refusal names a.
+  a.role = 'leader';
+  a.leader = null;
+  b.role = 'standby';
+  b.leader = a.address;
+  const refusedByB = b.refused;
+  await channel.publish([4, 5].map((input) => ({ operation: 'identity', input })));
+  assert.equal(await channel.close(), 5);
+  assert.ok(b.refused > refusedByB, 'b refused the next call');
+  assert.equal(a.published, 1, 'a took the rest');
+  assert.ok(channel.resent >= 1);
+  const values = [];
+  for await (const result of channel.results()) values.push(result.ok && result.value);
+  assert.deepEqual(values, [1, 2, 3, 4, 5]);
+  assert.deepEqual([channel.published, channel.duplicates, channel.received], [5, 0, 5]);
+  await channel.release();
+});
 
 test('a closed client stops making calls again at once', async () => {
   a.role = 'standby';
