@@ -7,8 +7,8 @@ None when the request may go ahead. Pure functions over the core's state.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Set
-from typing import Protocol
+from collections.abc import Iterable, Mapping, Set
+from typing import TYPE_CHECKING, Protocol
 
 from orchestrator_service._channel import Channel
 from orchestrator_service._events import Refused
@@ -21,8 +21,12 @@ from orchestrator_service._model import (
     QueueKey,
     RouterConfig,
     TaskRecord,
+    TenantShare,
     WorkerHello,
 )
+
+if TYPE_CHECKING:
+    from orchestrator_service._directive import Directive
 
 
 class Offers(Protocol):
@@ -60,6 +64,22 @@ def check_accepting(accepting: bool) -> Refused | None:
     if accepting:
         return None
     return Refused(Code.UNAVAILABLE, "the orchestrator is shutting down and takes no new work")
+
+
+def check_tenant_directives(
+    tenant: str, shares: Mapping[str, TenantShare], running: Iterable[Directive]
+) -> Refused | None:
+    share = shares.get(tenant)
+    if share is None or share.max_directives is None:
+        return None
+    count = sum(1 for d in running if d.plan.tenant == tenant)
+    if count < share.max_directives:
+        return None
+    return Refused(
+        Code.RESOURCE_EXHAUSTED,
+        f"tenant {tenant!r} runs {count} directives, its max_directives "
+        f"({share.max_directives}, the tenants file); wait for one to finish",
+    )
 
 
 def check_plan(plan: PlanSpec, workers: Mapping[str, Offers]) -> Refused | None:

@@ -27,8 +27,11 @@ class OpDepth:
 
 
 class Channel:
-    def __init__(self, channel_id: str, now: float, *, directive: bool = False) -> None:
+    def __init__(
+        self, channel_id: str, now: float, *, directive: bool = False, tenant: str = ""
+    ) -> None:
         self.id = channel_id
+        self.tenant = tenant  # whose tasks these are (the fair share's unit)
         self.created_at = now
         self.directive = directive  # leased by a directive, not by a client
         self.sender_closed = False

@@ -33,6 +33,7 @@ from orchestrator_service._journal_records import ENTRY_RECORDS, decode_records
 from orchestrator_service._model import ChannelResult, Code, RouterError
 from orchestrator_service._restore import replay_channel
 from orchestrator_service._servicer import abort
+from orchestrator_service._tenants import caller
 
 
 def check_writable(hub: Hub, what: str) -> None:
@@ -80,7 +81,10 @@ class ChannelServicer(pb_grpc.ChannelServiceServicer):
 
     def _box(self, channel_id: str) -> ChannelBox:
         box = self._hub.channels.get(channel_id)
-        if box is None or channel_id not in self._hub.router.channels:
+        if (
+            box is None or channel_id not in self._hub.router.channels
+            or not caller().may_see(box.tenant)  # another tenant's: as unknown
+        ):
             raise RouterError(
                 Code.NOT_FOUND, f"unknown channel id {channel_id!r} (never leased or released)"
             )
@@ -94,9 +98,10 @@ class ChannelServicer(pb_grpc.ChannelServiceServicer):
         channel_id = hub.new_id()
         try:
             check_writable(hub, "leasing a channel")
-            hub.channels[channel_id] = ChannelBox(channel_id)
+            tenant = caller().tenant
+            hub.channels[channel_id] = ChannelBox(channel_id, tenant=tenant)
             try:
-                hub.handle(ChannelLeased(channel_id))
+                hub.handle(ChannelLeased(channel_id, tenant))
             except RouterError:
                 del hub.channels[channel_id]
                 raise
@@ -218,10 +223,8 @@ class ChannelServicer(pb_grpc.ChannelServiceServicer):
     async def CloseChannel(
         self, request: pb.CloseChannelRequest, context: grpc.aio.ServicerContext
     ) -> pb.CloseChannelResponse:
-        box = self._hub.channels.get(request.channel_id)
-        if box is not None:
-            box.used = True
         try:
+            self._box(request.channel_id)
             self._hub.handle(ChannelClosed(request.channel_id))
             await committed(self._hub)
         except RouterError as exc:
@@ -232,6 +235,7 @@ class ChannelServicer(pb_grpc.ChannelServiceServicer):
         self, request: pb.ReleaseChannelRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseChannelResponse:
         try:
+            self._box(request.channel_id)
             self._hub.handle(ChannelReleased(request.channel_id))
             await committed(self._hub)
         except RouterError as exc:

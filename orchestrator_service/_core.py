@@ -60,6 +60,7 @@ from orchestrator_service._events import (
     ResultsTaken,
     TasksCompleted,
     TasksPublished,
+    TenantsChanged,
     Tick,
     WorkerConnected,
     WorkerDisconnected,
@@ -103,6 +104,7 @@ class Router(RouterState):
             InputEnded: self._input_ended,  # type: ignore[dict-item]
             DirectiveCancelled: self._directive_cancelled,  # type: ignore[dict-item]
             DirectiveRestored: self._directive_restored,  # type: ignore[dict-item]
+            TenantsChanged: self._tenants_changed,  # type: ignore[dict-item]
             Tick: self._tick,  # type: ignore[dict-item]
             DrainRequested: self._drain_requested,  # type: ignore[dict-item]
             AcceptingStopped: self._accepting_stopped,  # type: ignore[dict-item]
@@ -114,6 +116,8 @@ class Router(RouterState):
             handlers[type(event)](event)
         if self._touched:
             self._flush_directives()
+        if self._withheld:
+            self._release_credit()
         if self._dispatch_needed:
             self._pump()
         if self._done:
@@ -222,9 +226,11 @@ class Router(RouterState):
             self._out.append(refused)
             return
         now = self.clock()
-        self.channels[event.channel_id] = Channel(event.channel_id, now)
+        self.channels[event.channel_id] = Channel(event.channel_id, now, tenant=event.tenant)
         if self.config.journal:
-            self._out.append(JournalChannel(event.channel_id, [], opened=True, created_at=now))
+            self._out.append(JournalChannel(
+                event.channel_id, [], opened=True, created_at=now, tenant=event.tenant
+            ))
 
     def _tasks_published(self, event: TasksPublished) -> None:
         channel = self.channels.get(event.channel_id)
@@ -256,7 +262,7 @@ class Router(RouterState):
             return
         now = self.clock()
         state, _ = replay_channel(key, event.records)
-        channel = self.channels[key] = Channel(key, event.created_at)
+        channel = self.channels[key] = Channel(key, event.created_at, tenant=event.tenant)
         channel.ids = state.ids
         channel.sender_closed = state.closed
         channel.pending_ids = set(state.outstanding)
@@ -312,12 +318,16 @@ class Router(RouterState):
         )
         if refused is None and event.directive_id in self.channels:
             refused = Refused(Code.ALREADY_EXISTS, "directive id already in use")
+        if refused is None:
+            refused = admission.check_tenant_directives(
+                event.plan.tenant, self.tenants, self.directives.values()
+            )
         if refused is not None:
             self._out.append(refused)
             return
         now = self.clock()
         key = event.directive_id
-        self.channels[key] = Channel(key, now, directive=True)
+        self.channels[key] = Channel(key, now, directive=True, tenant=event.plan.tenant)
         directive = Directive(
             key, event.plan, max_fold_operands=self.config.max_fold_operands, now=now,
             journal=self.config.journal,
@@ -339,7 +349,9 @@ class Router(RouterState):
         )
         directive.started_at = event.created_at
         directive.log = [] if self.config.journal else None
-        channel = self.channels[key] = Channel(key, now, directive=True)
+        channel = self.channels[key] = Channel(
+            key, now, directive=True, tenant=event.plan.tenant
+        )
         self.directives[key] = directive
         if outstanding:
             self._enqueue(channel, sorted(outstanding.values(), key=lambda t: t.task_id))
@@ -394,9 +406,28 @@ class Router(RouterState):
             if directive.finished:
                 self._end_directive(directive, now)
                 continue
+            if not self.tenant_has_room(directive.plan.tenant):
+                self._withheld[directive.id] = directive  # its credit waits
+                continue
             credit = directive.take_credit()
             if credit:
                 self._out.append(GrantCredit(directive.id, credit))
+
+    def _release_credit(self) -> None:
+        """Input credit that waited for a tenant's queue to fall under its
+        max_queued_tasks goes out once it has."""
+        for key, directive in list(self._withheld.items()):
+            if directive.finished or key not in self.directives:
+                del self._withheld[key]
+            elif self.tenant_has_room(directive.plan.tenant):
+                del self._withheld[key]
+                credit = directive.take_credit()
+                if credit:
+                    self._out.append(GrantCredit(key, credit))
+
+    def _tenants_changed(self, event: TenantsChanged) -> None:
+        self.tenants = dict(event.shares)
+        self._dispatch_needed = True
 
     def _end_directive(self, directive: Directive, now: float) -> None:
         channel = self.channels[directive.id]

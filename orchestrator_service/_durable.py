@@ -35,6 +35,7 @@ from orchestrator_service._journal_records import (
     DELIVERED,
     ENTRY_RECORDS,
     Record,
+    decode_channel_header,
     decode_plan,
     decode_records,
     decode_summary,
@@ -43,6 +44,7 @@ from orchestrator_service._journal_types import StreamKind
 from orchestrator_service._model import Code, PlanSpec, ProgressSnapshot, RouterError
 from orchestrator_service._restore import replay
 from orchestrator_service._signal import Signal
+from orchestrator_service._tenants import caller
 
 if TYPE_CHECKING:
     from orchestrator_service._journal_types import Recovered, StoredStream
@@ -152,9 +154,10 @@ class Durable:
         key = stream.stream_id
         records = records_of(stream)
         delivered = sum(len(r[1]) for r in records if r[0] == DELIVERED)
-        hub.channels[key] = ChannelBox(key, taken=delivered, used=False)
+        tenant = decode_channel_header(stream.header)
+        hub.channels[key] = ChannelBox(key, taken=delivered, used=False, tenant=tenant)
         hub.channel_streams.add(key)
-        hub.handle(ChannelRestored(key, records, created))
+        hub.handle(ChannelRestored(key, records, created, tenant))
         self.orphans[key] = hub.router.clock() + self.retention.reattach_grace
 
     # ---------------------------------------------------------------- sweep
@@ -216,7 +219,9 @@ class Durable:
             )
         directive = hub.router.directives.get(key)
         end = hub.ended.get(key)
-        if directive is None and end is None:
+        owner = hub.owner(key)
+        if (directive is None and end is None) or owner is None or not caller().may_see(owner):
+            # Another tenant's directive is as unknown as a missing one (no probing).
             raise RouterError(
                 Code.NOT_FOUND,
                 f"no directive {key!r} (a finished one is kept until it is read, "
@@ -286,16 +291,23 @@ class Durable:
         router = hub.router
         now = router.clock()
         response = pb.ListDirectivesResponse()
+        who = caller()
         for d in router.directives.values():
+            if not who.may_see(d.plan.tenant):
+                continue
             response.directives.append(
                 pb.DirectiveInfo(
                     directive_id=d.id, plan=d.plan.describe(), state="running",
                     detached=d.plan.detached, attached=d.id in hub.calls,
                     age_seconds=now - d.started_at, received=d.received, completed=d.completed,
+                    tenant=d.plan.tenant,
                 )
             )
         wall = time.time()
         for key, end in hub.ended.items():
+            tenant = hub.plans[key].tenant if key in hub.plans else ""
+            if not who.may_see(tenant):
+                continue
             response.directives.append(
                 pb.DirectiveInfo(
                     directive_id=key, state=end.state.value,
@@ -304,13 +316,16 @@ class Durable:
                     attached=key in hub.calls,
                     age_seconds=wall - self.finished_at.get(key, wall),
                     received=end.progress.received, completed=end.emitted,
-                    message=end.message,
+                    message=end.message, tenant=tenant,
                 )
             )
         return response
 
     def cancel(self, key: str) -> None:
         hub = self.hub
+        owner = hub.owner(key)
+        if owner is None or not caller().may_see(owner):
+            raise RouterError(Code.NOT_FOUND, f"no directive {key!r}")
         if key in hub.router.directives:
             hub.handle(DirectiveCancelled(key))
             if key not in hub.calls:

@@ -12,7 +12,7 @@ rebuilds its state (ids come in the events, time from the injected clock).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from orchestrator_service._items import Items
@@ -25,6 +25,7 @@ from orchestrator_service._model import (
     PlanSpec,
     ProgressSnapshot,
     TaskRecord,
+    TenantShare,
     WorkerHello,
 )
 
@@ -71,6 +72,7 @@ class ResultsArrived:
 @dataclass(frozen=True, slots=True)
 class ChannelLeased:
     channel_id: str
+    tenant: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,15 @@ class ChannelRestored:
     channel_id: str
     records: list[Record]
     created_at: float
+    tenant: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TenantsChanged:
+    """The tenants file was (re)loaded: every tenant's weight and quotas.
+    A tenant not named has weight 1 and no quotas."""
+
+    shares: Mapping[str, TenantShare]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +178,8 @@ Event = (
     WorkerConnected | WorkerDisconnected | HeartbeatReceived | CreditChanged | ResultsArrived
     | ChannelLeased | TasksPublished | ChannelClosed | ChannelReleased | ResultsTaken
     | DirectiveSubmitted | InputsAccepted | InputEnded | DirectiveCancelled
-    | DirectiveRestored | ChannelRestored | Tick | DrainRequested | AcceptingStopped
+    | DirectiveRestored | ChannelRestored | TenantsChanged | Tick | DrainRequested
+    | AcceptingStopped
 )
 
 # ------------------------------------------------------------ instructions
@@ -290,6 +302,7 @@ class JournalChannel:
     records: list[Record]
     opened: bool = False
     created_at: float = 0.0
+    tenant: str = ""  # with ``opened``: whose channel it is
 
 
 Instruction = (

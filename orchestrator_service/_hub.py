@@ -42,6 +42,7 @@ from orchestrator_service._items import Items
 from orchestrator_service._journal_records import (
     ENTRY_RECORDS,
     Summary,
+    encode_channel_header,
     encode_plan,
     encode_records,
     encode_summary,
@@ -110,6 +111,7 @@ class ChannelBox:
     # displaces the one before it); None: any.
     subscriber: object | None = None
     used: bool = True  # a call named it since it was restored (else it is an orphan)
+    tenant: str = ""  # whose it is
 
 
 class Hub:
@@ -192,7 +194,10 @@ class Hub:
                 assert isinstance(instruction, JournalChannel)
                 key = instruction.channel_id
                 if instruction.opened:
-                    opens.append(OpenStream(key, StreamKind.CHANNEL, b"", instruction.created_at))
+                    opens.append(OpenStream(
+                        key, StreamKind.CHANNEL, encode_channel_header(instruction.tenant),
+                        instruction.created_at,
+                    ))
                     self.channel_streams.add(key)
                 if instruction.records:
                     entries.append(Entry(key, ENTRY_RECORDS, encode_records(instruction.records)))
@@ -238,6 +243,14 @@ class Hub:
             await asyncio.shield(commit)
         elif commit is not None and not commit.cancelled() and commit.exception() is not None:
             raise commit.exception()  # type: ignore[misc]
+
+    def owner(self, directive_id: str) -> str | None:
+        """The tenant of a running or kept directive; None: no such directive."""
+        directive = self.router.directives.get(directive_id)
+        if directive is not None:
+            return directive.plan.tenant
+        plan = self.plans.get(directive_id)
+        return plan.tenant if plan is not None and directive_id in self.ended else None
 
     def wake_all(self) -> None:
         """Wake every directive call and subscriber (to see ``closing``)."""

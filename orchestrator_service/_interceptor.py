@@ -35,6 +35,7 @@ from squire.api.v1 import squire_pb2 as pb
 from orchestrator_service._core import Router
 from orchestrator_service._model import Code, RouterError
 from orchestrator_service._security import Limits, Role, SecurityConfig, TokenEntry, digest
+from orchestrator_service._tenants import CALLER, Caller
 
 _PACKAGE = pb.DESCRIPTOR.package
 WORKER_SERVICE = f"{_PACKAGE}.WorkerService"
@@ -114,6 +115,7 @@ def acquire_directive_slot() -> DirectiveSlot:
 class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
     def __init__(self, config: SecurityConfig, limits: Limits, router: Router) -> None:
         self._auth = config.auth
+        self._tenants = config.tenants is not None
         self._tokens: tuple[TokenEntry, ...] = config.token_entries()
         self._limits = limits
         self._router = router
@@ -143,6 +145,9 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
                              f"a {entry.role.value} token may not call {method}, "
                              f"which needs a {role.value} token")
             client = entry.label
+            if self._tenants and role is Role.CLIENT:
+                who = Caller(entry.tenant or "", admin=entry.admin)
+                handler = _guarded(handler, lambda _ctx: _as_caller(who))
         if service == DIRECTIVE_SERVICE:
             hold = method == RUN_DIRECTIVE
             return _guarded(handler, lambda ctx: self._directive_gate(client or _peer(ctx),
@@ -231,6 +236,17 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
                 f"leased channels (--max-channels-per-client {limits.max_channels_per_client}); "
                 "release channels you no longer use",
             )
+
+
+@contextlib.asynccontextmanager
+async def _as_caller(who: Caller) -> AsyncIterator[None]:
+    """The handler runs as ``who`` (``_tenants.caller()`` inside it)."""
+    token = CALLER.set(who)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):  # a generator closed from another context
+            CALLER.reset(token)
 
 
 def _peer(context: grpc.aio.ServicerContext) -> str:

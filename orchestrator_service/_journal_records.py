@@ -14,8 +14,8 @@ Records (tuples, built on the hot path):
 - ``(ADVANCE,)``: the directive looked for fold combines and its end;
 - ``(END_INPUT,)``, ``(CANCEL,)``, ``(FAIL, code, message)``.
 
-A leased channel (stream kind CHANNEL, empty header) journals the same way
-(``Channel.log``), with its own records:
+A leased channel (stream kind CHANNEL; its header names its tenant)
+journals the same way (``JournalChannel`` instructions), with its own records:
 - ``(PUBLISHED, rows)``: tasks it accepted, one ``task_row`` each;
 - ``(DELIVERED, task_ids, outputs, errors | None, seconds)``: results, in the
   order they go to the subscriber;
@@ -120,6 +120,7 @@ def encode_plan(plan: PlanSpec) -> bytes:
             "expected_items": plan.expected_items,
             "task_timeout_seconds": plan.task_timeout_seconds,
             "detached": plan.detached,
+            "tenant": plan.tenant,
         }
     )
 
@@ -136,6 +137,7 @@ def decode_plan(header: bytes) -> PlanSpec:
         expected_items=data["expected_items"],
         task_timeout_seconds=data["task_timeout_seconds"],
         detached=data["detached"],
+        tenant=data.get("tenant", ""),  # journals written before tenants have none
     )
 
 
@@ -169,3 +171,18 @@ def decode_summary(payload: bytes) -> Summary:
         DirectiveState(state), None if code is None else Code(code), message, fold_value,
         items, received,
     )
+
+
+# ------------------------------------------------------------ channel header
+
+
+def encode_channel_header(tenant: str) -> bytes:
+    return _packb({"tenant": tenant}) if tenant else b""
+
+
+def decode_channel_header(header: bytes) -> str:
+    """The channel's tenant ("" for none, or a header written before tenants)."""
+    if not header:
+        return ""
+    tenant: str = msgpack.unpackb(header, raw=False).get("tenant", "")
+    return tenant

@@ -184,6 +184,7 @@ class PlanSpec:
     expected_items: int = 0
     task_timeout_seconds: float = 0.0
     detached: bool = False  # runs on when its caller leaves; attached later by id
+    tenant: str = ""  # whose it is (``_tenants``); "" without a tenants file
 
     @property
     def maps(self) -> tuple[MapStage, ...]:
@@ -196,6 +197,15 @@ class PlanSpec:
 
     def describe(self) -> str:
         return " -> ".join(stage.describe() for stage in self.stages)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantShare:
+    """What the core enforces for one tenant (from the tenants file)."""
+
+    weight: int = 1  # its share of the workers' slots, against the other tenants'
+    max_directives: int | None = None  # running at once
+    max_queued_tasks: int | None = None  # queued at once: publishing and input credit wait
 
 
 @dataclass(frozen=True, slots=True)

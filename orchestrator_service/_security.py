@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from orchestrator_service._model import RouterConfig
+from orchestrator_service._tenants import Tenants, load_tenants
 from squire_kernel.flags import port_number
 
 log = logging.getLogger("squire.orchestrator")
@@ -53,6 +54,10 @@ class TokenEntry:
     role: Role
     label: str  # "client token #2": safe to log, names the client for limits
     digest: bytes = field(repr=False)
+    # With a tenants file: the tenant a client token names (None: a
+    # --client-token-file token, an operator's), and whether it is an operator.
+    tenant: str | None = None
+    admin: bool = False
 
 
 def digest(token: str | bytes) -> bytes:
@@ -74,6 +79,7 @@ class SecurityConfig:
     insecure: bool = False  # allow plaintext on a non-loopback address
     worker_tokens: tuple[str, ...] = field(default=(), repr=False)
     client_tokens: tuple[str, ...] = field(default=(), repr=False)
+    tenants: Tenants | None = None  # --tenants: client identities (``_tenants``)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -105,15 +111,23 @@ class SecurityConfig:
 
     @property
     def auth(self) -> bool:
-        """Token authentication is on when any token is configured."""
-        return bool(self.worker_tokens or self.client_tokens)
+        """Token authentication is on when any token or tenant is configured."""
+        return bool(self.worker_tokens or self.client_tokens or self.tenants)
 
     def token_entries(self) -> tuple[TokenEntry, ...]:
-        return tuple(
-            TokenEntry(role, f"{role.value} token #{position}", digest(token))
+        plain = tuple(
+            TokenEntry(role, f"{role.value} token #{position}", digest(token),
+                       admin=self.tenants is not None and role is Role.CLIENT)
             for role, tokens in ((Role.WORKER, self.worker_tokens),
                                  (Role.CLIENT, self.client_tokens))
             for position, token in enumerate(tokens, 1)
+        )
+        if self.tenants is None:
+            return plain
+        return plain + tuple(
+            TokenEntry(Role.CLIENT, f"tenant {t.name}", d, tenant=t.name, admin=t.admin)
+            for t in self.tenants.by_name.values()
+            for d in t.digests
         )
 
 
@@ -260,6 +274,10 @@ def add_arguments(p: argparse.ArgumentParser, env: Env) -> None:
     g.add_argument("--client-token-file", default=env("client_token_file", "") or None,
                    help="file of accepted client tokens, one per line "
                    "(also $SQUIRE_CLIENT_TOKEN)")
+    g.add_argument("--tenants", default=env("tenants", "") or None,
+                   help="TOML file of tenants: client identities by token digest, weights "
+                   "and quotas (docs/SECURITY.md); a --client-token-file token is then an "
+                   "operator's")
     g.add_argument("--health-port", type=port_number, default=env("health_port", "0"),
                    help="also serve grpc.health.v1 alone, in plaintext, on this port "
                    "(for Kubernetes gRPC probes when the main port uses TLS); 0 = off")
@@ -293,6 +311,7 @@ def security_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os
         insecure=args.insecure,
         worker_tokens=load_tokens(environ.get("SQUIRE_WORKER_TOKEN"), args.worker_token_file),
         client_tokens=load_tokens(environ.get("SQUIRE_CLIENT_TOKEN"), args.client_token_file),
+        tenants=load_tenants(args.tenants) if args.tenants else None,
     )
 
 

@@ -24,7 +24,7 @@ from orchestrator_service._channel_servicer import ChannelServicer
 from orchestrator_service._core import Router
 from orchestrator_service._directive_servicer import DirectiveServicer
 from orchestrator_service._durable import Durable, Retention
-from orchestrator_service._events import AcceptingStopped, DrainRequested, Tick
+from orchestrator_service._events import AcceptingStopped, DrainRequested, TenantsChanged, Tick
 from orchestrator_service._hub import Hub
 from orchestrator_service._interceptor import SecurityInterceptor
 from orchestrator_service._journal import Store, open_store
@@ -46,6 +46,7 @@ from orchestrator_service._servicer import (
 )
 from orchestrator_service._sole_leader import default_holder
 from orchestrator_service._strict import StrictWireInterceptor
+from orchestrator_service._tenants import shares_of
 from squire_kernel import __version__
 from squire_kernel.listen import check_free, listen_error
 
@@ -108,6 +109,8 @@ class Orchestrator:
             router_config = dataclasses.replace(router_config, journal=True)
         self.router = Router(router_config, time.monotonic)
         self.hub = Hub(self.router)
+        if self.config.security.tenants is not None:
+            self.hub.handle(TenantsChanged(shares_of(self.config.security.tenants)))
         self.durable = Durable(self.hub, self.config.retention)
         # host:pid plus a nonce: two orchestrators of one process (tests) are two holders
         holder = f"{default_holder()}:{os.urandom(3).hex()}"

@@ -23,6 +23,7 @@ from orchestrator_service._events import (
 )
 from orchestrator_service._hub import Hub, WorkerLink
 from orchestrator_service._model import Code, RouterError, queue_label
+from orchestrator_service._tenants import caller
 
 log = logging.getLogger("squire.orchestrator")
 
@@ -176,7 +177,10 @@ def status_to_pb(hub: Hub, state: str, version: str) -> pb.GetStatusResponse:
             response.queues.append(pb.QueueStatus(operation=queue_label(key), depth=q.depth))
             depth += q.depth
     response.queue_depth = depth
+    who = caller()  # a tenant sees its own channels and directives; an operator all
     for c in router.channels.values():
+        if not who.may_see(c.tenant):
+            continue
         response.channels.append(
             pb.ChannelStatus(
                 channel_id=c.id,
@@ -186,9 +190,12 @@ def status_to_pb(hub: Hub, state: str, version: str) -> pb.GetStatusResponse:
                 queued=c.queued,
                 in_flight=c.leased,
                 directive=c.directive,
+                tenant=c.tenant,
             )
         )
     for d in router.directives.values():
+        if not who.may_see(d.plan.tenant):
+            continue
         progress = router.progress(d.id)
         assert progress is not None
         response.directives.append(
@@ -197,6 +204,7 @@ def status_to_pb(hub: Hub, state: str, version: str) -> pb.GetStatusResponse:
                 plan=d.plan.describe(),
                 progress=convert.progress_to_pb(progress),
                 age_seconds=now - d.started_at,
+                tenant=d.plan.tenant,
             )
         )
     return response

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from orchestrator_service._admission import unserved
 from orchestrator_service._channel import Channel, OpDepth
 from orchestrator_service._directive import Directive
-from orchestrator_service._dispatch import Worker, dispatch
+from orchestrator_service._dispatch import TenantHold, Worker, dispatch
 from orchestrator_service._events import (
     EmitResults,
     EndChannel,
@@ -35,6 +35,7 @@ from orchestrator_service._model import (
     RouterConfig,
     Stats,
     TaskRecord,
+    TenantShare,
 )
 from orchestrator_service._outcomes import Outcomes
 from orchestrator_service._validate import validate_router
@@ -61,6 +62,10 @@ class RouterState:
         self._out: list[Instruction] = []
         self._touched: dict[str, Directive] = {}
         self._done: list[TaskRecord] = []
+        self.tenants: dict[str, TenantShare] = {}  # weights and quotas (TenantsChanged)
+        # Directives whose input credit waits for their tenant's queue to fall
+        # under max_queued_tasks.
+        self._withheld: dict[str, Directive] = {}
 
     def begin_epoch(self, epoch: int) -> None:
         """Lease ids from now on carry ``epoch``: unique across orchestrator
@@ -85,7 +90,19 @@ class RouterState:
 
     def can_publish(self, channel_id: str) -> bool:
         channel = self.channels.get(channel_id)
-        return channel is None or channel.queued < self.config.max_queued_per_channel
+        if channel is None:
+            return True
+        return channel.queued < self.config.max_queued_per_channel and self.tenant_has_room(
+            channel.tenant
+        )
+
+    def tenant_has_room(self, tenant: str) -> bool:
+        """Its queued tasks are under its max_queued_tasks (if it has one)."""
+        share = self.tenants.get(tenant)
+        if share is None or share.max_queued_tasks is None:
+            return True
+        queued = sum(c.queued for c in self.channels.values() if c.tenant == tenant)
+        return queued < share.max_queued_tasks
 
     # =========================================================== internal
 
@@ -117,13 +134,29 @@ class RouterState:
             self.adoption_until = None
         if self.workers and self._ready:
             self._worker_rotation = (self._worker_rotation + 1) % len(self.workers)
+            shares = None
+            if self.tenants or any(c.tenant for c in self._ready.values()):
+                shares = self._tenant_shares()
             sent = dispatch(
                 self.workers, self._worker_rotation, self._ready, self.queues,
-                self.config.fairness_quantum, self._lease_ids,
+                self.config.fairness_quantum, self._lease_ids, shares,
             )
             for worker_id, tasks in sent:
                 self.stats.dispatched += len(tasks)
                 self._out.append(SendTasks(worker_id, tasks))
+
+    def _tenant_shares(self) -> TenantHold | None:
+        """Each tenant's weight and the slots its tasks hold now, when more
+        than one tenant has tasks queued (else dispatch needs none)."""
+        ready = {c.tenant for c in self._ready.values()}
+        if len(ready) < 2:
+            return None
+        held: dict[str, int] = dict.fromkeys(ready, 0)
+        for channel in self.channels.values():
+            if channel.tenant in held:
+                held[channel.tenant] += channel.leased
+        weights = {t: (self.tenants[t].weight if t in self.tenants else 1) for t in ready}
+        return TenantHold(weights, held)
 
     def _deliver(self, channel: Channel, group: Outcomes.Group, now: float) -> None:
         """Outcomes of one channel's tasks (none of them leased any more)."""

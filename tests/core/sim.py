@@ -295,10 +295,10 @@ class Driver:
 
     # channels ----------------------------------------------------------
 
-    def lease(self) -> ChannelView:
+    def lease(self, tenant: str = "") -> ChannelView:
         view = ChannelView(f"c{next(self._ids)}")
         self.channels[view.id] = view
-        self.handle(ChannelLeased(view.id))
+        self.handle(ChannelLeased(view.id, tenant))
         return view
 
     def publish(self, channel_id: str, tasks: list[TaskRecord]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator_service._events import ChannelRestored, DirectiveRestored
+from orchestrator_service._events import ChannelRestored, DirectiveRestored, TenantsChanged
 from orchestrator_service._journal_records import (
     decode_plan,
     decode_records,
@@ -33,7 +33,7 @@ from orchestrator_service._restore import replay, replay_channel
 from squire_kernel.serde import decode, encode
 
 from .sim import Driver, Sim, hello
-from .test_simulation import Chaos, expected
+from .test_simulation import SHARES, Chaos, expected
 
 CONFIG = RouterConfig(
     journal=True, directive_window=40, max_fold_operands=3, adoption_grace=0.0
@@ -212,6 +212,7 @@ class CrashingChaos(Chaos):
         )
         self.config = config
         self.d = Driver(config)
+        self.d.handle(TenantsChanged(SHARES))
         self.crashes = 0
         self.restored = 0  # directives rebuilt, over all crashes
         self.restored_channels = 0
@@ -229,6 +230,7 @@ class CrashingChaos(Chaos):
         hellos = {w.id: w.hello for w in self.d.router.workers.values()}
         self.stale.clear()
         self.d = restart(self.d, self.config)
+        self.d.handle(TenantsChanged(SHARES))  # as a start reads the tenants file
         self.restored += len(self.d.router.directives)
         self.restored_channels += sum(not c.directive for c in self.d.router.channels.values())
         for worker_id, base in hellos.items():

@@ -25,6 +25,7 @@ from orchestrator_service._adopt import digest
 from orchestrator_service._events import (
     DrainRequested,
     ResultsArrived,
+    TenantsChanged,
     WorkerDisconnected,
     WorkerResult,
 )
@@ -42,6 +43,7 @@ from orchestrator_service._model import (
     RouterConfig,
     RouterError,
     TaskRecord,
+    TenantShare,
     WorkerHello,
 )
 from squire_kernel.serde import decode, encode
@@ -89,6 +91,13 @@ class Published:
     released: bool = False
 
 
+# Work of several tenants, weighted 1, 1 and 3: dispatch shares the workers
+# between them by weight (and "" is work of no tenant).
+TENANTS = ("", "t1", "t2", "t3")
+SHARES = {"t1": TenantShare(weight=1), "t2": TenantShare(weight=1, max_queued_tasks=30),
+          "t3": TenantShare(weight=3)}
+
+
 class Chaos:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
@@ -97,6 +106,7 @@ class Chaos:
             directive_window=40, max_fold_operands=3, fairness_quantum=4,
             max_queued_per_channel=10_000,
         ))
+        self.d.handle(TenantsChanged(SHARES))
         # what each connected worker holds: (lease id, task id, task) at dispatch
         self.held: dict[str, list[tuple[int, int, TaskRecord]]] = {}
         self.stale: list[tuple[str, int, int, TaskRecord]] = []  # for late reports
@@ -200,7 +210,7 @@ class Chaos:
         elif action == "submit":
             stages, may_skip = rng.choice(PLANS)
             try:
-                view = d.start(PlanSpec(stages))
+                view = d.start(PlanSpec(stages, tenant=rng.choice(TENANTS)))
             except RouterError as exc:  # no worker offers it yet, or shutting down
                 assert exc.code in (Code.FAILED_PRECONDITION, Code.UNAVAILABLE), exc
                 return
@@ -224,7 +234,7 @@ class Chaos:
                 d.cancel(rng.choice(running).view)
         elif action == "lease":
             try:
-                self.channels.append(Published(d.lease()))
+                self.channels.append(Published(d.lease(rng.choice(TENANTS))))
             except RouterError as exc:
                 assert exc.code is Code.UNAVAILABLE
         elif action == "publish":

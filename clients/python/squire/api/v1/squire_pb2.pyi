@@ -954,6 +954,7 @@ class DirectiveInfo(_message.Message):
     RECEIVED_FIELD_NUMBER: _builtins.int
     COMPLETED_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     directive_id: _builtins.str
     plan: _builtins.str
     """e.g. "map(fib_at) -> fold(sum)" """
@@ -970,6 +971,8 @@ class DirectiveInfo(_message.Message):
     """elements through every map stage (or skipped)"""
     message: _builtins.str
     """why it failed or was cancelled"""
+    tenant: _builtins.str
+    """whose it is (with --tenants; an operator sees every tenant's)"""
     def __init__(
         self,
         *,
@@ -982,10 +985,11 @@ class DirectiveInfo(_message.Message):
         received: _builtins.int = ...,
         completed: _builtins.int = ...,
         message: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_seconds", b"age_seconds", "attached", b"attached", "completed", b"completed", "detached", b"detached", "directive_id", b"directive_id", "message", b"message", "plan", b"plan", "received", b"received", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_seconds", b"age_seconds", "attached", b"attached", "completed", b"completed", "detached", b"detached", "directive_id", b"directive_id", "message", b"message", "plan", b"plan", "received", b"received", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1643,6 +1647,7 @@ class ChannelStatus(_message.Message):
     QUEUED_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     DIRECTIVE_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     channel_id: _builtins.str
     sender_closed: _builtins.bool
     published: _builtins.int
@@ -1650,6 +1655,8 @@ class ChannelStatus(_message.Message):
     queued: _builtins.int
     in_flight: _builtins.int
     directive: _builtins.bool
+    tenant: _builtins.str
+    """whose it is (with --tenants)"""
     def __init__(
         self,
         *,
@@ -1660,10 +1667,11 @@ class ChannelStatus(_message.Message):
         queued: _builtins.int = ...,
         in_flight: _builtins.int = ...,
         directive: _builtins.bool = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "completed", b"completed", "directive", b"directive", "in_flight", b"in_flight", "published", b"published", "queued", b"queued", "sender_closed", b"sender_closed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "completed", b"completed", "directive", b"directive", "in_flight", b"in_flight", "published", b"published", "queued", b"queued", "sender_closed", b"sender_closed", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1677,10 +1685,13 @@ class DirectiveStatus(_message.Message):
     PLAN_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     directive_id: _builtins.str
     plan: _builtins.str
     """e.g. "map(fib_at) -> fold(sum)" """
     age_seconds: _builtins.float
+    tenant: _builtins.str
+    """whose it is (with --tenants)"""
     @_builtins.property
     def progress(self) -> Global___Progress: ...
     def __init__(
@@ -1690,10 +1701,11 @@ class DirectiveStatus(_message.Message):
         plan: _builtins.str = ...,
         progress: Global___Progress | None = ...,
         age_seconds: _builtins.float = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_seconds", b"age_seconds", "directive_id", b"directive_id", "plan", b"plan", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_seconds", b"age_seconds", "directive_id", b"directive_id", "plan", b"plan", "progress", b"progress", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
