@@ -316,11 +316,11 @@ export class Client {
   async leaseChannel(options = {}) {
     this.#checkOpen();
     const serializer = parseSerializer(options.serializer);
-    const context = {
-      reattachTimeoutMs: options.reattachTimeoutMs ?? this.#reattachTimeoutMs,
-      closed: this.#closing.signal,
-      replicas: this.#replicas,
-    };
+    const reattachTimeoutMs = options.reattachTimeoutMs ?? this.#reattachTimeoutMs;
+    if (typeof reattachTimeoutMs !== 'number' || !(reattachTimeoutMs >= 0)) { // before a lease it would leak
+      throw new RangeError(`reattachTimeoutMs is a number of milliseconds >= 0, got ${reattachTimeoutMs}`);
+    }
+    const context = { reattachTimeoutMs, closed: this.#closing.signal, replicas: this.#replicas };
     if (this.#replicas !== null) {
       // The channel is in the shared journal: its calls follow the leader.
       const { response } = await this.#replicas.unary('channels', 'LeaseChannel', {}, this.timeoutMs);

@@ -369,6 +369,8 @@ test('past reattachTimeoutMs every call rejects with the error it first failed w
   assert.ok(subscribes.length >= 3);
   await assert.rejects(channel.release(), (err) => err instanceof SquireError && err.code === 'UNAVAILABLE');
 
+  await assert.rejects(client.leaseChannel({ reattachTimeoutMs: -1 }), RangeError);
+
   // reattachTimeoutMs: 0 does not try again at all.
   publishCalls = [];
   const once = await newClient({ reattachTimeoutMs: 0 }).leaseChannel();
