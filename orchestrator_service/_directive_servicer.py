@@ -29,6 +29,7 @@ from orchestrator_service._model import Code, RouterError
 from orchestrator_service._servicer import PROGRESS_INTERVAL, abort
 from orchestrator_service._session import Session
 from orchestrator_service._signal import Signal
+from orchestrator_service._tenants import owned
 
 log = logging.getLogger("squire.orchestrator")
 
@@ -56,7 +57,7 @@ class DirectiveServicer(pb_grpc.DirectiveServiceServicer):
                 raise RouterError(
                     Code.INVALID_ARGUMENT, "the first DirectiveRequest must carry the plan"
                 )
-            plan = convert.plan_from_pb(first.plan)
+            plan = owned(convert.plan_from_pb(first.plan))
             check_journal(hub, plan)
             box.detached_submit = plan.detached
             hub.calls[directive_id] = box

@@ -234,9 +234,11 @@ def announce_protection(host: str, config: SecurityConfig) -> None:
     log.info(
         "token authentication on",
         extra={"worker_tokens": len(config.worker_tokens),
-               "client_tokens": len(config.client_tokens)},
+               "client_tokens": len(config.client_tokens),
+               "tenants": len(config.tenants.by_name) if config.tenants else 0},
     )
-    for role, tokens in ((Role.WORKER, config.worker_tokens), (Role.CLIENT, config.client_tokens)):
+    clients = config.client_tokens or (config.tenants.by_name if config.tenants else ())
+    for role, tokens in ((Role.WORKER, config.worker_tokens), (Role.CLIENT, clients)):
         if not tokens:
             log.warning(
                 "no %s tokens configured: every %s call will be refused", role.value, role.value

@@ -34,6 +34,7 @@ from orchestrator_service._hub import CallBox, Hub
 from orchestrator_service._interceptor import DirectiveSlot, acquire_directive_slot
 from orchestrator_service._model import Code, RouterError
 from orchestrator_service._signal import Signal
+from orchestrator_service._tenants import owned
 
 PROGRESS_INTERVAL = 0.1
 
@@ -93,7 +94,7 @@ class Session:
                     Code.INVALID_ARGUMENT,
                     f"call {request.call_id}: its first request must carry the plan",
                 )
-            plan = convert.plan_from_pb(request.plan)
+            plan = owned(convert.plan_from_pb(request.plan))
             check_journal(hub, plan)
             slot = acquire_directive_slot()  # RESOURCE_EXHAUSTED past a limit
             directive_id = hub.new_id()

@@ -23,6 +23,7 @@ file, the tenant and the key.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import re
 import tomllib
 from collections.abc import Mapping
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator_service._model import TenantShare
+from orchestrator_service._model import PlanSpec, TenantShare
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -170,3 +171,9 @@ CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar(
 def caller() -> Caller:
     """The caller of the handler running now (set by the security interceptor)."""
     return CALLER.get() or ANYONE
+
+
+def owned(plan: PlanSpec) -> PlanSpec:
+    """``plan`` as the caller's: its tenant is whoever submits it."""
+    tenant = caller().tenant
+    return plan if plan.tenant == tenant else dataclasses.replace(plan, tenant=tenant)
