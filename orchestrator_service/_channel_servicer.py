@@ -35,6 +35,8 @@ from orchestrator_service._restore import replay_channel
 from orchestrator_service._servicer import abort
 from orchestrator_service._tenants import caller
 
+SUBSCRIBED = "squire-subscribed"  # initial metadata of an accepted Subscribe
+
 
 def check_writable(hub: Hub, what: str) -> None:
     """Refuse new work while the journal's commits fail (disk full:
@@ -160,6 +162,9 @@ class ChannelServicer(pb_grpc.ChannelServiceServicer):
             previous, box.subscriber = box.subscriber, me
             if previous is not None:
                 box.signal()  # it sees it is displaced and ends
+            # Headers at once: the subscriber knows it is subscribed (and
+            # that an outage it waited out is over) before any result.
+            await context.send_initial_metadata(((SUBSCRIBED, "1"),))
             if request.HasField("received"):
                 missing = await self._resume(box, request.received)
                 for start in range(0, len(missing), convert.MAX_ITEMS_PER_MESSAGE):

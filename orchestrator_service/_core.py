@@ -3,8 +3,9 @@
 ``Router.handle(*events) -> list[Instruction]`` is the whole interface (see
 ``_events``): the servicers feed it what happened and execute what it
 returns. Time comes from the injected ``clock``; ids come in the events.
-This module holds the event handlers; the state they change and the moves
-they are built from are ``_state.RouterState``; dispatch is ``_dispatch``,
+This module holds the event handlers (those of leased channels are in
+``_core_channels``); the state they change and the moves they are built
+from are ``_state.RouterState``; dispatch is ``_dispatch``,
 matching results to leases ``_outcomes``, evaluating a directive
 ``_directive``. Everything else on the Router is state the servicers and
 metrics may read.
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from orchestrator_service import _admission as admission
 from orchestrator_service._adopt import adopt
 from orchestrator_service._channel import Channel
+from orchestrator_service._core_channels import ChannelRouting
 from orchestrator_service._directive import Directive
 from orchestrator_service._dispatch import Worker
 from orchestrator_service._events import (
@@ -44,7 +46,6 @@ from orchestrator_service._events import (
     DrainRequested,
     EmitItems,
     EndCall,
-    EndChannel,
     Event,
     GrantCredit,
     HeartbeatReceived,
@@ -53,7 +54,6 @@ from orchestrator_service._events import (
     Instruction,
     IpcMessage,
     Journal,
-    JournalChannel,
     QueueUnserved,
     Refused,
     ResultsArrived,
@@ -66,7 +66,6 @@ from orchestrator_service._events import (
     WorkerDisconnected,
 )
 from orchestrator_service._items import Items
-from orchestrator_service._journal_records import CLOSED, PUBLISHED, task_row
 from orchestrator_service._model import (
     Code,
     DirectiveState,
@@ -78,11 +77,10 @@ from orchestrator_service._model import (
     queue_label,
 )
 from orchestrator_service._outcomes import Outcomes, sort_results
-from orchestrator_service._restore import replay, replay_channel
-from orchestrator_service._state import RouterState
+from orchestrator_service._restore import replay
 
 
-class Router(RouterState):
+class Router(ChannelRouting):
     """The orchestrator's Runtime core: ``handle(events) -> instructions``."""
 
     def __init__(self, config: RouterConfig, clock: Callable[[], float]) -> None:
@@ -215,100 +213,6 @@ class Router(RouterState):
                 # It is the task's outcome after all: delivered with its group
                 # (which takes it off the channel's leased count).
                 outcomes.add(task, b"", error, 0.0)
-
-    # =========================================================== channels
-
-    def _channel_leased(self, event: ChannelLeased) -> None:
-        refused = admission.check_accepting(self.accepting)
-        if refused is None and event.channel_id in self.channels:
-            refused = Refused(Code.ALREADY_EXISTS, "channel id already leased")
-        if refused is not None:
-            self._out.append(refused)
-            return
-        now = self.clock()
-        self.channels[event.channel_id] = Channel(event.channel_id, now, tenant=event.tenant)
-        if self.config.journal:
-            self._out.append(JournalChannel(
-                event.channel_id, [], opened=True, created_at=now, tenant=event.tenant
-            ))
-
-    def _tasks_published(self, event: TasksPublished) -> None:
-        channel = self.channels.get(event.channel_id)
-        refused = admission.check_publish(channel, event.channel_id, event.tasks, self.config)
-        if refused is not None:
-            self._out.append(refused)
-            return
-        assert channel is not None
-        now = self.clock()
-        ids = channel.ids
-        tasks = [t for t in event.tasks if t.task_id not in ids]
-        if not tasks:
-            return
-        for task in tasks:
-            task.routing_key = channel.id
-            task.published_at = now
-            channel.pending_ids.add(task.task_id)
-            ids.add(task.task_id)
-        if self.config.journal:
-            self._out.append(
-                JournalChannel(channel.id, [(PUBLISHED, [task_row(t) for t in tasks])])
-            )
-        self._enqueue(channel, tasks)
-
-    def _channel_restored(self, event: ChannelRestored) -> None:
-        key = event.channel_id
-        if key in self.channels:
-            self._out.append(Refused(Code.ALREADY_EXISTS, "channel id already leased"))
-            return
-        now = self.clock()
-        state, _ = replay_channel(key, event.records)
-        channel = self.channels[key] = Channel(key, event.created_at, tenant=event.tenant)
-        channel.ids = state.ids
-        channel.sender_closed = state.closed
-        channel.pending_ids = set(state.outstanding)
-        # What had its result before the restart counts as published and completed.
-        channel.published = channel.completed = state.delivered
-        if state.outstanding:
-            self._enqueue(channel, list(state.outstanding.values()))
-            if self.config.adoption_grace > 0 and self.adoption_until is None:
-                self.adoption_until = now + self.config.adoption_grace
-        if channel.drained:
-            self._out.append(EndChannel(key, released=False))
-
-    def _channel_closed(self, event: ChannelClosed) -> None:
-        channel = self.channels.get(event.channel_id)
-        if channel is None:
-            self._out.append(admission.unknown_channel(event.channel_id))
-            return
-        if channel.directive:
-            self._out.append(Refused(
-                Code.FAILED_PRECONDITION,
-                f"channel {channel.id!r} belongs to a directive; end its input through "
-                "RunDirective",
-            ))
-            return
-        if not channel.sender_closed and self.config.journal:
-            self._out.append(JournalChannel(channel.id, [(CLOSED,)]))
-        channel.sender_closed = True
-        if channel.drained:
-            self._out.append(EndChannel(channel.id, released=False))
-
-    def _channel_released(self, event: ChannelReleased) -> None:
-        channel = self.channels.get(event.channel_id)
-        if channel is None:
-            self._out.append(admission.unknown_channel(event.channel_id))
-            return
-        if channel.directive:
-            self._directive_cancelled(DirectiveCancelled(channel.id))
-            return
-        self._terminate(channel, IpcMessage("abort", channel.id))
-        self._release(channel)
-        self._out.append(EndChannel(channel.id, released=True))
-
-    def _results_taken(self, event: ResultsTaken) -> None:
-        channel = self.channels.get(event.channel_id)
-        if channel is not None:
-            channel.unread -= event.count
 
     # ========================================================= directives
 

@@ -145,7 +145,7 @@ async def test_async_unknown_channel(aclient: AsyncClient, fake: FakeServer) -> 
 
 
 def test_publish_messages_are_cut_by_bytes() -> None:
-    from squire._channel import MAX_BYTES_PER_MESSAGE, _Outbox
+    from squire._publisher import MAX_BYTES_PER_MESSAGE, _Outbox
     from squire.api.v1 import squire_pb2 as pb
 
     from squire_kernel.serde import Serializer

@@ -16,11 +16,11 @@ import grpc
 import grpc.aio
 
 from squire._bridge import call_soon
-from squire._channel import Publisher
 from squire._errors import Cancelled, translate_rpc_error
 from squire._feeder import DEFAULT_REATTACH_TIMEOUT
 from squire._model import TaskOutcome
-from squire._reconnect import Backoff, acall_retrying, unavailable
+from squire._publisher import Publisher
+from squire._reconnect import Backoff, acall_retrying, subscribed, unavailable
 from squire._wire import task_outcome
 from squire.api.v1 import squire_pb2 as pb
 from squire_kernel.serde import Serializer
@@ -175,6 +175,8 @@ class AsyncChannelReceiver:
                 )
             call = self._call
             try:
+                if self._backoff is not None and subscribed(await call.initial_metadata()):
+                    self._backoff = None  # an outage is over; the next gets its own time
                 batch = await call.read()
             except grpc.RpcError as exc:
                 self._call = None

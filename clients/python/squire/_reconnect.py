@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import grpc
@@ -32,6 +32,11 @@ def status(exc: grpc.RpcError) -> grpc.StatusCode | None:
 
 def unavailable(exc: grpc.RpcError) -> bool:
     return status(exc) is grpc.StatusCode.UNAVAILABLE
+
+
+def subscribed(metadata: Iterable[tuple[str, object]] | None) -> bool:
+    """The orchestrator accepted a Subscribe (its initial metadata says so)."""
+    return any(key == "squire-subscribed" for key, _ in metadata or ())
 
 
 class Backoff:
