@@ -60,7 +60,10 @@ class Cluster:
     """An orchestrator process plus worker processes, cleaned up on close()."""
 
     def __init__(self, *, orchestrator_args: tuple[str, ...] = (), log_dir: Path | None = None,
-                 metrics_port: int = 0, env: dict[str, str] | None = None) -> None:
+                 metrics_port: int = 0, env: dict[str, str] | None = None,
+                 token: str | None = None) -> None:
+        # ``token``: the client token status calls carry (an operator's, with tenants).
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         # Extra environment for every process of the cluster (e.g. PYTHONPATH
         # for an ops module that lives in the tests).
         self.env = dict(env or {})
@@ -128,7 +131,8 @@ class Cluster:
         return True
 
     def status(self) -> pb.GetStatusResponse:
-        return self._status.GetStatus(pb.GetStatusRequest(), timeout=5)
+        return self._status.GetStatus(pb.GetStatusRequest(), timeout=5,
+                                      metadata=self._metadata)
 
     def wait_for_workers(self, ids: set[str], timeout: float = 30.0) -> None:
         def connected() -> bool:

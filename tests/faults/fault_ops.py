@@ -69,7 +69,27 @@ def _hold(seconds: float, abort: Any, *, tag: str, x: int) -> bool:
     return False
 
 
+def record_span(tag: str, x: int, start: float, end: float) -> None:
+    """Append one execution with its monotonic start and end to this
+    process's span ledger (``span-<pid>.log``)."""
+    path = fault_dir() / f"span-{os.getpid()}.log"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{tag} {x} {start!r} {end!r}\n".encode())
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------- plain work
+
+
+@operation("fault_timed")
+def fault_timed(x: int, *, tag: str, sleep: float) -> int:
+    """Sleep ``sleep`` seconds and say when (the fair-share ledger)."""
+    start = time.monotonic()
+    time.sleep(sleep)
+    record_span(tag, x, start, time.monotonic())
+    return x
 
 
 @operation("fault_square")
