@@ -180,6 +180,15 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(
             sig, lambda: stopping.add(asyncio.ensure_future(orchestrator.shutdown()))
         )
+    # SIGHUP: read the token files and the tenants file again now.
+    reloading: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = asyncio.ensure_future(orchestrator.reload_credentials())
+        reloading.add(task)
+        task.add_done_callback(reloading.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         await orchestrator.wait_closed()
     finally:

@@ -21,6 +21,7 @@ identity in a context variable this interceptor sets for DirectiveService.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import hmac
@@ -51,6 +52,8 @@ LEASE_CHANNEL = f"/{_PACKAGE}.ChannelService/LeaseChannel"
 _BEARER = "bearer "
 
 Guard = Callable[[grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[None]]
+# What an open call was authorised as: the token (digest), its role and tenant.
+CallKey = tuple[bytes, Role, str | None]
 
 
 class DirectiveSlot:
@@ -114,13 +117,31 @@ def acquire_directive_slot() -> DirectiveSlot:
 
 class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
     def __init__(self, config: SecurityConfig, limits: Limits, router: Router) -> None:
-        self._auth = config.auth
-        self._tenants = config.tenants is not None
-        self._tokens: tuple[TokenEntry, ...] = config.token_entries()
         self._limits = limits
         self._router = router
         self.directive_slots = DirectiveSlots(limits)
         self._channels: dict[str, set[str]] = {}  # client -> leased channel ids
+        # Open streaming calls by token digest: each one's future is set
+        # when its token is revoked (``update``), which ends the call.
+        self._open: dict[CallKey, set[asyncio.Future[None]]] = {}
+        self.update(config)
+
+    def update(self, config: SecurityConfig) -> int:
+        """Use ``config``'s tokens and tenants from the next call on; open
+        calls whose token (or token's tenant) is gone end with
+        UNAUTHENTICATED. Returns how many calls that ended."""
+        self._auth = config.auth
+        self._tenants = config.tenants is not None
+        self._tokens = config.token_entries()
+        now = {(e.digest, e.role, e.tenant) for e in self._tokens}
+        revoked = 0
+        for key, calls in list(self._open.items()):
+            if key not in now:
+                for future in calls:
+                    if not future.done():
+                        future.set_result(None)
+                        revoked += 1
+        return revoked
 
     async def intercept_service(
         self,
@@ -148,6 +169,8 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
             if self._tenants and role is Role.CLIENT:
                 who = Caller(entry.tenant or "", admin=entry.admin)
                 handler = _guarded(handler, lambda _ctx: _as_caller(who))
+            if handler.request_streaming or handler.response_streaming:
+                handler = self._revocable(handler, (entry.digest, entry.role, entry.tenant))
         if service == DIRECTIVE_SERVICE:
             hold = method == RUN_DIRECTIVE
             return _guarded(handler, lambda ctx: self._directive_gate(client or _peer(ctx),
@@ -173,6 +196,43 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
             if hmac.compare_digest(entry.digest, presented) and found is None:
                 found = entry
         return found, "invalid token"
+
+    def _revocable(self, handler: grpc.RpcMethodHandler, key: CallKey) -> grpc.RpcMethodHandler:
+        """``handler`` ended with UNAUTHENTICATED once its token is revoked.
+        It runs in a task of its own raced against the revocation; a
+        generator handler is turned into one that writes through the context."""
+        slot = _handler_slot(handler)
+        inner = getattr(handler, slot)
+        generator = inspect.isasyncgenfunction(inner)
+        calls = self._open
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            revoked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            calls.setdefault(key, set()).add(revoked)
+            if generator:
+                task = asyncio.ensure_future(_write_all(inner(request, context), context))
+            else:
+                task = asyncio.ensure_future(inner(request, context))
+            try:
+                await asyncio.wait((task, revoked), return_when=asyncio.FIRST_COMPLETED)
+                if task.done():
+                    return task.result()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    "the token of this call was revoked (the credentials "
+                                    "were reloaded); call again with a valid token")
+            finally:
+                if not task.done():
+                    task.cancel()
+                open_calls = calls.get(key)
+                if open_calls is not None:
+                    open_calls.discard(revoked)
+                    if not open_calls:
+                        del calls[key]
+
+        return handler._replace(**{slot: call})
 
     # ----------------------------------------------------------- limits
 
@@ -236,6 +296,11 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
                 f"leased channels (--max-channels-per-client {limits.max_channels_per_client}); "
                 "release channels you no longer use",
             )
+
+
+async def _write_all(responses: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+    async for response in responses:
+        await context.write(response)
 
 
 @contextlib.asynccontextmanager

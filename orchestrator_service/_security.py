@@ -13,6 +13,7 @@ workers and SDK clients alike. Roles are told apart by their tokens.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
 import hashlib
 import ipaddress
@@ -80,6 +81,12 @@ class SecurityConfig:
     worker_tokens: tuple[str, ...] = field(default=(), repr=False)
     client_tokens: tuple[str, ...] = field(default=(), repr=False)
     tenants: Tenants | None = None  # --tenants: client identities (``_tenants``)
+    # Where the credentials came from, so they can be read again (``reload``).
+    worker_token_file: str | None = None
+    client_token_file: str | None = None
+    tenants_file: str | None = None
+    worker_token_env: str = field(default="", repr=False)
+    client_token_env: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -305,16 +312,43 @@ def add_arguments(p: argparse.ArgumentParser, env: Env) -> None:
 
 def security_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ,
                        ) -> SecurityConfig:
-    return SecurityConfig(
+    return reload(SecurityConfig(
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         require_worker_client_cert=args.require_worker_client_cert,
         insecure=args.insecure,
-        worker_tokens=load_tokens(environ.get("SQUIRE_WORKER_TOKEN"), args.worker_token_file),
-        client_tokens=load_tokens(environ.get("SQUIRE_CLIENT_TOKEN"), args.client_token_file),
-        tenants=load_tenants(args.tenants) if args.tenants else None,
+        worker_token_file=args.worker_token_file,
+        client_token_file=args.client_token_file,
+        tenants_file=args.tenants,
+        worker_token_env=environ.get("SQUIRE_WORKER_TOKEN", ""),
+        client_token_env=environ.get("SQUIRE_CLIENT_TOKEN", ""),
+    ))
+
+
+def reload(config: SecurityConfig) -> SecurityConfig:
+    """``config`` with its token files and tenants file read again (raises
+    what reading or parsing them raises; the caller keeps the old one then)."""
+    if not (config.worker_token_file or config.client_token_file or config.tenants_file
+            or config.worker_token_env or config.client_token_env):
+        return config
+    def tokens(env: str, path: str | None, given: tuple[str, ...]) -> tuple[str, ...]:
+        return load_tokens(env, path) if env or path else given  # given: no source to re-read
+
+    return dataclasses.replace(
+        config,
+        worker_tokens=tokens(config.worker_token_env, config.worker_token_file,
+                             config.worker_tokens),
+        client_tokens=tokens(config.client_token_env, config.client_token_file,
+                             config.client_tokens),
+        tenants=load_tenants(config.tenants_file) if config.tenants_file else config.tenants,
     )
+
+
+def credential_files(config: SecurityConfig) -> tuple[str, ...]:
+    """The files whose change reloads the credentials."""
+    return tuple(p for p in (config.worker_token_file, config.client_token_file,
+                             config.tenants_file) if p)
 
 
 def limits_from_args(args: argparse.Namespace) -> Limits:

@@ -38,8 +38,10 @@ from orchestrator_service._security import (
     SecurityConfig,
     announce_protection,
     check_listen,
+    credential_files,
     server_credentials,
 )
+from orchestrator_service._security import reload as reload_security
 from orchestrator_service._servicer import (
     StatusServicer,
     WorkerServicer,
@@ -85,6 +87,7 @@ class OrchestratorConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     # TLS, tokens and per-client limits: see _security and docs/SECURITY.md.
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    credentials_poll: float = 1.0  # seconds between looks at the credential files
     limits: Limits = field(default_factory=Limits)
     health_port: int = 0  # plaintext grpc.health.v1 alone, for probes; 0 = off
     # The journal (see _journal): "memory:" keeps nothing across a restart;
@@ -127,6 +130,9 @@ class Orchestrator:
         self._health_server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._ticker: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._gate: SecurityInterceptor | None = None
+        self.reloads = 0  # times the credentials were read again and changed
         self._stopped = asyncio.Event()
         self.metrics: OrchestratorMetrics | None = None
 
@@ -139,8 +145,9 @@ class Orchestrator:
         limit = self.config.max_message_bytes
         security = self.config.security
         check_listen(self.config.host, security, announce=False)
+        self._gate = SecurityInterceptor(security, self.config.limits, self.router)
         server = grpc.aio.server(
-            interceptors=[SecurityInterceptor(security, self.config.limits, self.router),
+            interceptors=[self._gate,
                           StandbyInterceptor(self.leadership), StrictWireInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
@@ -199,6 +206,8 @@ class Orchestrator:
         await server.start()
         self._server = server
         announce_protection(self.config.host, security)  # bound: the start did not fail
+        if credential_files(security):
+            self._watcher = asyncio.create_task(self._watch_credentials())
         if self.config.health_port:
             await self._serve_health()
         await self._health.set(UP_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -253,6 +262,53 @@ class Orchestrator:
         self.hub.wake_all()
         self._stopping = asyncio.create_task(self.shutdown(0))
 
+    async def reload_credentials(self) -> bool:
+        """Read the token files and the tenants file again (on SIGHUP, or
+        when one changes): new calls use them at once, open calls whose
+        token was revoked end with UNAUTHENTICATED, the core takes the new
+        weights and quotas. A file that does not parse changes nothing (the
+        error is logged). Returns whether anything changed."""
+        old = self.config.security
+        try:
+            new = await asyncio.to_thread(reload_security, old)
+        except (OSError, ValueError) as exc:
+            log.error("credentials not reloaded, the old ones stay: %s", exc)
+            return False
+        if new == old:
+            return False
+        self.config = dataclasses.replace(self.config, security=new)
+        revoked = self._gate.update(new) if self._gate is not None else 0
+        if new.tenants is not None:
+            self.hub.handle(TenantsChanged(shares_of(new.tenants)))
+        self.reloads += 1
+        log.info("credentials reloaded", extra={
+            "worker_tokens": len(new.worker_tokens), "client_tokens": len(new.client_tokens),
+            "tenants": len(new.tenants.by_name) if new.tenants else 0,
+            "calls_revoked": revoked,
+        })
+        return True
+
+    async def _watch_credentials(self) -> None:
+        """Reload when a credential file changes (a Kubernetes Secret is
+        swapped by a symlink: its target's identity changes)."""
+        def signature() -> tuple[tuple[int, int, int, int], ...]:
+            out = []
+            for path in credential_files(self.config.security):
+                try:
+                    st = os.stat(path)
+                    out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+                except OSError:
+                    out.append((0, 0, 0, 0))
+            return tuple(out)
+
+        seen = await asyncio.to_thread(signature)
+        while True:
+            await asyncio.sleep(self.config.credentials_poll)
+            now = await asyncio.to_thread(signature)
+            if now != seen:
+                seen = now
+                await self.reload_credentials()
+
     async def wait_closed(self) -> None:
         await self._stopped.wait()
 
@@ -303,6 +359,10 @@ class Orchestrator:
         at once: a standby takes over without waiting for its TTL)."""
         await self._set_serving(False)
         await self._health.set(UP_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         if self._server is not None:
             await self._server.stop(grace)
         if self._health_server is not None:

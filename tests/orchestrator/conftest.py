@@ -51,8 +51,10 @@ class WireWorker:
     """A minimal worker speaking WorkerService.Connect, executing inline."""
 
     def __init__(self, target: str, worker_id: str, operations: list[str] | None = None,
-                 monoids: list[str] | None = None, capacity: int = 4) -> None:
+                 monoids: list[str] | None = None, capacity: int = 4,
+                 token: str | None = None) -> None:
         self.target = target
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.worker_id = worker_id
         self.operations = operations if operations is not None else sorted(REGISTRY.operations)
         self.monoids = monoids if monoids is not None else sorted(REGISTRY.monoids)
@@ -71,7 +73,8 @@ class WireWorker:
 
     async def run(self) -> None:
         async with grpc.aio.insecure_channel(self.target) as channel:
-            call = pb_grpc.WorkerServiceStub(channel).Connect(self._requests())
+            call = pb_grpc.WorkerServiceStub(channel).Connect(self._requests(),
+                                                              metadata=self.metadata)
             async for msg in call:
                 kind = msg.WhichOneof("kind")
                 if kind == "welcome":

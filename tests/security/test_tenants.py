@@ -15,14 +15,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+from orchestrator.conftest import WireWorker
 from squire.api.v1 import squire_pb2 as pb
 from squire.api.v1 import squire_pb2_grpc as pb_grpc
 
 from orchestrator_service._security import SecurityConfig
+from orchestrator_service._security import reload as reload_security
 from orchestrator_service._server import Orchestrator
 from orchestrator_service._tenants import TenantsError, parse_tenants
-from squire_kernel.serde import encode
+from squire_kernel.serde import decode, encode
 
+from .conftest import WORKER_TOKEN as WORKER
 from .conftest import bearer, orchestrator, target
 
 ALPHA = "alpha-" + secrets.token_hex(16)
@@ -239,3 +242,60 @@ def test_the_orchestrator_refuses_to_start_on_a_bad_tenants_file(tmp_path: Path)
          "--tenants", str(bad)], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "not 64 hex digits" in done.stderr and str(bad) in done.stderr
+
+
+async def test_a_rotated_token_works_at_once_and_the_revoked_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Replace alpha's token in the tenants file while its detached
+    directive runs: the new token works within a second or two, the
+    directive runs on, an open call made with the old token ends with
+    UNAUTHENTICATED, and the old token is refused from then on."""
+    file = tmp_path / "tenants.toml"
+    new_token = "alpha-new-" + secrets.token_hex(16)
+    file.write_text(TENANTS)
+    config = reload_security(SecurityConfig(tenants_file=str(file), worker_tokens=(WORKER,)))
+    store = f"sqlite:///{tmp_path / 'journal.db'}"
+    async with orchestrator(security=config, store=store, credentials_poll=0.05) as orch, \
+            grpc.aio.insecure_channel(target(orch)) as channel:
+        old, new = As(channel, ALPHA), As(channel, new_token)
+        directive_id = await old.submit()  # no worker yet: it waits
+        held = old.directives.RunDirective(iter([pb.DirectiveRequest(
+            attach=pb.AttachDirective(directive_id=directive_id))]), metadata=old.md)
+        assert (await held.read()).started.attached  # an open call on the old token
+
+        file.write_text(TENANTS.replace(sha(ALPHA), sha(new_token)))
+        rotated = asyncio.get_running_loop().time()
+
+        async def works() -> bool:
+            try:
+                return directive_id in await new.listed()
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() is grpc.StatusCode.UNAUTHENTICATED
+                return False
+
+        while not await works():
+            assert asyncio.get_running_loop().time() - rotated < 5, "the new token never worked"
+            await asyncio.sleep(0.02)
+        took = asyncio.get_running_loop().time() - rotated
+        assert took < 2.0, f"the new token worked {took:.2f} s after the rotation"
+        # The old token's open call ended; its new calls are refused.
+        ended = await refused(held.read())
+        assert ended.code() is grpc.StatusCode.UNAUTHENTICATED and "revoked" in ended.details()
+        assert (await refused(old.listed())).code() is grpc.StatusCode.UNAUTHENTICATED
+        # The directive ran on: a worker joins and the new token reads it to the end.
+        assert directive_id in orch.router.directives
+        worker = WireWorker(target(orch), "w1", token=WORKER)
+        running = asyncio.create_task(worker.run())
+        try:
+            call = new.directives.RunDirective(iter([pb.DirectiveRequest(
+                attach=pb.AttachDirective(directive_id=directive_id))]), metadata=new.md)
+            values = {}
+            async for event in call:
+                if event.WhichOneof("kind") == "items":
+                    values.update({i.index: decode(i.value) for i in event.items.items})
+            assert values == {0: 0, 1: 1, 2: 1}
+        finally:
+            worker.stop()
+            running.cancel()
+        assert orch.reloads == 1
