@@ -311,6 +311,9 @@ class Router(ChannelRouting):
                 self._end_directive(directive, now)
                 continue
             if not self.tenant_has_room(directive.plan.tenant):
+                if directive.id not in self._withheld:
+                    tenant = directive.plan.tenant
+                    self.tenant_throttled[tenant] = self.tenant_throttled.get(tenant, 0) + 1
                 self._withheld[directive.id] = directive  # its credit waits
                 continue
             credit = directive.take_credit()

@@ -51,6 +51,8 @@ class Snapshot:
     capacity: int
     channels: int
     directives: int
+    # per tenant of the tenants file: (queued, in flight, directives, completed, throttled)
+    tenants: dict[str, tuple[int, int, int, int, int]]
 
 
 def snapshot(router: Router) -> Snapshot:
@@ -67,7 +69,27 @@ def snapshot(router: Router) -> Snapshot:
         capacity=sum(w.hello.capacity for w in router.workers.values()),
         channels=sum(1 for c in router.channels.values() if not c.directive),
         directives=len(router.directives),
+        tenants=tenant_figures(router),
     )
+
+
+def tenant_figures(router: Router) -> dict[str, tuple[int, int, int, int, int]]:
+    """Only the tenants of the file are labels: their number is bounded."""
+    if not router.tenants:
+        return {}
+    queued = dict.fromkeys(router.tenants, 0)
+    leased = dict.fromkeys(router.tenants, 0)
+    directives = dict.fromkeys(router.tenants, 0)
+    for channel in router.channels.values():
+        if channel.tenant in queued:
+            queued[channel.tenant] += channel.queued
+            leased[channel.tenant] += channel.leased
+            directives[channel.tenant] += channel.directive
+    return {
+        t: (queued[t], leased[t], directives[t], router.tenant_completed.get(t, 0),
+            router.tenant_throttled.get(t, 0))
+        for t in router.tenants
+    }
 
 
 class RouterCollector(Collector):
@@ -137,6 +159,24 @@ class RouterCollector(Collector):
         yield GaugeMetricFamily(
             "squire_directives_active", "Directives being evaluated.", value=snap.directives
         )
+        if snap.tenants:
+            families = (
+                (GaugeMetricFamily, "squire_tenant_queued_tasks", "Tasks waiting, by tenant."),
+                (GaugeMetricFamily, "squire_tenant_tasks_in_flight",
+                 "Tasks leased to workers, by tenant (its share of the slots)."),
+                (GaugeMetricFamily, "squire_tenant_directives_active",
+                 "Directives being evaluated, by tenant."),
+                (CounterMetricFamily, "squire_tenant_tasks_completed",
+                 "Tasks completed, by tenant."),
+                (CounterMetricFamily, "squire_tenant_throttled",
+                 "Times a directive's input credit was held back by the tenant's "
+                 "max_queued_tasks."),
+            )
+            for position, (kind, name, text) in enumerate(families):
+                family = kind(name, text, labels=["tenant"])
+                for tenant, figures in sorted(snap.tenants.items()):
+                    family.add_metric([tenant], figures[position])
+                yield family
 
 
 class JournalCollector(Collector):

@@ -66,6 +66,10 @@ class RouterState:
         # Directives whose input credit waits for their tenant's queue to fall
         # under max_queued_tasks.
         self._withheld: dict[str, Directive] = {}
+        # Per tenant of the file (metrics): tasks completed, and times a
+        # directive's input credit was held back by max_queued_tasks.
+        self.tenant_completed: dict[str, int] = {}
+        self.tenant_throttled: dict[str, int] = {}
 
     def begin_epoch(self, epoch: int) -> None:
         """Lease ids from now on carry ``epoch``: unique across orchestrator
@@ -169,6 +173,9 @@ class RouterState:
             self.stats.ignored += sum(1 for e in errors if e is not None and e.strategy == IGNORE)
         channel.completed += len(tasks)
         self._done.extend(tasks)
+        if self.tenants:
+            tenant = channel.tenant
+            self.tenant_completed[tenant] = self.tenant_completed.get(tenant, 0) + len(tasks)
         if channel.directive:
             directive = self.directives[channel.id]
             directive.retries += group.retries

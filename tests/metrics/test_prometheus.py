@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import secrets
 import shutil
 import subprocess
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import procs
@@ -35,11 +39,13 @@ def scalar(port: int, promql: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
-@pytest.fixture
-def stack(tmp_path: Path):  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def prometheus_stack(tmp_path: Path, *, orchestrator_args: tuple[str, ...] = (),
+                     env: dict[str, str] | None = None, token: str | None = None,
+                     ) -> Iterator[tuple[procs.Cluster, int]]:
     orch_metrics, worker_metrics, prom_port = procs.free_port(), procs.free_port(), procs.free_port()
-    with procs.cluster(metrics_port=orch_metrics,
-                       orchestrator_args=("--metrics-host", "127.0.0.1")) as c:
+    with procs.cluster(metrics_port=orch_metrics, env=env, token=token,
+                       orchestrator_args=("--metrics-host", "127.0.0.1", *orchestrator_args)) as c:
         c.start_worker("w1", executor="inline",
                        extra=("--metrics-port", str(worker_metrics), "--metrics-host", "127.0.0.1"))
         config = tmp_path / "prometheus.yml"
@@ -74,6 +80,12 @@ def stack(tmp_path: Path):  # type: ignore[no-untyped-def]
             log.close()
 
 
+@pytest.fixture
+def stack(tmp_path: Path):  # type: ignore[no-untyped-def]
+    with prometheus_stack(tmp_path) as both:
+        yield both
+
+
 def test_prometheus_sees_completed_tasks_and_queue_depth(stack) -> None:  # type: ignore[no-untyped-def]
     cluster, prom = stack
     with squire.Client(cluster.target) as client:
@@ -101,3 +113,34 @@ def test_prometheus_sees_completed_tasks_and_queue_depth(stack) -> None:  # type
             assert scalar(prom, "squire_workers_connected") == 1
         finally:
             handle.release()
+
+
+def test_prometheus_sees_each_tenant(tmp_path: Path) -> None:
+    tokens = {t: f"{t}-" + secrets.token_hex(16) for t in ("a", "b", "ops")}
+    file = tmp_path / "tenants.toml"
+    file.write_text("".join(
+        f'[tenants.{t}]\ntoken_sha256 = ["{hashlib.sha256(tok.encode()).hexdigest()}"]\n'
+        + ("admin = true\n" if t == "ops" else "") for t, tok in tokens.items()))
+    worker_token = "wt-" + secrets.token_hex(16)
+    with prometheus_stack(tmp_path, orchestrator_args=("--tenants", str(file)),
+                          env={"SQUIRE_WORKER_TOKEN": worker_token}, token=tokens["ops"]) as (
+            cluster, prom):
+        with squire.Client(cluster.target, token=tokens["a"]) as a, \
+                squire.Client(cluster.target, token=tokens["b"]) as b:
+            assert IndexedStream.from_iterable(range(10)).map("fib_at").run(a)[9] == 34
+            handle = b.lease_channel()
+            handle.sender.publish("nobody_offers_this", list(range(7)))
+            try:
+                procs.wait_until(
+                    lambda: scalar(prom, 'squire_tenant_tasks_completed_total{tenant="a"}') == 10,
+                    timeout=30, message="10 tasks completed for tenant a")
+                procs.wait_until(
+                    lambda: scalar(prom, 'squire_tenant_queued_tasks{tenant="b"}') == 7,
+                    timeout=30, message="7 tasks queued for tenant b")
+                assert scalar(prom, 'squire_tenant_queued_tasks{tenant="a"}') == 0
+                assert scalar(prom, 'squire_tenant_tasks_completed_total{tenant="ops"}') == 0
+                # Labels are the file's tenants only.
+                labels = {r["metric"]["tenant"] for r in query(prom, "squire_tenant_queued_tasks")}
+                assert labels == {"a", "b", "ops"}
+            finally:
+                handle.release()
