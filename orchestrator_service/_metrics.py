@@ -159,24 +159,25 @@ class RouterCollector(Collector):
         yield GaugeMetricFamily(
             "squire_directives_active", "Directives being evaluated.", value=snap.directives
         )
-        if snap.tenants:
-            families = (
-                (GaugeMetricFamily, "squire_tenant_queued_tasks", "Tasks waiting, by tenant."),
-                (GaugeMetricFamily, "squire_tenant_tasks_in_flight",
-                 "Tasks leased to workers, by tenant (its share of the slots)."),
-                (GaugeMetricFamily, "squire_tenant_directives_active",
-                 "Directives being evaluated, by tenant."),
-                (CounterMetricFamily, "squire_tenant_tasks_completed",
-                 "Tasks completed, by tenant."),
-                (CounterMetricFamily, "squire_tenant_throttled",
-                 "Times a directive's input credit was held back by the tenant's "
-                 "max_queued_tasks."),
-            )
-            for position, (kind, name, text) in enumerate(families):
-                family = kind(name, text, labels=["tenant"])
-                for tenant, figures in sorted(snap.tenants.items()):
-                    family.add_metric([tenant], figures[position])
-                yield family
+        # Always declared (empty without a tenants file), so dashboards and
+        # alerts can name them whatever the configuration.
+        families = (
+            (GaugeMetricFamily, "squire_tenant_queued_tasks", "Tasks waiting, by tenant."),
+            (GaugeMetricFamily, "squire_tenant_tasks_in_flight",
+             "Tasks leased to workers, by tenant (its share of the slots)."),
+            (GaugeMetricFamily, "squire_tenant_directives_active",
+             "Directives being evaluated, by tenant."),
+            (CounterMetricFamily, "squire_tenant_tasks_completed",
+             "Tasks completed, by tenant."),
+            (CounterMetricFamily, "squire_tenant_throttled",
+             "Times a directive's input credit was held back by the tenant's "
+             "max_queued_tasks."),
+        )
+        for position, (kind, name, text) in enumerate(families):
+            family = kind(name, text, labels=["tenant"])
+            for tenant, figures in sorted(snap.tenants.items()):
+                family.add_metric([tenant], figures[position])
+            yield family
 
 
 class JournalCollector(Collector):
