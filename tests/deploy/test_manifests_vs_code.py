@@ -4,6 +4,7 @@ the worker's target, the image's user, and the autoscaling metric."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import secrets
@@ -241,13 +242,19 @@ def image_environ(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 def startup_security(args: Any, tmp_path: Path) -> Any:
     """The SecurityConfig the orchestrator would build from ``args`` at start-up.
-    The token files are Secrets that do not exist here: valid stand-ins
-    (distinct per role) take their place; the other paths are not read."""
+    The token files and the tenants file are Secrets that do not exist here:
+    valid stand-ins (distinct per role) take their place; the other paths
+    are not read."""
     for attr in ("worker_token_file", "client_token_file"):
         if getattr(args, attr):
             stand_in = tmp_path / attr
             stand_in.write_text(f"{attr}-{secrets.token_hex(16)}\n")
             setattr(args, attr, str(stand_in))
+    if getattr(args, "tenants", None):
+        stand_in = tmp_path / "tenants.toml"
+        digest = hashlib.sha256(secrets.token_hex(16).encode()).hexdigest()
+        stand_in.write_text(f'[tenants.team]\ntoken_sha256 = ["{digest}"]\n')
+        args.tenants = str(stand_in)
     return security_from_args(args, environ={})
 
 
