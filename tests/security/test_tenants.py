@@ -299,3 +299,54 @@ async def test_a_rotated_token_works_at_once_and_the_revoked_one_is_refused(
             worker.stop()
             running.cancel()
         assert orch.reloads == 1
+
+
+def test_sighup_reloads_the_tenants_file(tmp_path: Path) -> None:
+    """The file is rewritten in place with its old size and modification
+    time, which the once-a-second look cannot see: SIGHUP reloads it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    file = tmp_path / "tenants.toml"
+    file.write_text(TENANTS)
+    port_file = tmp_path / "port"
+    new_token = "alpha-" + secrets.token_hex(16)  # the same length as ALPHA
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator_service", "--host", "127.0.0.1", "--port", "0",
+         "--port-file", str(port_file), "--store", "memory:", "--metrics-port", "0",
+         "--tenants", str(file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (port_file.exists() and port_file.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no port file"
+            time.sleep(0.02)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port_file.read_text()}")
+        status = pb_grpc.StatusServiceStub(channel)
+
+        def works(token: str) -> bool:
+            try:
+                status.GetStatus(pb.GetStatusRequest(), metadata=bearer(token), timeout=5)
+                return True
+            except grpc.RpcError as exc:
+                assert exc.code() is grpc.StatusCode.UNAUTHENTICATED
+                return False
+
+        assert works(ALPHA) and not works(new_token)
+        before = os.stat(file)
+        with open(file, "r+") as f:  # in place: the same inode
+            f.write(TENANTS.replace(sha(ALPHA), sha(new_token)))
+        os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert os.stat(file).st_size == before.st_size
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not works(new_token):
+            assert time.monotonic() < deadline, "SIGHUP did not reload the tenants file"
+            time.sleep(0.02)
+        assert not works(ALPHA)
+        channel.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
