@@ -30,3 +30,11 @@ def burn(x: object, *, ms: float = 2.0) -> object:
     while time.thread_time() < end:
         pass
     return x
+
+
+@operation("nap")
+def nap(x: object, *, ms: float = 2.0) -> object:
+    """Sleep ``ms``: work that holds a worker slot without using a core (the
+    tenants benchmark's T2, where the slots are what is shared)."""
+    time.sleep(ms / 1000)
+    return x

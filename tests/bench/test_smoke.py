@@ -24,3 +24,15 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
     assert all(r["median"] > 0 for r in report["results"])
     w5 = next(r for r in report["results"] if r["name"] == "W5")
     assert w5["extra"]["peak_rss_mb"] > 0
+
+
+def test_tenants_benchmark_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "tenants.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "tenants.py"), "--smoke", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["T1"]["w1_tenants"] > 0 and report["T1"]["w6_plain"] > 0
+    assert set(report["T2"]["shares"]) == {"t1", "t2", "t3", "t4"}
