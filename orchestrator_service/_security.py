@@ -180,17 +180,59 @@ def _read_pem(path: str, what: str) -> bytes:
     return data
 
 
+class CertificateFiles:
+    """The port's certificate, key and client CA, read again when one of the
+    files changes: gRPC asks before it accepts each new connection (existing
+    connections keep the certificate they were made with). A change that
+    does not load (a half-written file, a key that does not match) keeps
+    the previous certificate and is logged."""
+
+    def __init__(self, config: SecurityConfig) -> None:
+        assert config.tls_cert is not None and config.tls_key is not None
+        self._paths = [config.tls_cert, config.tls_key]
+        if config.require_worker_client_cert:
+            assert config.tls_client_ca is not None
+            self._paths.append(config.tls_client_ca)
+        self._seen = self._signature()
+        self.loaded = self._load()  # raises at start-up: a bad file stops the start
+        self.reloads = 0
+
+    def _signature(self) -> tuple[tuple[int, int, int], ...]:
+        out = []
+        for path in self._paths:
+            try:
+                st = os.stat(path)
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append((0, 0, 0))
+        return tuple(out)
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        pair = (_read_pem(self._paths[1], "--tls-key"), _read_pem(self._paths[0], "--tls-cert"))
+        roots = _read_pem(self._paths[2], "--tls-client-ca") if len(self._paths) > 2 else None
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=roots)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's fetcher: a new configuration when the files changed, else None."""
+        now = self._signature()
+        if now == self._seen:
+            return None
+        self._seen = now
+        try:
+            self.loaded = self._load()
+        except (OSError, SecurityConfigError) as exc:
+            log.error("TLS certificate not reloaded, the old one stays: %s", exc)
+            return None
+        self.reloads += 1
+        log.info("TLS certificate reloaded", extra={"files": self._paths})
+        return self.loaded
+
+
 def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials:
-    assert config.tls_cert is not None and config.tls_key is not None
-    pair = (_read_pem(config.tls_key, "--tls-key"), _read_pem(config.tls_cert, "--tls-cert"))
-    if config.require_worker_client_cert:
-        assert config.tls_client_ca is not None
-        return grpc.ssl_server_credentials(
-            [pair],
-            root_certificates=_read_pem(config.tls_client_ca, "--tls-client-ca"),
-            require_client_auth=True,
-        )
-    return grpc.ssl_server_credentials([pair])
+    files = CertificateFiles(config)
+    return grpc.dynamic_ssl_server_credentials(
+        files.loaded, files.fetch, require_client_authentication=config.require_worker_client_cert,
+    )
 
 
 def is_loopback(host: str) -> bool:

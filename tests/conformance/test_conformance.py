@@ -13,6 +13,12 @@ The ``directive_cases`` are steps on durable directives by id: a detached
 submit, attach, ListDirectives, CancelDirective, through the SDK's
 ``IndexedStream.submit``, ``Client.attach``, ``directives`` and ``cancel``.
 
+The ``tenant_cases`` are such steps, each made by a named tenant (a
+``Client(target, token=...)`` per tenant) against a second orchestrator, the
+``tenant_harness``, started with a tenants file of random tokens: isolation
+of list, attach, cancel and status between tenants, an operator who sees
+everyone's work, ``max_directives``, and tokens that name no tenant.
+
 A case goes through the SDK (``IndexedStream(...).map(...).fold(...).run``)
 whenever the SDK can express it. Raw input bytes, and plans the SDK refuses
 to build (a fold before the last stage), go through the generated stubs, so
@@ -21,8 +27,10 @@ the orchestrator's own answer is checked too.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+import secrets
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +48,13 @@ SUITE: dict[str, Any] = json.loads(CASES_FILE.read_text(encoding="utf-8"))
 CASES: list[dict[str, Any]] = SUITE["cases"]
 WIRE_CASES: list[dict[str, Any]] = SUITE["wire_cases"]
 DIRECTIVE_CASES: list[dict[str, Any]] = SUITE["directive_cases"]
+TENANT_HARNESS: dict[str, Any] = SUITE["tenant_harness"]
+TENANT_CASES: list[dict[str, Any]] = SUITE["tenant_cases"]
 STEP_KINDS = ("submit", "attach", "list", "cancel")
+TENANT_STEP_KINDS = (*STEP_KINDS, "status")
+TENANT_OPTIONS = {"weight": int, "max_directives": int, "max_queued_tasks": int, "admin": bool}
+# The identities a tenant step may name instead of a tenant.
+OTHER_TOKENS = ("unknown", "worker")
 EXPECT_KEYS = ({"value"}, {"items"}, {"error_code", "message_contains"},
                {"error_code", "message_starts_with"})
 WIRE_SERIALIZER = {"json": pb.SERIALIZER_JSON, "msgpack": pb.SERIALIZER_MSGPACK}

@@ -181,3 +181,30 @@ def test_processes_with_mtls_and_tokens(tmp_path: Path, pki: Pki) -> None:
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["workers"][0]["worker_id"] == "certified"
         assert c.workers["uncertified"].poll() is None  # still retrying, never admitted
+
+
+async def test_a_renewed_certificate_is_used_without_a_restart(pki: Pki, tmp_path: Path) -> None:
+    """The certificate files are replaced (as cert-manager renews a Secret):
+    the next connection gets the new certificate; an open one goes on."""
+    from .pki import make_pki
+
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "tls.crt", live / "tls.key"
+    cert.write_bytes(pki.server_cert.read_bytes())
+    key.write_bytes(pki.server_key.read_bytes())
+    security = SecurityConfig(tls_cert=str(cert), tls_key=str(key))
+    (tmp_path / "renewed").mkdir()
+    renewed = make_pki(tmp_path / "renewed")  # another CA: the old one cannot verify it
+    async with orchestrator(security=security) as orch:
+        async with AsyncClient(target(orch), tls_ca=pki.ca) as old:
+            assert (await old.status())["state"] == "running"
+            cert.write_bytes(renewed.server_cert.read_bytes())
+            key.write_bytes(renewed.server_key.read_bytes())
+            async with AsyncClient(target(orch), tls_ca=renewed.ca) as new:
+                assert (await new.status(timeout=10))["state"] == "running"
+            async with AsyncClient(target(orch), tls_ca=pki.ca) as stale:
+                with pytest.raises(squire.Unavailable):
+                    await stale.status(timeout=5)
+            # The connection made before the renewal goes on.
+            assert (await old.status())["state"] == "running"
