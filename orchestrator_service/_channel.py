@@ -28,10 +28,12 @@ class OpDepth:
 
 class Channel:
     def __init__(
-        self, channel_id: str, now: float, *, directive: bool = False, tenant: str = ""
+        self, channel_id: str, now: float, *, directive: bool = False, tenant: str = "",
+        priority: int = 0,
     ) -> None:
         self.id = channel_id
         self.tenant = tenant  # whose tasks these are (the fair share's unit)
+        self.priority = priority  # served first within its tenant when higher
         self.created_at = now
         self.directive = directive  # leased by a directive, not by a client
         self.sender_closed = False

@@ -195,6 +195,9 @@ def spec_to_record(spec: pb.TaskSpec, position: int) -> TaskRecord:
     )
 
 
+MAX_PRIORITY = 1000
+
+
 def plan_from_pb(plan: pb.Plan) -> PlanSpec:
     serializer = check_serializer(plan.serializer, "plan")
     stages: list[Stage] = []
@@ -215,12 +218,18 @@ def plan_from_pb(plan: pb.Plan) -> PlanSpec:
         stages.append(spec)
     if plan.task_timeout_seconds < 0:
         raise RouterError(Code.INVALID_ARGUMENT, "plan task_timeout_seconds is negative")
+    if not -MAX_PRIORITY <= plan.priority <= MAX_PRIORITY:
+        raise RouterError(
+            Code.INVALID_ARGUMENT,
+            f"plan priority {plan.priority} is out of range (-{MAX_PRIORITY} to {MAX_PRIORITY})",
+        )
     return PlanSpec(
         stages=tuple(stages),
         serializer=serializer,
         expected_items=plan.expected_items,
         task_timeout_seconds=plan.task_timeout_seconds,
         detached=plan.detached,
+        priority=plan.priority,
     )
 
 

@@ -231,7 +231,9 @@ class Router(ChannelRouting):
             return
         now = self.clock()
         key = event.directive_id
-        self.channels[key] = Channel(key, now, directive=True, tenant=event.plan.tenant)
+        self.channels[key] = Channel(
+            key, now, directive=True, tenant=event.plan.tenant, priority=event.plan.priority
+        )
         directive = Directive(
             key, event.plan, max_fold_operands=self.config.max_fold_operands, now=now,
             journal=self.config.journal,
@@ -254,7 +256,7 @@ class Router(ChannelRouting):
         directive.started_at = event.created_at
         directive.log = [] if self.config.journal else None
         channel = self.channels[key] = Channel(
-            key, now, directive=True, tenant=event.plan.tenant
+            key, now, directive=True, tenant=event.plan.tenant, priority=event.plan.priority
         )
         self.directives[key] = directive
         if outstanding:

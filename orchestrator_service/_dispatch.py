@@ -10,7 +10,8 @@ With tasks of several tenants queued, the workers' slots are shared between
 tenants by weight first: each turn goes to the tenant whose tasks hold the
 fewest slots per unit of weight (weighted max-min fairness on held slots,
 so with tasks of similar length each tenant's share of worker time follows
-its weight), and within a tenant to its channels round-robin as above.
+its weight), and within a tenant to its highest-priority channel with
+tasks the worker can run, equal priorities round-robin as above.
 """
 
 from __future__ import annotations
@@ -145,9 +146,11 @@ def _dispatch_shared(
                 break
             tenant = min(candidates, key=lambda t: (held[t] / weights[t], -weights[t]))
             tasks: list[TaskRecord] = []
-            for channel in list(ready.values()):
-                if channel.tenant != tenant:
-                    continue
+            # Its channels by priority, highest first; equal ones in round-robin
+            # order (sorted() is stable).
+            mine = sorted((c for c in ready.values() if c.tenant == tenant),
+                          key=lambda c: -c.priority)
+            for channel in mine:
                 tasks = channel.take(worker.supports, min(free, quantum), queues)
                 if not tasks:
                     continue

@@ -121,6 +121,7 @@ def encode_plan(plan: PlanSpec) -> bytes:
             "task_timeout_seconds": plan.task_timeout_seconds,
             "detached": plan.detached,
             "tenant": plan.tenant,
+            "priority": plan.priority,
         }
     )
 
@@ -138,6 +139,7 @@ def decode_plan(header: bytes) -> PlanSpec:
         task_timeout_seconds=data["task_timeout_seconds"],
         detached=data["detached"],
         tenant=data.get("tenant", ""),  # journals written before tenants have none
+        priority=data.get("priority", 0),
     )
 
 

@@ -185,6 +185,7 @@ class PlanSpec:
     task_timeout_seconds: float = 0.0
     detached: bool = False  # runs on when its caller leaves; attached later by id
     tenant: str = ""  # whose it is (``_tenants``); "" without a tenants file
+    priority: int = 0  # served first within its tenant's share when higher
 
     @property
     def maps(self) -> tuple[MapStage, ...]:

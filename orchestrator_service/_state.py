@@ -139,7 +139,7 @@ class RouterState:
         if self.workers and self._ready:
             self._worker_rotation = (self._worker_rotation + 1) % len(self.workers)
             shares = None
-            if self.tenants or any(c.tenant for c in self._ready.values()):
+            if self.tenants or len(self._ready) > 1:
                 shares = self._tenant_shares()
             sent = dispatch(
                 self.workers, self._worker_rotation, self._ready, self.queues,
@@ -151,9 +151,10 @@ class RouterState:
 
     def _tenant_shares(self) -> TenantHold | None:
         """Each tenant's weight and the slots its tasks hold now, when more
-        than one tenant has tasks queued (else dispatch needs none)."""
+        than one tenant has tasks queued or priorities differ (else the plain
+        round-robin of dispatch is the same)."""
         ready = {c.tenant for c in self._ready.values()}
-        if len(ready) < 2:
+        if len(ready) < 2 and len({c.priority for c in self._ready.values()}) < 2:
             return None
         held: dict[str, int] = dict.fromkeys(ready, 0)
         for channel in self.channels.values():

@@ -210,7 +210,8 @@ class Chaos:
         elif action == "submit":
             stages, may_skip = rng.choice(PLANS)
             try:
-                view = d.start(PlanSpec(stages, tenant=rng.choice(TENANTS)))
+                view = d.start(PlanSpec(stages, tenant=rng.choice(TENANTS),
+                                        priority=rng.choice((0, 0, 1, -1))))
             except RouterError as exc:  # no worker offers it yet, or shutting down
                 assert exc.code in (Code.FAILED_PRECONDITION, Code.UNAVAILABLE), exc
                 return

@@ -109,3 +109,38 @@ def test_max_queued_tasks_makes_publishing_wait() -> None:
     sim.connect(hello("w1", capacity=4, prefetch=0))
     sim.step()
     assert sim.router.can_publish("c1")
+
+
+def test_a_higher_priority_directive_is_served_first_within_its_tenant() -> None:
+    sim = Sim(CONFIG, seed=2)
+    sim.handle(TenantsChanged({"a": TenantShare(weight=1), "b": TenantShare(weight=1)}))
+    sim.connect(hello("w1", capacity=2, prefetch=2))
+    low = sim.start(PlanSpec((MapStage("fib_at"),), tenant="a", priority=0))
+    sim.inputs(low, [encode(3)] * 40)
+    other = sim.start(plan("b"))
+    sim.inputs(other, [encode(3)] * 40)
+    sim.step(limit=1)
+    high = sim.start(PlanSpec((MapStage("fib_at"),), tenant="a", priority=5))
+    sim.inputs(high, [encode(3)] * 20)
+    sim.log.clear()
+    for _ in range(20):
+        sim.step(limit=1)
+    ran = Counter(t.routing_key for _, t in sim.log)
+    # a's share goes to its high-priority directive (the low one runs only
+    # what the worker had buffered); b keeps its half.
+    assert ran[high.id] == 20 - ran[other.id] - ran[low.id] and ran[low.id] <= 2, ran
+    assert abs(ran[other.id] - (ran[high.id] + ran[low.id])) <= 2, ran
+
+
+def test_without_tenants_priorities_order_the_directives() -> None:
+    sim = Sim(CONFIG)
+    sim.connect(hello("w1", capacity=1, prefetch=1))
+    low = sim.start(PlanSpec((MapStage("fib_at"),)))
+    sim.inputs(low, [encode(3)] * 10)
+    high = sim.start(PlanSpec((MapStage("fib_at"),), priority=1))
+    sim.inputs(high, [encode(3)] * 10)
+    sim.run(limit=1)
+    order = [t.routing_key for _, t in sim.log]
+    # After what was dispatched before the high one arrived, it runs to its end first.
+    first_high = order.index(high.id)
+    assert order[first_high:first_high + 10] == [high.id] * 10, order

@@ -54,6 +54,7 @@ class Plan:
     expected_items: int | None = None  # a progress hint; None = unknown
     task_timeout: float | None = None  # seconds per task; None = no limit
     detached: bool = False  # runs on when its caller leaves (see IndexedStream.submit)
+    priority: int = 0  # served first within its tenant's share when higher (-1000..1000)
 
     def __post_init__(self) -> None:
         for stage in self.stages[:-1]:

@@ -66,7 +66,7 @@ class IndexedStream:
     other fatal failure raises :class:`DirectiveFailed`.
     """
 
-    __slots__ = ("_source", "_stages", "_task_timeout", "_total")
+    __slots__ = ("_priority", "_source", "_stages", "_task_timeout", "_total")
 
     def __init__(
         self, source: Iterable[Any] | AsyncIterable[Any], *, total: int | None = None
@@ -79,6 +79,7 @@ class IndexedStream:
         self._total = total
         self._stages: tuple[Stage, ...] = ()
         self._task_timeout: float | None = None
+        self._priority = 0
 
     @classmethod
     def from_iterable(
@@ -109,6 +110,16 @@ class IndexedStream:
         clone._task_timeout = seconds
         return clone
 
+    def with_priority(self, priority: int) -> IndexedStream:
+        """Serve this directive before its tenant's lower-priority ones
+        (strictly, within the tenant's share; other tenants are not
+        affected). From -1000 to 1000; default 0."""
+        if not isinstance(priority, int) or not -1000 <= priority <= 1000:
+            raise ValueError(f"a priority is an integer from -1000 to 1000, got {priority!r}")
+        clone = self._copy()
+        clone._priority = priority
+        return clone
+
     def plan(self, serializer: str | Serializer = "json") -> Plan:
         """The plan the orchestrator will evaluate."""
         return Plan(
@@ -116,6 +127,7 @@ class IndexedStream:
             serializer=Serializer.parse(serializer),
             expected_items=self._total,
             task_timeout=self._task_timeout,
+            priority=self._priority,
         )
 
     def describe(self) -> str:
@@ -223,6 +235,7 @@ class IndexedStream:
         clone._total = self._total
         clone._stages = self._stages
         clone._task_timeout = self._task_timeout
+        clone._priority = self._priority
         return clone
 
     def _with_stage(self, stage: Stage) -> IndexedStream:

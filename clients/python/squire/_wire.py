@@ -55,6 +55,7 @@ def plan_request(plan: Plan) -> pb.DirectiveRequest:
             expected_items=plan.expected_items or 0,
             task_timeout_seconds=plan.task_timeout or 0.0,
             detached=plan.detached,
+            priority=plan.priority,
         )
     )
 

@@ -1131,6 +1131,7 @@ class Plan(_message.Message):
     EXPECTED_ITEMS_FIELD_NUMBER: _builtins.int
     TASK_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     DETACHED_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     serializer: Global___Serializer.ValueType
     expected_items: _builtins.int
     """progress total hint; 0 = unknown"""
@@ -1139,6 +1140,12 @@ class Plan(_message.Message):
     detached: _builtins.bool
     """The directive runs on when its caller goes away (otherwise it is
     cancelled); any caller attaches to it later by id (AttachDirective).
+    """
+    priority: _builtins.int
+    """Within its tenant's share of the workers, a directive of a higher
+    priority is served first (strictly: a lower one of the same tenant waits
+    while a higher one has tasks queued; other tenants are not affected).
+    Equal priorities share round-robin. Default 0; from -1000 to 1000.
     """
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Stage]: ...
@@ -1150,10 +1157,11 @@ class Plan(_message.Message):
         expected_items: _builtins.int = ...,
         task_timeout_seconds: _builtins.float = ...,
         detached: _builtins.bool = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detached", b"detached", "expected_items", b"expected_items", "serializer", b"serializer", "stages", b"stages", "task_timeout_seconds", b"task_timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detached", b"detached", "expected_items", b"expected_items", "priority", b"priority", "serializer", b"serializer", "stages", b"stages", "task_timeout_seconds", b"task_timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
