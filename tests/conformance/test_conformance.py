@@ -32,6 +32,7 @@ import json
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +185,8 @@ def _check(case: dict[str, Any], outcome: Outcome) -> None:
 def test_cases_file_is_well_formed() -> None:
     names = [case["name"] for case in CASES]
     assert len(names) == len(set(names)), "case names must be unique"
-    assert set(SUITE) == {"about", "harness", "cases", "wire_cases", "directive_cases"}
+    assert set(SUITE) == {"about", "harness", "cases", "wire_cases", "directive_cases",
+                          "tenant_harness", "tenant_cases"}
     assert set(SUITE["harness"]) == {"orchestrator_args", "workers"}
     for case in CASES:
         where = case["name"]
@@ -217,7 +219,7 @@ def test_case(case: dict[str, Any], client: Client, live: Cluster) -> None:
 
 
 def test_wire_cases_are_well_formed() -> None:
-    names = [case["name"] for case in CASES + WIRE_CASES + DIRECTIVE_CASES]
+    names = [case["name"] for case in CASES + WIRE_CASES + DIRECTIVE_CASES + TENANT_CASES]
     assert len(names) == len(set(names)), "case names must be unique"
     for case in WIRE_CASES:
         where = case["name"]
@@ -265,31 +267,57 @@ def test_wire_case(case: dict[str, Any], live: Cluster) -> None:
 # ------------------------------------------------------- directive cases
 
 
+def _check_steps_well_formed(case: dict[str, Any], *, tenants: bool) -> None:
+    """A directive case's steps (``tenants``: a tenant case's, where every
+    step names who makes it, and ``status`` steps, failing list and status
+    steps and ``message_as_unknown_id`` are allowed too)."""
+    where = case["name"]
+    assert set(case) <= {"name", "about", "steps"}, where
+    who = {"tenant", "token"} if tenants else set()
+    bound: set[str] = set()
+    for step in case["steps"]:
+        kinds = [kind for kind in (TENANT_STEP_KINDS if tenants else STEP_KINDS) if kind in step]
+        assert len(kinds) == 1, where
+        kind = kinds[0]
+        if tenants:
+            assert len(set(step) & who) == 1, f"{where}: a step names a tenant or a token"
+            if "tenant" in step:
+                assert step["tenant"] in TENANT_HARNESS["tenants"], where
+            else:
+                assert step["token"] in OTHER_TOKENS, where
+        expect = step.get("expect")
+        if expect is not None:
+            keys = set(expect) - {"message_as_unknown_id"}
+            assert keys in (*EXPECT_KEYS, {"ok"}), where
+            if "message_as_unknown_id" in expect:
+                assert tenants and kind in ("attach", "cancel"), where
+                assert expect["message_as_unknown_id"] is True, where
+                assert expect["error_code"] == "NOT_FOUND", where
+        if kind == "submit":
+            assert set(step) - who <= {"submit", "as", "expect"}, where
+            assert set(step["submit"]) <= {"plan", "inputs", "serializer"}, where
+            if "as" in step:
+                assert "expect" not in step or "ok" in step["expect"], where
+                bound.add(step["as"])
+        elif kind in ("list", "status"):
+            if step[kind] == {} and tenants:  # the call itself fails
+                assert set(step) - who == {kind, "expect"}, where
+                assert "error_code" in step["expect"], where
+                continue
+            assert set(step) - who == {kind}, where
+            assert len(set(step[kind]) & {"includes", "excludes"}) == 1, where
+            target = step[kind].get("includes") or step[kind]["excludes"]
+            assert target["ref"] in bound, where
+        else:
+            assert set(step) - who == {kind, "expect"}, where
+            target = step[kind]
+            assert len(set(target) & {"id", "ref"}) == 1 and set(target) <= {"id", "ref"}, where
+            assert "id" in target or target["ref"] in bound, where
+
+
 def test_directive_cases_are_well_formed() -> None:
     for case in DIRECTIVE_CASES:
-        where = case["name"]
-        assert set(case) <= {"name", "about", "steps"}, where
-        bound: set[str] = set()
-        for step in case["steps"]:
-            kinds = [kind for kind in STEP_KINDS if kind in step]
-            assert len(kinds) == 1, where
-            kind = kinds[0]
-            if kind == "submit":
-                assert set(step) <= {"submit", "as", "expect"}, where
-                assert set(step["submit"]) <= {"plan", "inputs", "serializer"}, where
-                if "as" in step:
-                    bound.add(step["as"])
-            elif kind == "list":
-                assert set(step) == {"list"}, where
-                assert len(set(step["list"]) & {"includes", "excludes"}) == 1, where
-                target = step["list"].get("includes") or step["list"]["excludes"]
-                assert target["ref"] in bound, where
-            else:
-                assert set(step) == {kind, "expect"}, where
-                target = step[kind]
-                assert len(set(target) & {"id", "ref"}) == 1 and set(target) <= {"id", "ref"}, where
-                assert "id" in target or target["ref"] in bound, where
-                assert set(step["expect"]) in (*EXPECT_KEYS, {"ok"}), where
+        _check_steps_well_formed(case, tenants=False)
 
 
 def _directive_id(step_target: dict[str, Any], ids: dict[str, str]) -> str:
@@ -318,11 +346,77 @@ def _attach(client: Client, directive_id: str) -> Outcome:
     return Outcome(value=[values[i] for i in range(len(values))])
 
 
-@pytest.mark.parametrize("case", DIRECTIVE_CASES, ids=[case["name"] for case in DIRECTIVE_CASES])
-def test_directive_case(case: dict[str, Any], client: Client) -> None:
+def _cancel(client: Client, directive_id: str) -> Outcome:
+    try:
+        client.cancel(directive_id)
+    except RpcError as exc:
+        return Outcome(code=exc.code, message=exc.message)
+    return Outcome()
+
+
+def _rows(call: Callable[[], list[dict[str, Any]]]) -> Outcome:
+    """The rows a ListDirectives (or GetStatus) call gives, by directive id."""
+    try:
+        return Outcome(value={row["directive_id"]: row for row in call()})
+    except RpcError as exc:
+        return Outcome(code=exc.code, message=exc.message)
+
+
+def _running(client: Client) -> list[dict[str, Any]]:
+    """GetStatus's directives (the running ones), as plain data."""
+    rows: list[dict[str, Any]] = client.status()["directives"]
+    return rows
+
+
+def _check_ended(step: dict[str, Any], outcome: Outcome, where: str) -> None:
+    """A step whose ``expect`` is ``{"ok": true}`` or absent must succeed."""
+    if "expect" in step and "ok" not in step["expect"]:
+        _check(step, outcome)
+    else:
+        assert outcome.code is None, f"{where}: {outcome}"
+
+
+def _check_rows(step: dict[str, Any], kind: str, outcome: Outcome, ids: dict[str, str],
+                defaults: dict[str, Any], where: str) -> None:
+    spec = step[kind]
+    if "expect" in step:
+        _check(step, outcome)
+        return
+    assert outcome.code is None, f"{where}: {outcome}"
+    rows = outcome.value
+    if "includes" in spec:
+        want = spec["includes"]
+        directive_id = ids[want["ref"]]
+        assert directive_id in rows, f"{where}: {directive_id} not listed in {rows}"
+        row = rows[directive_id]
+        for field, value in want.items():
+            if field != "ref":
+                assert row.get(field, defaults.get(field)) == value, f"{where}: {field} of {row}"
+    else:
+        assert ids[spec["excludes"]["ref"]] not in rows, f"{where}: {rows}"
+
+
+def _as_unknown(step: dict[str, Any], outcome: Outcome, directive_id: str,
+                again: Callable[[str], Outcome], where: str) -> None:
+    """``message_as_unknown_id``: the same call by the same caller for a
+    made-up id fails alike, with the same message once each id reads ID."""
+    if not step["expect"].get("message_as_unknown_id"):
+        return
+    unknown_id = secrets.token_hex(16)
+    unknown = again(unknown_id)
+    assert unknown.code == outcome.code, f"{where}: an unknown id gave {unknown}"
+    assert outcome.message.replace(directive_id, "ID") == unknown.message.replace(
+        unknown_id, "ID"), f"{where}: {outcome.message!r} is not {unknown.message!r}"
+
+
+def _run_steps(case: dict[str, Any], client_of: Callable[[dict[str, Any]], Client],
+               submitted: dict[str, tuple[str, Client]] | None = None) -> None:
+    """Run a case's steps in order, each with ``client_of(step)``. Each id a
+    submit names is also put in ``submitted`` with the client that made it."""
     ids: dict[str, str] = {}
     for number, step in enumerate(case["steps"]):
         where = f"step {number} of {case['name']}"
+        client = client_of(step)
         if "submit" in step:
             spec = step["submit"]
             stream = _stream(spec)
@@ -334,36 +428,115 @@ def test_directive_case(case: dict[str, Any], client: Client) -> None:
                 outcome = Outcome(value=directive_id)
                 if "as" in step:
                     ids[step["as"]] = directive_id
-            if "expect" in step and "ok" not in step["expect"]:
-                _check(step, outcome)
-            else:
-                assert outcome.code is None, f"{where}: {outcome}"
+                    if submitted is not None:
+                        submitted[step["as"]] = (directive_id, client)
+            _check_ended(step, outcome, where)
         elif "list" in step:
-            rows = {row["directive_id"]: row for row in client.directives()}
-            if "includes" in step["list"]:
-                want = step["list"]["includes"]
-                directive_id = ids[want["ref"]]
-                assert directive_id in rows, f"{where}: {directive_id} not listed in {rows}"
-                row = rows[directive_id]
-                for field, value in want.items():
-                    if field != "ref":
-                        assert row.get(field, _DEFAULTS.get(field)) == value, f"{where}: {field} of {row}"
-            else:
-                assert ids[step["list"]["excludes"]["ref"]] not in rows, f"{where}: {rows}"
+            _check_rows(step, "list", _rows(client.directives), ids, _DEFAULTS, where)
+        elif "status" in step:
+            outcome = _rows(partial(_running, client))
+            _check_rows(step, "status", outcome, ids, {}, where)
         elif "attach" in step:
-            _check(step, _attach(client, _directive_id(step["attach"], ids)))
+            directive_id = _directive_id(step["attach"], ids)
+            outcome = _attach(client, directive_id)
+            _check(step, outcome)
+            _as_unknown(step, outcome, directive_id, partial(_attach, client), where)
         else:
-            try:
-                client.cancel(_directive_id(step["cancel"], ids))
-                outcome = Outcome()
-            except RpcError as exc:
-                outcome = Outcome(code=exc.code, message=exc.message)
-            if "ok" in step["expect"]:
-                assert outcome.code is None, f"{where}: {outcome}"
-            else:
-                _check(step, outcome)
+            directive_id = _directive_id(step["cancel"], ids)
+            outcome = _cancel(client, directive_id)
+            _check_ended(step, outcome, where)
+            if "ok" not in step["expect"]:
+                _as_unknown(step, outcome, directive_id, partial(_cancel, client), where)
+
+
+@pytest.mark.parametrize("case", DIRECTIVE_CASES, ids=[case["name"] for case in DIRECTIVE_CASES])
+def test_directive_case(case: dict[str, Any], client: Client) -> None:
+    _run_steps(case, lambda _step: client)
 
 
 # Client.directives() leaves out fields at their proto default.
 _DEFAULTS: dict[str, Any] = {"detached": False, "attached": False, "received": 0, "completed": 0,
-                             "plan": "", "message": ""}
+                             "plan": "", "message": "", "tenant": ""}
+
+
+# ---------------------------------------------------------- tenant cases
+
+
+def _tenants_toml(tenants: dict[str, dict[str, Any]], tokens: dict[str, str]) -> str:
+    """The tenants file: each tenant's options, and its token's SHA-256."""
+    lines: list[str] = []
+    for name, options in tenants.items():
+        digest = hashlib.sha256(tokens[name].encode()).hexdigest()
+        lines += [f"[tenants.{name}]", f'token_sha256 = ["{digest}"]']
+        # JSON's integers and booleans are TOML's too.
+        lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+@dataclass
+class TenantCluster:
+    """The tenant harness: its cluster, and a client per identity (each
+    tenant's name, and the OTHER_TOKENS)."""
+
+    cluster: Cluster
+    clients: dict[str, Client]
+
+    def client_of(self, step: dict[str, Any]) -> Client:
+        return self.clients[step["tenant"] if "tenant" in step else "token:" + step["token"]]
+
+
+@pytest.fixture(scope="module")
+def tenant_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TenantCluster]:
+    tenants: dict[str, dict[str, Any]] = TENANT_HARNESS["tenants"]
+    tokens = {name: f"{name}-{secrets.token_hex(16)}" for name in tenants}
+    worker_token = "worker-" + secrets.token_hex(16)
+    file = tmp_path_factory.mktemp("tenants") / "tenants.toml"
+    file.write_text(_tenants_toml(tenants, tokens), encoding="utf-8")
+    file.chmod(0o600)
+    workers = SUITE["harness"]["workers"]
+    args = (*TENANT_HARNESS["orchestrator_args"], "--tenants", str(file))
+    # Both the orchestrator (which accepts it) and the workers (which send it).
+    env = {"SQUIRE_WORKER_TOKEN": worker_token}
+    with cluster(orchestrator_args=args, env=env, token=next(iter(tokens.values()))) as c:
+        ids = {f"conformance-tenants-{i}" for i in range(workers["count"])}
+        for worker_id in sorted(ids):
+            c.start_worker(worker_id, ops=workers["ops"], executor=workers["executor"],
+                           concurrency=workers["concurrency"], wait=False)
+        c.wait_for_workers(ids)
+        identities = {**tokens, "token:unknown": "unknown-" + secrets.token_hex(16),
+                      "token:worker": worker_token}
+        clients = {who: Client(c.target, token=token) for who, token in identities.items()}
+        try:
+            yield TenantCluster(c, clients)
+        finally:
+            for each in clients.values():
+                each.close()
+
+
+def test_tenant_harness_is_well_formed() -> None:
+    assert set(TENANT_HARNESS) <= {"about", "tenants", "orchestrator_args"}
+    assert isinstance(TENANT_HARNESS["orchestrator_args"], list)
+    assert "--tenants" not in TENANT_HARNESS["orchestrator_args"], "the runner adds it"
+    for name, options in TENANT_HARNESS["tenants"].items():
+        assert name not in OTHER_TOKENS and name.replace("_", "").replace("-", "").isalnum(), name
+        for key, value in options.items():
+            assert key in TENANT_OPTIONS, f"{name}: {key}"
+            assert type(value) is TENANT_OPTIONS[key], f"{name}: {key} = {value!r}"
+
+
+def test_tenant_cases_are_well_formed() -> None:
+    for case in TENANT_CASES:
+        _check_steps_well_formed(case, tenants=True)
+
+
+@pytest.mark.parametrize("case", TENANT_CASES, ids=[case["name"] for case in TENANT_CASES])
+def test_tenant_case(case: dict[str, Any], tenant_live: TenantCluster) -> None:
+    submitted: dict[str, tuple[str, Client]] = {}
+    try:
+        _run_steps(case, tenant_live.client_of, submitted)
+    finally:
+        # Leave no directive running for the next case (max_directives counts
+        # them), whether or not this one got to its last step.
+        for directive_id, owner in submitted.values():
+            _cancel(owner, directive_id)
