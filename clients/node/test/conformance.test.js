@@ -15,13 +15,22 @@
 // The "directive_cases" are steps on durable directives by id: a detached
 // submit, attach, ListDirectives and CancelDirective, through the client's
 // submit(), attach(), directives() and cancel().
+//
+// The "tenant_cases" are such steps, each made by a named tenant (a client
+// per tenant, with its token) against a second orchestrator, the
+// "tenant_harness", started with a tenants file of random tokens: isolation
+// of list, attach, cancel and status between tenants, an operator who sees
+// everyone's work, max_directives, and tokens that name no tenant.
 
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
 import grpc from '@grpc/grpc-js';
-import { SquireError, stream } from '@squire/client';
+import { Client, SquireError, stream } from '@squire/client';
 
 import { CASES_FILE, startCluster } from './harness.js';
 
@@ -173,18 +182,80 @@ async function outcomeOf(promise) {
   }
 }
 
+/** @typedef {{ value?: unknown, code?: string, message?: string }} Outcome */
+
 /**
- * Run a directive case's steps.
- * @param {import('@squire/client').Client} client
- * @param {any} testCase
+ * The rows a ListDirectives (or GetStatus) call gives, by directive id.
+ * @param {() => Promise<any[]>} call
+ * @returns {Promise<Outcome>}
  */
-async function runSteps(client, testCase) {
+async function rowsOf(call) {
+  const outcome = await outcomeOf(call());
+  if (outcome.code !== undefined) return outcome;
+  return { value: new Map(/** @type {any[]} */ (outcome.value).map((row) => [row.directiveId, row])) };
+}
+
+/**
+ * A list or status step: the directive is in the rows (with those fields),
+ * or is not; or the call fails as `expect` says.
+ * @param {any} step
+ * @param {'list' | 'status'} kind
+ * @param {Outcome} outcome
+ * @param {Map<string, string>} ids
+ * @param {string} where
+ */
+function checkRows(step, kind, outcome, ids, where) {
+  if (step.expect !== undefined) {
+    check(step, outcome);
+    return;
+  }
+  assert.equal(outcome.code, undefined, `${where}: ${JSON.stringify(outcome)}`);
+  const rows = /** @type {Map<string, any>} */ (outcome.value);
+  const spec = step[kind];
+  if ('includes' in spec) {
+    const { ref, ...fields } = spec.includes;
+    const row = rows.get(/** @type {string} */ (ids.get(ref)));
+    assert.ok(row, `${where}: ${ids.get(ref)} not listed in ${JSON.stringify([...rows.values()])}`);
+    for (const [field, value] of Object.entries(fields)) {
+      assert.deepStrictEqual(row[camel(field)], value, `${where}: ${field} of ${JSON.stringify(row)}`);
+    }
+  } else {
+    assert.ok(!rows.has(/** @type {string} */ (ids.get(spec.excludes.ref))), `${where}: still listed`);
+  }
+}
+
+/**
+ * "message_as_unknown_id": the same call by the same caller for a made-up id
+ * fails alike, with the same message once each id reads ID.
+ * @param {any} step
+ * @param {Outcome} outcome
+ * @param {string} directiveId
+ * @param {(id: string) => Promise<Outcome>} again
+ * @param {string} where
+ */
+async function checkAsUnknown(step, outcome, directiveId, again, where) {
+  if (step.expect.message_as_unknown_id !== true) return;
+  const unknownId = randomBytes(16).toString('hex');
+  const unknown = await again(unknownId);
+  assert.equal(unknown.code, outcome.code, `${where}: an unknown id gave ${JSON.stringify(unknown)}`);
+  assert.equal(outcome.message?.replaceAll(directiveId, 'ID'), unknown.message?.replaceAll(unknownId, 'ID'), where);
+}
+
+/**
+ * Run a case's steps in order, each with `clientOf(step)`. Each id a submit
+ * names is also put in `submitted` with the client that made it.
+ * @param {(step: any) => Client} clientOf
+ * @param {any} testCase
+ * @param {Map<string, [string, Client]>} [submitted]
+ */
+async function runSteps(clientOf, testCase, submitted) {
   /** @type {Map<string, string>} */
   const ids = new Map();
   /** @param {{ id?: string, ref?: string }} target */
   const idOf = (target) => (target.ref !== undefined ? /** @type {string} */ (ids.get(target.ref)) : String(target.id));
   for (const [number, step] of testCase.steps.entries()) {
     const where = `step ${number} of ${testCase.name}`;
+    const client = clientOf(step);
     if ('submit' in step) {
       const spec = step.submit;
       const outcome = await outcomeOf(build(spec).submit(client, { serializer: spec.serializer ?? 'json' }));
@@ -192,28 +263,48 @@ async function runSteps(client, testCase) {
         check(step, outcome);
       } else {
         assert.equal(outcome.code, undefined, `${where}: ${JSON.stringify(outcome)}`);
-        if (step.as !== undefined) ids.set(step.as, /** @type {string} */ (outcome.value));
+        if (step.as !== undefined) {
+          ids.set(step.as, /** @type {string} */ (outcome.value));
+          submitted?.set(step.as, [/** @type {string} */ (outcome.value), client]);
+        }
       }
     } else if ('list' in step) {
-      const rows = new Map((await client.directives()).map((row) => [row.directiveId, row]));
-      if ('includes' in step.list) {
-        const { ref, ...fields } = step.list.includes;
-        const row = /** @type {any} */ (rows.get(/** @type {string} */ (ids.get(ref))));
-        assert.ok(row, `${where}: ${ids.get(ref)} not listed in ${JSON.stringify([...rows.values()])}`);
-        for (const [field, value] of Object.entries(fields)) {
-          assert.deepStrictEqual(row[camel(field)], value, `${where}: ${field} of ${JSON.stringify(row)}`);
-        }
-      } else {
-        assert.ok(!rows.has(/** @type {string} */ (ids.get(step.list.excludes.ref))), `${where}: still listed`);
-      }
+      checkRows(step, 'list', await rowsOf(() => client.directives()), ids, where);
+    } else if ('status' in step) {
+      checkRows(step, 'status', await rowsOf(async () => (await client.status()).directives), ids, where);
     } else if ('attach' in step) {
-      check(step, await attach(client, idOf(step.attach)));
+      const directiveId = idOf(step.attach);
+      const outcome = await attach(client, directiveId);
+      check(step, outcome);
+      await checkAsUnknown(step, outcome, directiveId, (id) => attach(client, id), where);
     } else {
-      const outcome = await outcomeOf(client.cancel(idOf(step.cancel)));
-      if ('ok' in step.expect) assert.equal(outcome.code, undefined, `${where}: ${JSON.stringify(outcome)}`);
-      else check(step, outcome);
+      const directiveId = idOf(step.cancel);
+      const outcome = await outcomeOf(client.cancel(directiveId));
+      if ('ok' in step.expect) {
+        assert.equal(outcome.code, undefined, `${where}: ${JSON.stringify(outcome)}`);
+      } else {
+        check(step, outcome);
+        await checkAsUnknown(step, outcome, directiveId, (id) => outcomeOf(client.cancel(id)), where);
+      }
     }
   }
+}
+
+/**
+ * The tenants file: each tenant's options, and its token's SHA-256.
+ * @param {Record<string, Record<string, number | boolean>>} tenants
+ * @param {Record<string, string>} tokens
+ */
+function tenantsToml(tenants, tokens) {
+  const lines = [];
+  for (const [name, options] of Object.entries(tenants)) {
+    const digest = createHash('sha256').update(tokens[name]).digest('hex');
+    lines.push(`[tenants.${name}]`, `token_sha256 = ["${digest}"]`);
+    // JSON's integers and booleans are TOML's too.
+    for (const [key, value] of Object.entries(options)) lines.push(`${key} = ${JSON.stringify(value)}`);
+    lines.push('');
+  }
+  return lines.join('\n');
 }
 
 describe('conformance: tests/conformance/cases.json', () => {
@@ -245,7 +336,8 @@ describe('conformance: tests/conformance/cases.json', () => {
   }
 
   test('the directive cases are well formed', () => {
-    const names = [...suite.cases, ...suite.wire_cases, ...suite.directive_cases].map((/** @type {any} */ c) => c.name);
+    const names = [...suite.cases, ...suite.wire_cases, ...suite.directive_cases, ...suite.tenant_cases]
+      .map((/** @type {any} */ c) => c.name);
     assert.equal(new Set(names).size, names.length, 'case names must be unique');
     const kinds = ['submit', 'attach', 'list', 'cancel'];
     for (const testCase of suite.directive_cases) {
@@ -257,7 +349,8 @@ describe('conformance: tests/conformance/cases.json', () => {
 
   for (const testCase of suite.directive_cases) {
     test(`directives: ${testCase.name}`, { timeout: 60_000 }, async () => {
-      await runSteps(/** @type {import('@squire/client').Client} */ (cluster.client), testCase);
+      const client = /** @type {Client} */ (cluster.client);
+      await runSteps(() => client, testCase);
     });
   }
 
@@ -272,6 +365,71 @@ describe('conformance: tests/conformance/cases.json', () => {
       const answer = Buffer.concat(outcome.responses);
       const missing = testCase.expect.response_contains.filter((/** @type {string} */ text) => !answer.includes(text));
       assert.deepEqual(missing, [], `the answer lacks ${missing}`);
+    });
+  }
+});
+
+describe('conformance: the tenant cases of tests/conformance/cases.json', () => {
+  const harness = suite.tenant_harness;
+  /** @type {import('./harness.js').Cluster} */
+  let cluster;
+  /** @type {Map<string, Client>} a client per identity: each tenant's name, 'token:unknown', 'token:worker' */
+  const clients = new Map();
+  const dir = mkdtempSync(path.join(tmpdir(), 'squire-node-tenants-'));
+  /** @param {any} step */
+  const clientOf = (step) => {
+    const client = clients.get('tenant' in step ? step.tenant : `token:${step.token}`);
+    assert.ok(client, `no client for ${JSON.stringify(step)}`);
+    return client;
+  };
+
+  before(async () => {
+    /** @type {Record<string, string>} */
+    const tokens = Object.fromEntries(Object.keys(harness.tenants)
+      .map((name) => [name, `${name}-${randomBytes(16).toString('hex')}`]));
+    const workerToken = `worker-${randomBytes(16).toString('hex')}`;
+    const file = path.join(dir, 'tenants.toml');
+    writeFileSync(file, tenantsToml(harness.tenants, tokens), { mode: 0o600 });
+    cluster = await startCluster({
+      orchestratorArgs: [...harness.orchestrator_args, '--tenants', file],
+      workers: suite.harness.workers,
+      // Both the orchestrator (which accepts it) and the workers (which send it).
+      env: { SQUIRE_WORKER_TOKEN: workerToken },
+      clientOptions: { token: Object.values(tokens)[0] },
+    });
+    const identities = { ...tokens, 'token:unknown': `unknown-${randomBytes(16).toString('hex')}`, 'token:worker': workerToken };
+    for (const [who, token] of Object.entries(identities)) clients.set(who, new Client(cluster.target, { token }));
+  });
+  after(async () => {
+    for (const client of clients.values()) client.close();
+    await cluster?.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('the tenant cases are well formed', () => {
+    assert.ok(!harness.orchestrator_args.includes('--tenants'), 'the runner adds --tenants');
+    const kinds = ['submit', 'attach', 'list', 'cancel', 'status'];
+    for (const testCase of suite.tenant_cases) {
+      for (const step of testCase.steps) {
+        assert.equal(kinds.filter((kind) => kind in step).length, 1, testCase.name);
+        assert.ok(('tenant' in step) !== ('token' in step), `${testCase.name}: a step names a tenant or a token`);
+        if ('tenant' in step) assert.ok(step.tenant in harness.tenants, testCase.name);
+        else assert.ok(['unknown', 'worker'].includes(step.token), testCase.name);
+      }
+    }
+  });
+
+  for (const testCase of suite.tenant_cases) {
+    test(`tenants: ${testCase.name}`, { timeout: 60_000 }, async () => {
+      /** @type {Map<string, [string, Client]>} */
+      const submitted = new Map();
+      try {
+        await runSteps(clientOf, testCase, submitted);
+      } finally {
+        // Leave no directive running for the next case (max_directives counts
+        // them), whether or not this one got to its last step.
+        for (const [directiveId, owner] of submitted.values()) await outcomeOf(owner.cancel(directiveId));
+      }
     });
   }
 });

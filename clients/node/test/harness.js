@@ -98,10 +98,12 @@ export class Cluster {
   processes = new Map();
 
   /**
-   * @param {{ orchestratorArgs?: string[], workers?: Partial<WorkerSpec>, clientOptions?: import('@squire/client').ClientOptions }} [options]
+   * @param {{ orchestratorArgs?: string[], workers?: Partial<WorkerSpec>, clientOptions?: import('@squire/client').ClientOptions, env?: Record<string, string> }} [options]
+   *   `env`: more environment for every process of the cluster (e.g. SQUIRE_WORKER_TOKEN)
    */
-  constructor({ orchestratorArgs = [], workers = {}, clientOptions = {} } = {}) {
+  constructor({ orchestratorArgs = [], workers = {}, clientOptions = {}, env = {} } = {}) {
     this.clientOptions = clientOptions;
+    this.env = env;
     this.dir = mkdtempSync(path.join(tmpdir(), 'squire-node-test-'));
     this.orchestratorArgs = orchestratorArgs;
     /** @type {WorkerSpec} */
@@ -185,7 +187,7 @@ export class Cluster {
     const log = openSync(path.join(this.dir, `${name}.log`), 'a');
     const child = spawn(command, args, {
       stdio: ['ignore', log, log],
-      env: { ...process.env, PYTHONUNBUFFERED: '1' },
+      env: { ...process.env, ...this.env, PYTHONUNBUFFERED: '1' },
     });
     closeSync(log);
     running.add(child);
