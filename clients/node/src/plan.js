@@ -5,7 +5,7 @@
  *
  *     [{ map: 'fib_at' }, { map: 'multiply_by', params: { factor: 2 } }, { fold: 'sum' }]
  *
- * or an object { stages, taskTimeoutSeconds }. {@link IndexedStream} builds
+ * or an object { stages, taskTimeoutSeconds, priority }. {@link IndexedStream} builds
  * plans fluently and refuses malformed ones early; a plan given as data is
  * sent as it is and the orchestrator validates it (INVALID_ARGUMENT).
  */
@@ -16,9 +16,9 @@ import { encodeParams, wireSerializer } from './serde.js';
  * @typedef {{ map: string, params?: Record<string, unknown> }} MapStage
  * @typedef {{ fold: string, params?: Record<string, unknown> }} FoldStage
  * @typedef {MapStage | FoldStage} Stage
- * @typedef {{ stages: Stage[], taskTimeoutSeconds?: number }} PlanObject
+ * @typedef {{ stages: Stage[], taskTimeoutSeconds?: number, priority?: number }} PlanObject
  * @typedef {Stage[] | PlanObject} Plan
- * @typedef {{ stages: Stage[], taskTimeoutSeconds: number, fold: boolean }} NormalizedPlan
+ * @typedef {{ stages: Stage[], taskTimeoutSeconds: number, priority: number, fold: boolean }} NormalizedPlan
  */
 
 /**
@@ -35,6 +35,10 @@ export function normalizePlan(plan) {
   if (typeof taskTimeoutSeconds !== 'number' || !(taskTimeoutSeconds >= 0)) {
     throw new RangeError(`taskTimeoutSeconds must be a number >= 0, got ${taskTimeoutSeconds}`);
   }
+  const priority = Array.isArray(plan) ? 0 : (plan.priority ?? 0);
+  if (!Number.isInteger(priority) || priority < -1000 || priority > 1000) {
+    throw new RangeError(`priority must be an integer from -1000 to 1000, got ${priority}`);
+  }
   stages.forEach((stage, position) => {
     const keys = ['map', 'fold'].filter((k) => stage != null && Object.hasOwn(stage, k));
     if (keys.length !== 1) {
@@ -46,7 +50,7 @@ export function normalizePlan(plan) {
     }
   });
   const last = stages[stages.length - 1];
-  return { stages, taskTimeoutSeconds, fold: last !== undefined && 'fold' in last };
+  return { stages, taskTimeoutSeconds, priority, fold: last !== undefined && 'fold' in last };
 }
 
 /**
@@ -65,6 +69,7 @@ export function planMessage(plan, serializer, expectedItems) {
     serializer: wireSerializer(serializer),
     expectedItems,
     taskTimeoutSeconds: plan.taskTimeoutSeconds,
+    priority: plan.priority,
   };
 }
 

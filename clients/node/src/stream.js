@@ -18,16 +18,19 @@ export class IndexedStream {
   /** @type {import('./plan.js').Stage[]} */
   #stages;
   #taskTimeoutSeconds;
+  #priority;
 
   /**
    * @param {Iterable<unknown> | AsyncIterable<unknown>} inputs
    * @param {import('./plan.js').Stage[]} [stages]
    * @param {number} [taskTimeoutSeconds]
+   * @param {number} [priority]
    */
-  constructor(inputs, stages = [], taskTimeoutSeconds = 0) {
+  constructor(inputs, stages = [], taskTimeoutSeconds = 0, priority = 0) {
     this.#inputs = inputs;
     this.#stages = stages;
     this.#taskTimeoutSeconds = taskTimeoutSeconds;
+    this.#priority = priority;
   }
 
   /**
@@ -56,12 +59,28 @@ export class IndexedStream {
     if (typeof seconds !== 'number' || !(seconds >= 0)) {
       throw new RangeError(`a task timeout is a number of seconds >= 0, got ${seconds}`);
     }
-    return new IndexedStream(this.#inputs, this.#stages, seconds);
+    return new IndexedStream(this.#inputs, this.#stages, seconds, this.#priority);
+  }
+
+  /**
+   * Serve this directive before its tenant's lower-priority ones (strictly,
+   * within the tenant's share of the workers; other tenants are not
+   * affected). An integer from -1000 to 1000; default 0.
+   * @param {number} priority
+   */
+  withPriority(priority) {
+    if (!Number.isInteger(priority) || priority < -1000 || priority > 1000) {
+      throw new RangeError(`a priority is an integer from -1000 to 1000, got ${priority}`);
+    }
+    return new IndexedStream(this.#inputs, this.#stages, this.#taskTimeoutSeconds, priority);
   }
 
   /** The plan the orchestrator will evaluate. @returns {import('./plan.js').PlanObject} */
   plan() {
-    return { stages: [...this.#stages], taskTimeoutSeconds: this.#taskTimeoutSeconds };
+    return {
+      stages: [...this.#stages], taskTimeoutSeconds: this.#taskTimeoutSeconds,
+      priority: this.#priority,
+    };
   }
 
   /** E.g. 'map(fib_at) -> fold(sum)'. */
@@ -108,7 +127,9 @@ export class IndexedStream {
 
   /** @param {import('./plan.js').Stage} stage */
   #with(stage) {
-    return new IndexedStream(this.#inputs, [...this.#stages, stage], this.#taskTimeoutSeconds);
+    return new IndexedStream(
+      this.#inputs, [...this.#stages, stage], this.#taskTimeoutSeconds, this.#priority,
+    );
   }
 
   /**

@@ -85,7 +85,12 @@ describe('plans', () => {
     assert.deepEqual(folded.withTaskTimeout(5).plan(), {
       stages: [{ map: 'fib_at' }, { map: 'multiply_by', params: { factor: 2 } }, { fold: 'sum' }],
       taskTimeoutSeconds: 5,
+      priority: 0,
     });
+    const urgent = folded.withPriority(7);
+    assert.equal(urgent.plan().priority, 7);
+    assert.equal(urgent.withTaskTimeout(5).plan().priority, 7);
+    assert.equal(planMessage(normalizePlan(urgent.plan()), 'json', 0).priority, 7);
   });
 
   test('the builder refuses malformed plans early', () => {
@@ -94,6 +99,9 @@ describe('plans', () => {
     assert.throws(() => stream([]).map(''), TypeError);
     assert.throws(() => stream([]).map(/** @type {any} */ (3)), TypeError);
     assert.throws(() => stream([]).withTaskTimeout(-1), RangeError);
+    assert.throws(() => stream([]).withPriority(1001), RangeError);
+    assert.throws(() => stream([]).withPriority(1.5), RangeError);
+    assert.throws(() => normalizePlan({ stages: [], priority: -1001 }), RangeError);
   });
 
   test('a plan as data is checked for shape only', () => {
