@@ -203,6 +203,7 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
+    event_loop.tune_gc()
     try:
         event_loop.run(serve(args), os.environ.get("SQUIRE_EVENT_LOOP", "auto"))
     except (OSError, SecurityConfigError, StoreError, ValueError) as exc:

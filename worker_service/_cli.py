@@ -195,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.insert(0, cwd)
     config, default_metrics_port = _parse(argv, None)
     configure_logging(config.log_level, config.log_format, config.worker_id)
+    event_loop.tune_gc()
     try:
         event_loop.run(
             run_worker(config, metrics_port_fallback=default_metrics_port),
