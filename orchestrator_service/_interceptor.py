@@ -52,6 +52,7 @@ LEASE_CHANNEL = f"/{_PACKAGE}.ChannelService/LeaseChannel"
 _BEARER = "bearer "
 
 Guard = Callable[[grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[None]]
+MISSING = "missing credentials"
 # What an open call was authorised as: the token (digest), its role and tenant.
 CallKey = tuple[bytes, Role, str | None]
 
@@ -133,6 +134,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
         self._auth = config.auth
         self._tenants = config.tenants is not None
         self._tokens = config.token_entries()
+        self._subjects = config.tenants.by_subject() if config.tenants is not None else {}
         now = {(e.digest, e.role, e.tenant) for e in self._tokens}
         revoked = 0
         for key, calls in list(self._open.items()):
@@ -157,20 +159,25 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
         client: str | None = None  # None: identify by peer address
         if self._auth:
             entry, problem = self._authenticate(handler_call_details.invocation_metadata)
-            if entry is None:
+            if entry is None and problem == MISSING and role is Role.CLIENT and self._subjects:
+                # No token: the client certificate's subject may name a tenant
+                # (checked per call; limits then count the peer's host).
+                handler = _guarded(handler, lambda ctx: self._as_certificate(ctx, method))
+            elif entry is None:
                 return _deny(handler, grpc.StatusCode.UNAUTHENTICATED,
                              f"{problem}; {method} needs a {role.value} token "
                              "as 'authorization: Bearer <token>' call metadata")
-            if entry.role is not role:
+            elif entry.role is not role:
                 return _deny(handler, grpc.StatusCode.PERMISSION_DENIED,
                              f"a {entry.role.value} token may not call {method}, "
                              f"which needs a {role.value} token")
-            client = entry.label
-            if self._tenants and role is Role.CLIENT:
-                who = Caller(entry.tenant or "", admin=entry.admin)
-                handler = _guarded(handler, lambda _ctx: _as_caller(who))
-            if handler.request_streaming or handler.response_streaming:
-                handler = self._revocable(handler, (entry.digest, entry.role, entry.tenant))
+            else:
+                client = entry.label
+                if self._tenants and role is Role.CLIENT:
+                    who = Caller(entry.tenant or "", admin=entry.admin)
+                    handler = _guarded(handler, lambda _ctx: _as_caller(who))
+                if handler.request_streaming or handler.response_streaming:
+                    handler = self._revocable(handler, (entry.digest, entry.role, entry.tenant))
         if service == DIRECTIVE_SERVICE:
             hold = method == RUN_DIRECTIVE
             return _guarded(handler, lambda ctx: self._directive_gate(client or _peer(ctx),
@@ -184,7 +191,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
     def _authenticate(self, metadata: Any) -> tuple[TokenEntry | None, str]:
         values = [value for key, value in (metadata or ()) if key == "authorization"]
         if not values:
-            return None, "missing credentials"
+            return None, MISSING
         if len(values) > 1:
             return None, "more than one authorization entry"
         value = values[0] if isinstance(values[0], str) else values[0].decode(errors="replace")
@@ -233,6 +240,25 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
                         del calls[key]
 
         return handler._replace(**{slot: call})
+
+    @contextlib.asynccontextmanager
+    async def _as_certificate(
+        self, context: grpc.aio.ServicerContext, method: str
+    ) -> AsyncIterator[None]:
+        """Run as the tenant the peer's (verified) client certificate names."""
+        values = (context.auth_context() or {}).get("x509_subject") or []
+        subject = values[0].decode(errors="replace") if values else ""
+        tenant = self._subjects.get(subject) if subject else None
+        if tenant is None:
+            named = f"the client certificate's subject {subject!r} names no tenant" if subject \
+                else "no client certificate"
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"missing credentials and {named}; {method} needs a client "
+                                "token as 'authorization: Bearer <token>' call metadata, or a "
+                                "client certificate a tenant lists in cert_subjects")
+            raise AssertionError("unreachable")
+        async with _as_caller(Caller(tenant.name, admin=tenant.admin)):
+            yield
 
     # ----------------------------------------------------------- limits
 

@@ -35,7 +35,9 @@ from orchestrator_service._model import PlanSpec, TenantShare
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
-KEYS = frozenset({"token_sha256", "weight", "max_directives", "max_queued_tasks", "admin"})
+KEYS = frozenset({
+    "token_sha256", "cert_subjects", "weight", "max_directives", "max_queued_tasks", "admin",
+})
 MAX_WEIGHT = 1_000
 
 
@@ -47,6 +49,9 @@ class TenantsError(ValueError):
 class Tenant:
     name: str
     digests: tuple[bytes, ...] = field(repr=False)
+    # mTLS: client certificate subjects ("CN=team-a,O=Example", as gRPC
+    # reports them) that name this tenant when a call carries no token.
+    subjects: tuple[str, ...] = ()
     weight: int = 1
     max_directives: int | None = None  # None: only the orchestrator's own limits
     max_queued_tasks: int | None = None
@@ -62,6 +67,9 @@ class Tenants:
 
     def by_digest(self) -> dict[bytes, Tenant]:
         return {d: t for t in self.by_name.values() for d in t.digests}
+
+    def by_subject(self) -> dict[str, Tenant]:
+        return {s: t for t in self.by_name.values() for s in t.subjects}
 
 
 
@@ -97,6 +105,7 @@ def parse_tenants(text: str, source: str = "<tenants>") -> Tenants:
         raise bad("no tenants: add at least one [tenants.NAME] table")
     tenants: dict[str, Tenant] = {}
     owners: dict[bytes, str] = {}
+    subject_owners: dict[str, str] = {}
     for name, entry in table.items():
         if not NAME.fullmatch(name):
             raise bad(f"tenant name {name!r}: use letters, digits, '_', '.', '-' (at most 63)")
@@ -108,6 +117,11 @@ def parse_tenants(text: str, source: str = "<tenants>") -> Tenants:
                 raise bad(f"tenants.{name}: a token_sha256 of tenants.{owners[d]} too; "
                           "a token names one tenant")
             owners[d] = name
+        for subject in tenant.subjects:
+            if subject in subject_owners:
+                raise bad(f"tenants.{name}: cert_subjects {subject!r} names "
+                          f"tenants.{subject_owners[subject]} too")
+            subject_owners[subject] = name
         tenants[name] = tenant
     return Tenants(tenants, source)
 
@@ -116,10 +130,14 @@ def _tenant(name: str, entry: dict[str, Any], bad: Any) -> Tenant:
     unknown = set(entry) - KEYS
     if unknown:
         raise bad(f"tenants.{name}: unknown key(s) {sorted(unknown)}; known: {sorted(KEYS)}")
-    hashes = entry.get("token_sha256")
-    if not isinstance(hashes, list) or not hashes:
+    hashes = entry.get("token_sha256", [])
+    subjects = entry.get("cert_subjects", [])
+    if not isinstance(subjects, list) or not all(isinstance(x, str) and x for x in subjects):
+        raise bad(f"tenants.{name}.cert_subjects: a list of client certificate subjects "
+                  "such as \"CN=team-a\"")
+    if not isinstance(hashes, list) or not (hashes or subjects):
         raise bad(f"tenants.{name}.token_sha256: a list of at least one hex SHA-256 digest "
-                  "of a client token (printf %s \"$TOKEN\" | sha256sum)")
+                  "of a client token (printf %s \"$TOKEN\" | sha256sum), or cert_subjects")
     digests = []
     for value in hashes:
         if not isinstance(value, str) or not HEX_SHA256.fullmatch(value.strip().lower()):
@@ -140,7 +158,8 @@ def _tenant(name: str, entry: dict[str, Any], bad: Any) -> Tenant:
     if type(admin) is not bool:
         raise bad(f"tenants.{name}.admin: true or false, not {admin!r}")
     return Tenant(
-        name, tuple(dict.fromkeys(digests)), number("weight", 1, MAX_WEIGHT) or 1,
+        name, tuple(dict.fromkeys(digests)), tuple(dict.fromkeys(subjects)),
+        number("weight", 1, MAX_WEIGHT) or 1,
         number("max_directives", 1), number("max_queued_tasks", 1), admin,
     )
 

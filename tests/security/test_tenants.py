@@ -27,6 +27,7 @@ from squire_kernel.serde import decode, encode
 
 from .conftest import WORKER_TOKEN as WORKER
 from .conftest import bearer, orchestrator, target
+from .pki import Pki
 
 ALPHA = "alpha-" + secrets.token_hex(16)
 BETA = "beta-" + secrets.token_hex(16)
@@ -350,3 +351,38 @@ def test_sighup_reloads_the_tenants_file(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+async def test_an_mtls_client_certificate_names_its_tenant(pki: Pki) -> None:
+    """Without a token, the subject of a verified client certificate names
+    the tenant (cert_subjects); a subject no tenant lists is UNAUTHENTICATED."""
+    import squire
+
+    def mtls(subject: str) -> SecurityConfig:
+        text = TENANTS.replace(
+            "[tenants.beta]", f'cert_subjects = ["{subject}"]\n\n[tenants.beta]', 1)
+        return SecurityConfig(
+            tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+            tls_client_ca=str(pki.ca), require_worker_client_cert=True,
+            worker_tokens=(WORKER,), tenants=parse_tenants(text, "tenants.toml"))
+
+    tls = {"tls_ca": pki.ca, "tls_cert": pki.client_cert, "tls_key": pki.client_key}
+    async with orchestrator(security=mtls("CN=squire-worker")) as orch:
+        async with squire.AsyncClient(target(orch), **tls, token=BETA) as beta, \
+                squire.AsyncClient(target(orch), **tls, token=ALPHA) as alpha, \
+                squire.AsyncClient(target(orch), **tls) as by_cert:
+            theirs = await beta.lease_channel()
+            mine = await alpha.lease_channel()
+            # The certificate names alpha: it sees alpha's channel, not beta's.
+            status = await by_cert.status()
+            seen = {c["channel_id"] for c in status["channels"] if not c.get("directive")}
+            assert seen == {mine.channel_id}
+            cert_leased = await by_cert.lease_channel()
+            assert orch.router.channels[cert_leased.channel_id].tenant == "alpha"
+            for handle in (theirs, mine, cert_leased):
+                await handle.release()
+    async with orchestrator(security=mtls("CN=somebody-else")) as orch:
+        async with squire.AsyncClient(target(orch), **tls) as nobody:
+            with pytest.raises(squire.AccessDenied) as err:
+                await nobody.status()
+            assert "'CN=squire-worker' names no tenant" in str(err.value)
