@@ -55,13 +55,23 @@ def rss_kib(pid: int, key: str = "VmRSS") -> int:
     return 0
 
 
-class Cluster:
-    """An orchestrator (its own state directory) and two inline workers."""
+INLINE = ("--executor", "inline", "--concurrency", "1", "--prefetch", str(PREFETCH))
 
-    def __init__(self, store: str | None) -> None:
+
+class Cluster:
+    """An orchestrator (its own state directory, or ``store``) and two
+    workers (``worker_flags``: inline by default). ``args`` go to the
+    orchestrator, ``env`` to every process, and status calls carry ``token``."""
+
+    def __init__(self, store: str | None, *, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, worker_flags: tuple[str, ...] = INLINE,
+                 token: str | None = None) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="squire-bench-")
         self.dir = Path(self.tmp.name)
         self.store = store
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.port = 0
         self.log = open(self.dir / "orchestrator.log", "ab")
         self.orchestrator = self._orchestrator(0)
@@ -69,13 +79,18 @@ class Cluster:
         self.workers = [
             subprocess.Popen(
                 [str(BIN / "squire-worker"), "--orchestrator", self.target, "--ops", "bench_ops",
-                 "--executor", "inline", "--concurrency", "1", "--prefetch", str(PREFETCH),
-                 "--metrics-port", "0", "--log-level", "WARNING"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                 *worker_flags, "--metrics-port", "0", "--log-level", "WARNING"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env,
             )
             for _ in range(2)
         ]
-        self.wait(lambda: len(self.status().workers) == 2, "workers")
+        self.wait(lambda: self.connected() == 2, "workers")
+
+    def connected(self) -> int:
+        try:
+            return len(self.status().workers)
+        except grpc.RpcError:
+            return 0
 
     def _orchestrator(self, port: int) -> subprocess.Popen[bytes]:
         port_file = self.dir / "port"
@@ -83,8 +98,8 @@ class Cluster:
         store = ["--store", self.store] if self.store else ["--state-dir", str(self.dir / "state")]
         proc = subprocess.Popen(
             [str(BIN / "squire-orchestrator"), "--port", str(port), "--port-file", str(port_file),
-             "--metrics-port", "0", *store],
-            stdout=self.log, stderr=subprocess.STDOUT,
+             "--metrics-port", "0", *store, *self.args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
         )
         self.wait(lambda: port_file.exists() and port_file.read_text(), "the port file")
         self.port = int(port_file.read_text())
@@ -106,7 +121,9 @@ class Cluster:
 
     def status(self) -> pb.GetStatusResponse:
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            return pb_grpc.StatusServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
+            status: pb.GetStatusResponse = pb_grpc.StatusServiceStub(channel).GetStatus(
+                pb.GetStatusRequest(), timeout=5, metadata=self.metadata)
+            return status
 
     @staticmethod
     def wait(predicate: Any, what: str, timeout: float = 120.0) -> None:
@@ -133,8 +150,8 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(store: str | None) -> Iterator[Cluster]:
-    c = Cluster(store)
+def cluster(store: str | None, **kwargs: Any) -> Iterator[Cluster]:
+    c = Cluster(store, **kwargs)
     try:
         yield c
     finally:

@@ -25,8 +25,6 @@ import json
 import os
 import secrets
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,107 +37,40 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(BENCH), os.environ.get("PYTHONPATH", "")) if p
 )
 
-import grpc  # noqa: E402
 import squire  # noqa: E402
+from durable import INLINE, Cluster, cluster, spread, w1_once  # noqa: E402
 from squire import IndexedStream  # noqa: E402
-from squire.api.v1 import squire_pb2 as pb  # noqa: E402
-from squire.api.v1 import squire_pb2_grpc as pb_grpc  # noqa: E402
 
-BIN = Path(sys.executable).parent
-PREFETCH = 1024
 WORKER_TOKEN = "wt-" + secrets.token_hex(16)
 
 
-class Cluster:
-    """An orchestrator (memory store) and two inline workers; with
-    ``tenants`` (name -> weight) a tenants file, one token per tenant."""
-
-    def __init__(self, tenants: dict[str, int] | None = None, *,
-                 worker_flags: tuple[str, ...] = ("--executor", "inline", "--concurrency", "1",
-                                                  "--prefetch", str(PREFETCH))) -> None:
-        self.tmp = tempfile.TemporaryDirectory(prefix="squire-bench-")
-        self.dir = Path(self.tmp.name)
-        # Each tenant's token, and an operator's (to read the status).
-        names = [*tenants, "ops"] if tenants else []
-        self.tokens = {name: f"{name}-" + secrets.token_hex(16) for name in names}
-        env = dict(os.environ)
-        args = ["--store", "memory:"]
-        if tenants:
-            file = self.dir / "tenants.toml"
-            file.write_text("".join(
-                f'[tenants.{name}]\ntoken_sha256 = ["{_sha(self.tokens[name])}"]\n'
-                + ("admin = true\n\n" if name == "ops" else f"weight = {tenants[name]}\n\n")
-                for name in names
-            ))
-            args += ["--tenants", str(file)]
-            env["SQUIRE_WORKER_TOKEN"] = WORKER_TOKEN
-        self.admin = self.tokens.get("ops")
-        port_file = self.dir / "port"
-        self.orchestrator = subprocess.Popen(
-            [str(BIN / "squire-orchestrator"), "--port", "0", "--port-file", str(port_file),
-             "--metrics-port", "0", "--log-level", "WARNING", *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-        )
-        self.wait(lambda: port_file.exists() and port_file.read_text(), "the port file")
-        self.target = f"127.0.0.1:{port_file.read_text()}"
-        self.workers = [
-            subprocess.Popen(
-                [str(BIN / "squire-worker"), "--orchestrator", self.target, "--ops", "bench_ops",
-                 *worker_flags, "--metrics-port", "0", "--log-level", "WARNING"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-            )
-            for _ in range(2)
-        ]
-        self.wait(lambda: len(self.status().workers) == 2, "workers")
-
-    def status(self) -> pb.GetStatusResponse:
-        metadata = (("authorization", f"Bearer {self.admin}"),) if self.admin else ()
-        with grpc.insecure_channel(self.target) as channel:
-            try:
-                status: pb.GetStatusResponse = pb_grpc.StatusServiceStub(channel).GetStatus(
-                    pb.GetStatusRequest(), timeout=5, metadata=metadata)
-            except grpc.RpcError:
-                return pb.GetStatusResponse()
-            return status
-
-    @staticmethod
-    def wait(predicate: Any, what: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no {what} within {timeout} s")
-            time.sleep(0.02)
-
-    def close(self) -> None:
-        for proc in [*self.workers, self.orchestrator]:
-            proc.terminate()
-        for proc in [*self.workers, self.orchestrator]:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        self.tmp.cleanup()
+@contextlib.contextmanager
+def tenants_cluster(tenants: dict[str, int] | None = None,
+                    worker_flags: tuple[str, ...] = INLINE,
+                    ) -> Iterator[tuple[Cluster, dict[str, str]]]:
+    """A memory-store cluster and its tokens by tenant. With ``tenants``
+    (name -> weight): a tenants file with one token per tenant and an
+    operator's, and the workers carry a worker token; without, no tokens."""
+    if not tenants:
+        with cluster("memory:", worker_flags=worker_flags) as c:
+            yield c, {}
+        return
+    tokens = {name: f"{name}-" + secrets.token_hex(16) for name in [*tenants, "ops"]}
+    with tempfile.TemporaryDirectory(prefix="squire-bench-tenants-") as directory:
+        file = Path(directory) / "tenants.toml"
+        file.write_text("".join(
+            f'[tenants.{name}]\ntoken_sha256 = ["{_sha(token)}"]\n'
+            + ("admin = true\n\n" if name == "ops" else f"weight = {tenants[name]}\n\n")
+            for name, token in tokens.items()
+        ))
+        with cluster("memory:", args=("--tenants", str(file)),
+                     env={"SQUIRE_WORKER_TOKEN": WORKER_TOKEN}, worker_flags=worker_flags,
+                     token=tokens["ops"]) as c:
+            yield c, tokens
 
 
 def _sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-@contextlib.contextmanager
-def cluster(tenants: dict[str, int] | None = None, **kwargs: Any) -> Iterator[Cluster]:
-    c = Cluster(tenants, **kwargs)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-def w1_once(client: squire.Client, n: int) -> float:
-    t = time.perf_counter()
-    out = IndexedStream.from_iterable(range(n)).map("noop").run(client)
-    dt = time.perf_counter() - t
-    assert out == list(range(n))
-    return n / dt
 
 
 def w6_once(clients: list[squire.Client], directives: int, tasks: int) -> float:
@@ -161,16 +92,13 @@ def w6_once(clients: list[squire.Client], directives: int, tasks: int) -> float:
     return directives * tasks / (time.perf_counter() - t0)
 
 
-def spread(samples: list[float]) -> str:
-    return f"{min(samples):,.0f}-{max(samples):,.0f}"
-
 
 def t1(n: int, directives: int, tasks: int, rounds: int) -> dict[str, Any]:
     samples: dict[str, list[float]] = {k: [] for k in ("w1_plain", "w1_tenants",
                                                        "w6_plain", "w6_tenants")}
-    with cluster() as plain, cluster({"team": 1}) as tenants, \
+    with tenants_cluster() as (plain, _), tenants_cluster({"team": 1}) as (tenants, tokens), \
             squire.Client(plain.target) as a, \
-            squire.Client(tenants.target, token=tenants.tokens["team"]) as b:
+            squire.Client(tenants.target, token=tokens["team"]) as b:
         for i in range(rounds + 1):  # the first round warms both up
             pairs = [("plain", a), ("tenants", b)]
             if i % 2:
@@ -198,8 +126,8 @@ def t2(tasks: int) -> dict[str, Any]:
     orchestrator's CPU, not the slots, sets the pace.)"""
     weights = {"t1": 1, "t2": 1, "t3": 2, "t4": 4}
     flags = ("--executor", "thread", "--concurrency", "4", "--prefetch", "4")
-    with cluster(weights, worker_flags=flags) as c:
-        clients = {t: squire.Client(c.target, token=c.tokens[t]) for t in weights}
+    with tenants_cluster(weights, worker_flags=flags) as (c, tokens):
+        clients = {t: squire.Client(c.target, token=tokens[t]) for t in weights}
         counts = dict.fromkeys(weights, 0)
         first_done = threading.Event()
         at_first: dict[str, int] = {}
