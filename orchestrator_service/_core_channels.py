@@ -87,17 +87,23 @@ class ChannelRouting(RouterState):
         if channel.drained:
             self._out.append(EndChannel(key, released=False))
 
-    def _channel_closed(self, event: ChannelClosed) -> None:
-        channel = self.channels.get(event.channel_id)
+    def _leased(self, channel_id: str, instead: str) -> Channel | None:
+        """The leased channel ``channel_id``; else None, and the refusal goes
+        out: unknown, or a directive's (``instead`` says what to call)."""
+        channel = self.channels.get(channel_id)
         if channel is None:
-            self._out.append(admission.unknown_channel(event.channel_id))
-            return
-        if channel.directive:
+            self._out.append(admission.unknown_channel(channel_id))
+        elif channel.directive:
             self._out.append(Refused(
-                Code.FAILED_PRECONDITION,
-                f"channel {channel.id!r} belongs to a directive; end its input through "
-                "RunDirective",
+                Code.FAILED_PRECONDITION, f"channel {channel_id!r} belongs to a directive; {instead}"
             ))
+        else:
+            return channel
+        return None
+
+    def _channel_closed(self, event: ChannelClosed) -> None:
+        channel = self._leased(event.channel_id, "end its input through RunDirective")
+        if channel is None:
             return
         if not channel.sender_closed and self.config.journal:
             self._out.append(JournalChannel(channel.id, [(CLOSED,)]))
@@ -106,15 +112,8 @@ class ChannelRouting(RouterState):
             self._out.append(EndChannel(channel.id, released=False))
 
     def _channel_released(self, event: ChannelReleased) -> None:
-        channel = self.channels.get(event.channel_id)
+        channel = self._leased(event.channel_id, "cancel it with CancelDirective")
         if channel is None:
-            self._out.append(admission.unknown_channel(event.channel_id))
-            return
-        if channel.directive:
-            self._out.append(Refused(
-                Code.FAILED_PRECONDITION,
-                f"channel {channel.id!r} belongs to a directive; cancel it with CancelDirective",
-            ))
             return
         self._terminate(channel, IpcMessage("abort", channel.id))
         self._release(channel)

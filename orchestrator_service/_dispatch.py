@@ -96,12 +96,7 @@ def dispatch(
                 del ready[channel.id]
                 if channel.queued:
                     ready[channel.id] = channel  # to the back of the round
-                leases = worker.leases
-                for task in tasks:
-                    task.attempt += 1
-                    lease_id = task.lease_id = next(lease_ids)
-                    leases[lease_id] = task
-                channel.leased += len(tasks)
+                _lease(worker, channel, tasks, lease_ids)
                 sent.extend(tasks)
                 free -= len(tasks)
                 if free <= 0:
