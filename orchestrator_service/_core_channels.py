@@ -95,7 +95,8 @@ class ChannelRouting(RouterState):
             self._out.append(admission.unknown_channel(channel_id))
         elif channel.directive:
             self._out.append(Refused(
-                Code.FAILED_PRECONDITION, f"channel {channel_id!r} belongs to a directive; {instead}"
+                Code.FAILED_PRECONDITION,
+                f"channel {channel_id!r} belongs to a directive; {instead}",
             ))
         else:
             return channel
