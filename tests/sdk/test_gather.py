@@ -16,7 +16,7 @@ import pytest
 from squire import IndexedStream, PayloadError, Skipped, SquireError
 from squire._model import ItemBatch
 from squire._stream import _Collector
-from squire._wire import directive_event
+from squire._wire import Tally, directive_event
 from squire.api.v1 import squire_pb2 as pb
 
 from squire_kernel.serde import Serializer, encode
@@ -129,3 +129,13 @@ def test_item_batches_keep_completion_order() -> None:
     assert directive_event(event, Serializer.JSON) == ItemBatch(
         ((2, "c"), (0, "a"), (1, Skipped(1, "ValueError: 1")))
     )
+
+
+def test_the_tally_counts_values_and_skipped_elements_on_both_paths() -> None:
+    """What a reattach tells the orchestrator it has."""
+    event = _event([_result(0, "a"), _result(1, skipped=True), _result(2, ""), _result(3, None)])
+    batches, gathered = Tally(), Tally()
+    directive_event(event, Serializer.JSON, tally=batches)
+    collector = _Collector(MAP.plan())
+    directive_event(event, Serializer.JSON, collector.gather, gathered)
+    assert batches == gathered == Tally(values=3, skipped=1)

@@ -25,6 +25,7 @@ from squire._feeder import DEFAULT_REATTACH_TIMEOUT, Feeder
 from squire._model import DirectiveEvent, DirectiveStarted, Plan, Progress
 from squire._wire import (
     ItemSink,
+    Tally,
     directive_event,
 )
 from squire_kernel.serde import Serializer
@@ -79,8 +80,7 @@ class DirectiveRun:
         self._items_to = items_to
         self._stub = stub
         self._reattach_timeout = reattach_timeout
-        self._values = 0  # item values received (not skipped)
-        self._skipped = 0
+        self._tally = Tally()  # items received: values and skipped elements
         self._feeder = Feeder(plan, inputs)
         self._call = stub.RunDirective(self._feeder.requests())
         self._feeder.attach(self._call)
@@ -104,7 +104,7 @@ class DirectiveRun:
         run._items_to = None
         run._stub = stub
         run._reattach_timeout = reattach_timeout
-        run._values = run._skipped = 0
+        run._tally = Tally()
         run._feeder = Feeder(run.plan, ())
         run._feeder.preload([])
         run._call = stub.RunDirective(run._feeder.attach_requests(directive_id, 0, 0))
@@ -138,7 +138,7 @@ class DirectiveRun:
         run._items_to = items_to
         run._stub = stub
         run._reattach_timeout = reattach_timeout
-        run._values, run._skipped = values, skipped
+        run._tally = Tally(values, skipped)
         run._feeder = Feeder(plan, ())
         run._feeder.preload(sent)
         run._reattach(first)
@@ -178,12 +178,7 @@ class DirectiveRun:
                     raise self._feeder.error from None
                 raise translate_rpc_error(exc) from exc
             kind = message.WhichOneof("kind")
-            if kind == "items":
-                batch = message.items.items
-                skipped = sum(1 for item in batch if item.skipped)
-                self._skipped += skipped
-                self._values += len(batch) - skipped
-            elif kind == "progress":
+            if kind == "progress":
                 self._feeder.acknowledge(message.progress.received)
             elif kind == "started" and message.started.attached:
                 self._feeder.resumed(message.started.received, message.started.input_closed)
@@ -196,7 +191,9 @@ class DirectiveRun:
                     return DirectiveStarted(message.started.directive_id)
                 continue  # the caller saw its directive start once
             try:
-                event = directive_event(message, self.plan.serializer, self._items_to)
+                event = directive_event(
+                    message, self.plan.serializer, self._items_to, self._tally
+                )
             except BaseException:
                 self.cancel()
                 raise
@@ -228,7 +225,9 @@ class DirectiveRun:
             self._feeder.reset()
             assert self.directive_id is not None
             call = self._stub.RunDirective(
-                self._feeder.attach_requests(self.directive_id, self._values, self._skipped)
+                self._feeder.attach_requests(
+                    self.directive_id, self._tally.values, self._tally.skipped
+                )
             )
             self._feeder.attach(call)
             try:

@@ -29,7 +29,7 @@ from squire._directive import DirectiveRun
 from squire._errors import RpcError, Unavailable, rpc_error, translate_rpc_error
 from squire._feeder import DEFAULT_REATTACH_TIMEOUT
 from squire._model import DirectiveEvent, DirectiveStarted, Plan, Progress
-from squire._wire import ItemSink, directive_event, plan_request
+from squire._wire import ItemSink, Tally, directive_event, plan_request
 from squire.api.v1 import squire_pb2 as pb
 from squire_kernel.serde import encode
 
@@ -185,8 +185,7 @@ class SessionRun:
             request.inputs.items.extend(items)
         self._sent = len(items)
         self._items = items  # kept: a reattach after an orchestrator restart may resend them
-        self._values = 0
-        self._skipped = 0
+        self._tally = Tally()  # items received: values and skipped elements
         self._resumed: DirectiveRun | None = None
         self._reattach_timeout = reattach_timeout
         self._session = session
@@ -223,7 +222,7 @@ class SessionRun:
                     # The orchestrator went away: go on with a call of its own.
                     self._resumed = DirectiveRun.resume(
                         self._session.stub, self.plan, self.directive_id or "",
-                        sent=self._items, values=self._values, skipped=self._skipped,
+                        sent=self._items, values=self._tally.values, skipped=self._tally.skipped,
                         first=message, items_to=self._items_to,
                         reattach_timeout=self._reattach_timeout,
                     )
@@ -231,12 +230,7 @@ class SessionRun:
                 self.finished = True
                 raise message
             for raw in message.events:
-                if raw.WhichOneof("kind") == "items":
-                    batch = raw.items.items
-                    skipped = sum(1 for item in batch if item.skipped)
-                    self._skipped += skipped
-                    self._values += len(batch) - skipped
-                event = directive_event(raw, self.plan.serializer, self._items_to)
+                event = directive_event(raw, self.plan.serializer, self._items_to, self._tally)
                 if isinstance(event, DirectiveStarted):
                     self.directive_id = event.directive_id
                 elif isinstance(event, Progress):

@@ -293,10 +293,12 @@ class _Collector:
         self._received = 0
         self._fold: FoldValue | None = None
 
-    def gather(self, items: Sequence[pb.IndexedResult]) -> None:
-        """Decode an item event into the results (called on the run's reading thread)."""
-        gather_items(items, self._plan.serializer, self._values, self._place)
+    def gather(self, items: Sequence[pb.IndexedResult]) -> int:
+        """Decode an item event into the results (called on the run's reading
+        thread); how many were skipped."""
+        skipped = gather_items(items, self._plan.serializer, self._values, self._place)
         self._received += len(items)
+        return skipped
 
     def _place(self, index: int, value: Any) -> None:
         values = self._values

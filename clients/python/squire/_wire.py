@@ -7,6 +7,7 @@ the rest of the SDK handles :mod:`squire._model` values only.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any, TypeAlias
 
@@ -106,15 +107,28 @@ class InputBatcher:
 
 # Where IndexedStream.run has item events decoded: straight into its results
 # (see gather_items) rather than into ItemBatch events.
-ItemSink: TypeAlias = Callable[[Sequence[pb.IndexedResult]], None]
+# Gathers an item event's results; returns how many of them were skipped.
+ItemSink: TypeAlias = Callable[[Sequence[pb.IndexedResult]], int]
 
 
-def _items(items: Iterable[pb.IndexedResult], serializer: Serializer) -> list[tuple[int, Any]]:
+@dataclass(slots=True)
+class Tally:
+    """Items a call has received: values, and skipped elements (what a
+    reattach tells the orchestrator it has)."""
+
+    values: int = 0
+    skipped: int = 0
+
+
+def _items(
+    items: Iterable[pb.IndexedResult], serializer: Serializer
+) -> tuple[list[tuple[int, Any]], int]:
     # One decode per element, and the error message's wording is built only
     # when a decode fails. `skipped` is read only for an empty value: see
-    # gather_items.
+    # gather_items. Returns the items and how many were skipped.
     out: list[tuple[int, Any]] = []
     append = out.append
+    skipped = 0
     for item in items:
         value = item.value
         if value:
@@ -125,7 +139,8 @@ def _items(items: Iterable[pb.IndexedResult], serializer: Serializer) -> list[tu
                 raise
         else:
             append((item.index, _empty_result(item, serializer)))
-    return out
+            skipped += 1
+    return out, skipped
 
 
 def gather_items(
@@ -133,13 +148,15 @@ def gather_items(
     serializer: Serializer,
     values: list[Any],
     overflow: Callable[[int, Any], None],
-) -> None:
-    """Decode ``items`` into ``values`` by index: ``values[index] = value``.
+) -> int:
+    """Decode ``items`` into ``values`` by index: ``values[index] = value``;
+    returns how many were skipped.
 
     An index past the end of ``values`` goes to ``overflow(index, value)``.
     This is the client's hot path for a gathered map: it reads each field of
     an item once and builds no object per element but the value itself.
     """
+    skipped = 0
     for item in items:
         value = item.value
         # The orchestrator sends a skipped element without a value, and any
@@ -152,11 +169,13 @@ def gather_items(
                 decode(value, serializer, what=f"result {item.index}")  # raises, naming it
                 raise
         else:
-            value = _empty_result(item, serializer)
+            value = _empty_result(item, serializer)  # a Skipped, or it raises
+            skipped += 1
         try:
             values[item.index] = value
         except IndexError:
             overflow(item.index, value)
+    return skipped
 
 
 def _empty_result(item: pb.IndexedResult, serializer: Serializer) -> Any:
@@ -167,19 +186,29 @@ def _empty_result(item: pb.IndexedResult, serializer: Serializer) -> Any:
 
 
 def directive_event(
-    message: pb.DirectiveEvent, serializer: Serializer, items_to: ItemSink | None = None
+    message: pb.DirectiveEvent,
+    serializer: Serializer,
+    items_to: ItemSink | None = None,
+    tally: Tally | None = None,
 ) -> DirectiveEvent | None:
     """Decode one event; None for an event kind this SDK does not know yet.
 
     With ``items_to``, an item event is handed to it (which decodes the
-    items) and gives None too.
+    items) and gives None too. ``tally`` counts the items received.
     """
     kind = message.WhichOneof("kind")
     if kind == "items":
+        batch = message.items.items
+        event: ItemBatch | None = None
         if items_to is not None:
-            items_to(message.items.items)
-            return None
-        return ItemBatch(tuple(_items(message.items.items, serializer)))
+            skipped = items_to(batch)
+        else:
+            items, skipped = _items(batch, serializer)
+            event = ItemBatch(tuple(items))
+        if tally is not None:
+            tally.skipped += skipped
+            tally.values += len(batch) - skipped
+        return event
     if kind == "progress":
         return progress(message.progress)
     if kind == "started":
