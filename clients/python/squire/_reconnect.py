@@ -55,25 +55,43 @@ class Backoff:
         return delay
 
 
+class _Attempts:
+    """The retry decision both :func:`call_retrying` flavours share."""
+
+    def __init__(self, reattach_timeout: float, done_if: grpc.StatusCode | None) -> None:
+        self._timeout = reattach_timeout
+        self._done_if = done_if
+        self._backoff: Backoff | None = None
+
+    def failed(self, exc: grpc.RpcError) -> float | None:
+        """Seconds to wait before the next attempt; None: the call took effect
+        (``done_if`` on a retry). Raises the SDK's error once it gives up."""
+        if self._backoff is not None and self._done_if is not None \
+                and status(exc) is self._done_if:
+            return None
+        if not unavailable(exc):
+            raise translate_rpc_error(exc) from exc
+        self._backoff = self._backoff or Backoff(self._timeout)
+        delay = self._backoff.next()
+        if delay is None:
+            raise translate_rpc_error(exc) from exc
+        return delay
+
+
 def call_retrying(
     call: Callable[[], T], reattach_timeout: float, *, done_if: grpc.StatusCode | None = None
 ) -> T | None:
     """``call()``, tried again while it fails with UNAVAILABLE, for
     ``reattach_timeout`` seconds. ``done_if``: a code that, on a retry, means the first attempt
     took effect before the connection broke (returns None)."""
-    backoff: Backoff | None = None
+    attempts = _Attempts(reattach_timeout, done_if)
     while True:
         try:
             return call()
         except grpc.RpcError as exc:
-            if backoff is not None and done_if is not None and status(exc) is done_if:
-                return None
-            if not unavailable(exc):
-                raise translate_rpc_error(exc) from exc
-            backoff = backoff or Backoff(reattach_timeout)
-            delay = backoff.next()
+            delay = attempts.failed(exc)
             if delay is None:
-                raise translate_rpc_error(exc) from exc
+                return None
             time.sleep(delay)
 
 
@@ -84,17 +102,12 @@ async def acall_retrying(
     done_if: grpc.StatusCode | None = None,
 ) -> T | None:
     """The asyncio twin of :func:`call_retrying`."""
-    backoff: Backoff | None = None
+    attempts = _Attempts(reattach_timeout, done_if)
     while True:
         try:
             return await call()
         except grpc.RpcError as exc:
-            if backoff is not None and done_if is not None and status(exc) is done_if:
-                return None
-            if not unavailable(exc):
-                raise translate_rpc_error(exc) from exc
-            backoff = backoff or Backoff(reattach_timeout)
-            delay = backoff.next()
+            delay = attempts.failed(exc)
             if delay is None:
-                raise translate_rpc_error(exc) from exc
+                return None
             await asyncio.sleep(delay)
